@@ -1,0 +1,216 @@
+"""Synthesizer base class, method registry and the fit/sample orchestration.
+
+A method is a `Synthesizer` subclass in ``dpimages/methods/<name>/`` with a
+`Config` dataclass. It reads private data only through
+``dpimages.privacy`` mechanisms (or the DP-SGD engine), which record each
+release in the ledger before drawing noise. `fit_run` does what every method
+needs around that: validate inputs and budget before touching data, set up
+the run directory and ledger, resume, and write samples and the report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from dpimages import __version__
+from dpimages.config import MethodConfig, resolve_config
+from dpimages.data import ImageData, load
+from dpimages.errors import InputError
+from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
+from dpimages.runs import Run
+
+# name -> module that defines it; only methods that really train and sample.
+METHOD_MODULES: dict[str, str] = {}
+_REGISTRY: dict[str, type[Synthesizer]] = {}
+
+
+def register(cls: type[Synthesizer]) -> type[Synthesizer]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def methods() -> list[str]:
+    return sorted(METHOD_MODULES)
+
+
+def method_class(name: str) -> type[Synthesizer]:
+    if name not in METHOD_MODULES:
+        raise InputError(f"unknown method {name!r}; available: {', '.join(methods()) or 'none yet'}")
+    if name not in _REGISTRY:
+        importlib.import_module(METHOD_MODULES[name])
+    return _REGISTRY[name]
+
+
+def create(name: str, preset: str | None = None, **overrides: Any) -> Synthesizer:
+    cls = method_class(name)
+    return cls(resolve_config(cls.Config, preset, overrides))
+
+
+@dataclass
+class FitContext:
+    """What a method's fit gets besides the data: ledger, noise, run, device."""
+
+    ledger: PrivacyLedger
+    noise: NoiseSource
+    run: Run | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    resume_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    progress: bool = True
+
+
+class Synthesizer:
+    """Base class: `fit` on private data under a ledger, then `sample`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_public: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.num_classes = 0
+        self.image_shape: tuple[int, int, int] = (0, 0, 0)  # (H, W, C)
+        self.classes: list[str] = []
+
+    def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
+        raise NotImplementedError
+
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        """Public facts needed to sample again (saved in the checkpoint's state.json)."""
+        return {"num_classes": self.num_classes, "image_shape": list(self.image_shape), "classes": self.classes}
+
+    def restore_meta(self, state: dict[str, Any]) -> None:
+        self.num_classes = int(state["num_classes"])
+        self.image_shape = tuple(state["image_shape"])  # type: ignore[assignment]
+        self.classes = list(state["classes"])
+
+    def to(self, device: torch.device) -> Synthesizer:
+        """Move models to `device` (methods with models override this)."""
+        return self
+
+    def balanced_labels(self, n: int) -> np.ndarray:
+        return np.arange(n, dtype=np.int64) % self.num_classes
+
+
+@dataclass
+class FitResult:
+    synthesizer: Synthesizer
+    ledger: PrivacyLedger
+    run: Run
+    config: dict[str, Any]
+
+
+def _versions() -> dict[str, str]:
+    import dp_accounting  # noqa: F401
+
+    return {"dpimages": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def fit_run(
+    method: str,
+    data: str | ImageData,
+    *,
+    epsilon: float,
+    delta: float = 1e-5,
+    run_dir: str | Path,
+    preset: str | None = None,
+    public: str | ImageData | None = None,
+    overrides: Sequence[str] | dict[str, Any] = (),
+    config_file: str | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    secure_rng: bool = False,
+    skip_bad: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[Synthesizer], None]] = (),
+) -> FitResult:
+    """Validate everything, then fit `method` on `data` and write the run directory.
+
+    Order matters: method, config and budget are checked before any data is
+    loaded; the data's size is checked against delta before anything is
+    written or spent.
+    """
+    cls = method_class(method)
+    config = resolve_config(cls.Config, preset, overrides if isinstance(overrides, dict) else list(overrides), config_file)
+    validate_budget(epsilon, delta)
+    if cls.needs_public and public is None:
+        raise InputError(f"method {method} needs public data: pass --public SPEC (e.g. mnist-5k)")
+    private = data if isinstance(data, ImageData) else load(data, skip_bad=skip_bad)
+    if private.labels is None:
+        raise InputError(f"{private.name}: private data needs labels (class-conditional synthesis)")
+    validate_budget(epsilon, delta, len(private))
+    public_data = public if (public is None or isinstance(public, ImageData)) else load(public, skip_bad=skip_bad)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = Run(run_dir)
+    full_config = {
+        "method": method,
+        "preset": preset,
+        "data": private.name,
+        "data_fingerprint": private.fingerprint,
+        "dataset_size": len(private),
+        "public": None if public_data is None else public_data.name,
+        "public_fingerprint": None if public_data is None else public_data.fingerprint,
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "seed": int(seed),
+        "secure_rng": bool(secure_rng),
+        "config": config.to_dict(),
+        "versions": _versions(),
+        "device": str(dev),
+    }
+    run.start(full_config, resume=resume)
+    if resume and run.privacy_path.exists():
+        ledger = PrivacyLedger.load(run.privacy_path)
+    else:
+        ledger = PrivacyLedger(
+            epsilon, delta, path=run.privacy_path, data_fingerprint=private.fingerprint, dataset_size=len(private)
+        )
+        ledger.write()
+    noise = NoiseSource(seed, secure=secure_rng)
+    torch.manual_seed(seed)
+    resume_state = run.load_checkpoint() if resume else None
+    if resume_state is not None and not secure_rng and "noise_rng" in resume_state[1]:
+        noise.load_state(resume_state[1]["noise_rng"])
+    ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress)
+    synth = cls(config)
+    t0 = time.time()
+    synth.fit(private, public_data, ctx)
+    ledger.write(exact=True)
+    run.log(-1, event="fit_done", fit_s=round(time.time() - t0, 2), epsilon=ledger.epsilon())
+    for cb in callbacks:
+        cb(synth)
+    return FitResult(synth, ledger, run, full_config)
+
+
+def load_synthesizer(run_dir: str | Path, device: str | None = None) -> Synthesizer:
+    """Rebuild a fitted synthesizer from its run directory (config + last checkpoint)."""
+    run = Run(run_dir)
+    cfg = run.read_config()
+    cls = method_class(cfg.get("method", ""))
+    synth = cls(resolve_config(cls.Config, None, cfg.get("config", {})))
+    ckpt = run.load_checkpoint()
+    if ckpt is None or not ckpt[1].get("finished", False):
+        raise InputError(f"{run.path}: no finished checkpoint to sample from (fit it first, or --resume it)")
+    synth.restore_meta(ckpt[1])
+    synth.load_state_dict(ckpt[0])
+    return synth.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))

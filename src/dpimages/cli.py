@@ -1,0 +1,187 @@
+"""The `dpimages` command.
+
+Exit codes: 0 done, 2 bad input or usage (one line on stderr, no
+traceback), 3 privacy budget refused. ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+import click
+
+from dpimages.errors import DPImagesError, InputError
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(obj) if as_json else text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dpimages")
+def cli() -> None:
+    """Differentially private synthetic images."""
+
+
+@cli.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def methods_cmd(as_json: bool) -> None:
+    """List the generation methods."""
+    from dpimages.api import method_class, methods
+
+    rows = []
+    for name in methods():
+        cls = method_class(name)
+        rows.append({"name": name, "needs_public": cls.needs_public, "description": cls.description,
+                     "presets": sorted(cls.Config.presets)})
+    text = "\n".join(f"{r['name']:<10} {'public data ' if r['needs_public'] else ''}{r['description']}" for r in rows)
+    _emit({"methods": rows}, as_json, text or "no methods installed yet")
+
+
+@cli.command("data")
+@click.argument("spec")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images in a folder (the count is reported).")
+@click.option("--json", "as_json", is_flag=True)
+def data_cmd(spec: str, skip_bad: bool, as_json: bool) -> None:
+    """Load a data SPEC, validate it and describe it.
+
+    These are facts about your own data shown to you; they are not released
+    by any run (runs release class counts only through a DP mechanism).
+    """
+    import numpy as np
+
+    from dpimages.data import load
+
+    d = load(spec, skip_bad=skip_bad)
+    counts = np.bincount(d.labels, minlength=d.num_classes).tolist() if d.labels is not None else None
+    info = {
+        "name": d.name, "size": len(d), "image_shape": list(d.image_shape), "dtype": str(d.images.dtype),
+        "classes": d.classes, "class_counts": counts, "fingerprint": d.fingerprint,
+        "skipped_bad_files": d.notes.get("skipped_bad_files", 0),
+    }
+    lines = [f"{d.name}: {len(d)} images of {d.image_shape[0]}x{d.image_shape[1]}x{d.image_shape[2]} uint8",
+             f"fingerprint {d.fingerprint}"]
+    if counts is not None:
+        lines += [f"  {i:>2} {c:<12} {n}" for i, (c, n) in enumerate(zip(d.classes, counts))]
+    if info["skipped_bad_files"]:
+        lines.append(f"skipped {info['skipped_bad_files']} unreadable files")
+    _emit(info, as_json, "\n".join(lines))
+
+
+@cli.command("account")
+@click.option("--sigma", type=float, help="Noise multiplier: print the epsilon it gives.")
+@click.option("--epsilon", type=float, help="Target epsilon: print the noise multiplier that meets it.")
+@click.option("--sample-rate", type=float, required=True, help="Poisson sampling rate q (1 for no subsampling).")
+@click.option("--steps", type=int, required=True)
+@click.option("--delta", type=float, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def account_cmd(sigma: float | None, epsilon: float | None, sample_rate: float, steps: int, delta: float,
+                as_json: bool) -> None:
+    """Epsilon of a DP-SGD schedule (PLD, RDP cross-check), or the sigma for a target epsilon."""
+    from dpimages.privacy import PrivacyEvent, calibrate
+    from dpimages.privacy.ledger import check_positive, epsilon_pld, epsilon_rdp
+
+    if (sigma is None) == (epsilon is None):
+        raise InputError("give exactly one of --sigma or --epsilon")
+    if not (0 < sample_rate <= 1):
+        raise InputError(f"--sample-rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise InputError(f"--steps must be >= 1, got {steps}")
+    check_positive("delta", delta)
+    if delta >= 1:
+        raise InputError(f"--delta must be < 1, got {delta}")
+
+    def events(s: float) -> list[PrivacyEvent]:
+        if sample_rate == 1:
+            return [PrivacyEvent.gaussian(s, steps)]
+        return [PrivacyEvent.subsampled_gaussian(s, sample_rate, steps)]
+
+    if epsilon is not None:
+        sigma = calibrate(events, epsilon, delta)
+    else:
+        check_positive("sigma", sigma)
+    eps, eps_rdp = epsilon_pld(events(sigma), delta), epsilon_rdp(events(sigma), delta)
+    out = {"epsilon": eps, "epsilon_rdp": eps_rdp, "sigma": sigma, "delta": delta, "sample_rate": sample_rate,
+           "steps": steps}
+    _emit(out, as_json, f"sigma {sigma:.6g}  q {sample_rate:g}  steps {steps}  delta {delta:g}\n"
+          f"epsilon {eps:.4f} (PLD)   {eps_rdp:.4f} (RDP)")
+
+
+@cli.command("fit", context_settings={"ignore_unknown_options": False})
+@click.argument("method")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", "data_spec", required=True, help="Private data SPEC, e.g. fashion-mnist.")
+@click.option("--epsilon", type=float, required=True)
+@click.option("--delta", type=float, default=1e-5, show_default=True)
+@click.option("--preset", default="cpu", show_default=True, help="smoke, cpu, gpu or gpu-short.")
+@click.option("--public", "public_spec", default=None, help="Public data SPEC (methods that use it).")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--config", "config_file", default=None, help="YAML file of config keys.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--secure-rng", is_flag=True, help="Draw privacy noise from a cryptographically secure source.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images in a folder data set.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--json", "as_json", is_flag=True)
+def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: float, delta: float, preset: str,
+            public_spec: str | None, run_dir: str, config_file: str | None, resume: bool, seed: int,
+            secure_rng: bool, skip_bad: bool, device: str | None, as_json: bool) -> None:
+    """Fit METHOD on private data under (epsilon, delta); KEY=VALUE overrides the config."""
+    from dpimages.api import fit_run
+
+    res = fit_run(method, data_spec, epsilon=epsilon, delta=delta, run_dir=run_dir, preset=preset,
+                  public=public_spec, overrides=list(overrides), config_file=config_file, resume=resume, seed=seed,
+                  secure_rng=secure_rng, skip_bad=skip_bad, device=device, progress=not as_json)
+    out = {"run_dir": str(res.run.path), "epsilon": res.ledger.epsilon(), "epsilon_rdp": res.ledger.epsilon_rdp(),
+           "delta": res.ledger.delta, "epsilon_budget": res.ledger.epsilon_budget}
+    _emit(out, as_json, f"run {res.run.path}: epsilon {out['epsilon']:.4f} (PLD), {out['epsilon_rdp']:.4f} (RDP) "
+          f"at delta {out['delta']:g}; report {res.run.report_path}")
+
+
+@cli.command("sample")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--n", "n", type=int, required=True, help="Number of images (balanced over classes).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None) -> None:
+    """Draw N synthetic images from a fitted run into an .npz (images, labels, classes)."""
+    import numpy as np
+
+    from dpimages.api import load_synthesizer
+
+    if n < 1:
+        raise InputError(f"--n must be >= 1, got {n}")
+    if not out.endswith(".npz"):
+        raise InputError(f"--out must end in .npz, got {out}")
+    synth = load_synthesizer(run_dir, device)
+    data = synth.sample(n, synth.balanced_labels(n), seed=seed)
+    np.savez_compressed(out, images=data.images, labels=data.labels, classes=np.array(data.classes))
+    click.echo(f"wrote {n} images to {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: map errors to exit codes with one line on stderr."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="dpimages", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code or 0)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"dpimages: error: {e.format_message()}", err=True)
+        return 2
+    except DPImagesError as e:
+        click.echo(f"dpimages: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Method configs: dataclasses with presets, key=value overrides and YAML files.
+
+A method's `Config` is a dataclass; its class attribute `presets` maps a
+preset name (``smoke``, ``cpu``, ``gpu``, ``gpu-short``) to field values.
+Presets change sizes, never code paths. Unknown keys and values of the wrong
+type are refused with `InputError` (exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from dpimages.errors import InputError
+
+PRESETS = ("smoke", "cpu", "gpu", "gpu-short")
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of every method's config."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Coerce a string or YAML value to the field's declared type."""
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(name, value, a)
+            except InputError:
+                continue
+        raise InputError(f"{name} must be one of {[getattr(a, '__name__', a) for a in args]}, got {value!r}")
+    if origin in (list, tuple):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        inner = args[0] if args else str
+        out = [_coerce(name, v.strip() if isinstance(v, str) else v, inner) for v in items if v != ""]
+        return tuple(out) if origin is tuple else out
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def resolve_config(
+    config_cls: type[MethodConfig],
+    preset: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    yaml_path: str | Path | None = None,
+) -> MethodConfig:
+    """Defaults, then the preset, then a YAML file, then key=value overrides."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in config_cls.presets:
+            raise InputError(f"unknown preset {preset!r}; this method has: {', '.join(config_cls.presets) or 'none'}")
+        values.update(config_cls.presets[preset])
+    if yaml_path is not None:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text())
+        except OSError:
+            raise InputError(f"config file not found: {yaml_path}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise InputError(f"{yaml_path}: invalid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InputError(f"{yaml_path}: expected a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for item in overrides or []:
+            key, sep, val = item.partition("=")
+            if not sep or not key:
+                raise InputError(f"override must look like key=value, got {item!r}")
+            values[key.strip().replace("-", "_")] = val
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise InputError(
+            f"unknown config key {unknown[0]!r} for {config_cls.__name__}; known keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(config_cls)
+    coerced = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+    return config_cls(**coerced)

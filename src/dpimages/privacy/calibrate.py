@@ -1,0 +1,100 @@
+"""Calibration: the smallest noise multiplier that meets a target epsilon.
+
+One generic routine (`calibrate`) serves every method: it takes a factory
+from a noise multiplier to the run's whole planned list of events and
+bisects on dp-accounting's PLD accountant. It runs before private data is
+touched. The search uses a coarser PLD discretisation, which is pessimistic
+(an upper bound on epsilon), so the returned sigma also meets the target
+under the exact accountant. Results are cached on disk
+(``$DPIMAGES_CACHE`` or ``~/.cache/dpimages``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dpimages.errors import InputError
+from dpimages.privacy.ledger import PrivacyEvent, check_positive, epsilon_pld
+
+SEARCH_INTERVAL = 1e-3
+RELATIVE_TOLERANCE = 1e-3
+MAX_NOISE_MULTIPLIER = 1e4
+
+EventFactory = Callable[[float], Sequence[PrivacyEvent]]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPIMAGES_CACHE", Path.home() / ".cache" / "dpimages"))
+
+
+def _cache_key(make_events: EventFactory, target_epsilon: float, delta: float) -> str:
+    probe = [[e.to_json() for e in make_events(s)] for s in (1.0, 2.0)]
+    return json.dumps([probe, target_epsilon, delta, SEARCH_INTERVAL, RELATIVE_TOLERANCE], sort_keys=True)
+
+
+def _load_cache() -> dict:
+    path = cache_dir() / "calibration.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(cache: dict) -> None:
+    path = cache_dir() / "calibration.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"calibration.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache is an optimisation only
+
+
+def calibrate(make_events: EventFactory, target_epsilon: float, delta: float) -> float:
+    """Smallest noise multiplier s (within 0.1%) with epsilon(make_events(s)) <= target."""
+    check_positive("epsilon", target_epsilon)
+    check_positive("delta", delta)
+    key = _cache_key(make_events, target_epsilon, delta)
+    cache = _load_cache()
+    if key in cache:
+        return float(cache[key])
+
+    def eps(sigma: float) -> float:
+        return epsilon_pld(make_events(sigma), delta, SEARCH_INTERVAL)
+
+    hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2.0
+        if hi > MAX_NOISE_MULTIPLIER:
+            raise InputError(
+                f"epsilon {target_epsilon} is not reachable with noise multiplier <= {MAX_NOISE_MULTIPLIER:g} "
+                "for this schedule: raise epsilon or reduce steps / sample rate"
+            )
+    lo = hi / 2.0
+    while lo > 1e-3 and eps(lo) <= target_epsilon:
+        hi, lo = lo, lo / 2.0
+    while hi - lo > RELATIVE_TOLERANCE * hi:
+        mid = 0.5 * (lo + hi)
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    cache[key] = hi
+    _save_cache(cache)
+    return hi
+
+
+def calibrate_dpsgd(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Noise multiplier for `steps` Poisson-subsampled Gaussian steps at rate `sample_rate`."""
+    return calibrate(
+        lambda s: [PrivacyEvent.subsampled_gaussian(s, sample_rate, steps)], target_epsilon, delta
+    )
+
+
+def calibrate_gaussian(target_epsilon: float, delta: float, count: int = 1) -> float:
+    """Noise multiplier for `count` composed Gaussian releases."""
+    return calibrate(lambda s: [PrivacyEvent.gaussian(s, count)], target_epsilon, delta)

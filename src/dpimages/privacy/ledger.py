@@ -1,0 +1,285 @@
+"""The privacy ledger: every DP release of a run, its budget and its epsilon.
+
+Contract
+--------
+* Neighbouring relation: add or remove one image together with its label.
+* Events are frozen `PrivacyEvent` objects of two kinds: ``gaussian`` (a
+  Gaussian mechanism whose noise std is ``noise_multiplier`` times its L2
+  sensitivity, repeated ``steps`` times) and ``subsampled_gaussian`` (the
+  same on a Poisson sample with rate ``sample_rate``).
+* `spend` checks the budget and writes the event to ``privacy.json``
+  *before* the caller draws noise: a killed process can over-count, never
+  under-count.
+* epsilon is computed by dp-accounting's PLD accountant (add/remove
+  relation); the RDP accountant gives a cross-check. Counts are expanded in
+  one place (`_compose`), through ``SelfComposedDpEvent``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from dpimages.errors import BudgetExceeded, InputError
+
+NEIGHBOURING = "add-remove"
+NEIGHBOURING_TEXT = "add or remove one image together with its label"
+PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independent checkers)
+PLD_INTERVAL_FAST = 1e-2  # coarser, pessimistic (an upper bound), for per-step files and search
+RDP_ORDERS = (
+    [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
+)
+
+
+@dataclass(frozen=True)
+class PrivacyEvent:
+    """One kind of release, repeated `steps` times."""
+
+    kind: str
+    noise_multiplier: float
+    sample_rate: float | None = None
+    steps: int = 1
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gaussian", "subsampled_gaussian"):
+            raise InputError(f"event kind must be 'gaussian' or 'subsampled_gaussian', got {self.kind!r}")
+        check_positive("noise_multiplier", self.noise_multiplier)
+        if self.kind == "subsampled_gaussian":
+            q = self.sample_rate
+            if q is None or not (0.0 < q <= 1.0):
+                raise InputError(f"sample_rate must be in (0, 1], got {q}")
+        elif self.sample_rate is not None:
+            raise InputError("a 'gaussian' event has no sample_rate")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise InputError(f"steps must be a positive integer, got {self.steps}")
+
+    @classmethod
+    def gaussian(cls, noise_multiplier: float, count: int = 1, label: str = "") -> PrivacyEvent:
+        return cls("gaussian", float(noise_multiplier), None, int(count), label)
+
+    @classmethod
+    def subsampled_gaussian(
+        cls, noise_multiplier: float, sample_rate: float, steps: int = 1, label: str = ""
+    ) -> PrivacyEvent:
+        return cls("subsampled_gaussian", float(noise_multiplier), float(sample_rate), int(steps), label)
+
+    def release_key(self) -> tuple:
+        return (self.kind, self.noise_multiplier, self.sample_rate, self.label)
+
+    def same_release(self, other: PrivacyEvent) -> bool:
+        """True when `other` is the same mechanism (so their steps add up)."""
+        return self.release_key() == other.release_key()
+
+    def single_dp_event(self) -> dp_accounting.DpEvent:
+        g = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        if self.kind == "subsampled_gaussian":
+            return dp_accounting.PoissonSampledDpEvent(self.sample_rate, g)
+        return g
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if d["sample_rate"] is None:
+            del d["sample_rate"]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> PrivacyEvent:
+        return cls(d["kind"], float(d["noise_multiplier"]), d.get("sample_rate"), int(d.get("steps", 1)), d.get("label", ""))
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{name} must be a finite number > 0, got {value}")
+
+
+def validate_budget(epsilon: float, delta: float, dataset_size: int | None = None) -> None:
+    """Refuse a budget before any data is touched: epsilon > 0 finite, 0 < delta < 1/N."""
+    check_positive("epsilon", epsilon)
+    check_positive("delta", delta)
+    if delta >= 1.0:
+        raise InputError(f"delta must be < 1, got {delta}")
+    if dataset_size is not None and delta >= 1.0 / dataset_size:
+        raise InputError(f"delta must be < 1/N = {1.0 / dataset_size:.3g} for N = {dataset_size} images, got {delta}")
+
+
+def merge_events(events: Iterable[PrivacyEvent]) -> list[PrivacyEvent]:
+    """Adjacent identical releases merged into one event with summed steps."""
+    out: list[PrivacyEvent] = []
+    for e in events:
+        if out and out[-1].same_release(e):
+            out[-1] = replace(out[-1], steps=out[-1].steps + e.steps)
+        else:
+            out.append(e)
+    return out
+
+
+def _compose(accountant: dp_accounting.PrivacyAccountant, events: Sequence[PrivacyEvent]) -> None:
+    for e in merge_events(events):
+        accountant.compose(dp_accounting.SelfComposedDpEvent(e.single_dp_event(), e.steps))
+
+
+@lru_cache(maxsize=4096)
+def _pld_epsilon(events: tuple[PrivacyEvent, ...], delta: float, interval: float) -> float:
+    if not events:
+        return 0.0
+    acc = pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=interval,
+    )
+    _compose(acc, events)
+    return float(acc.get_epsilon(delta))
+
+
+@lru_cache(maxsize=4096)
+def _rdp_epsilon(events: tuple[PrivacyEvent, ...], delta: float) -> float:
+    if not events:
+        return 0.0
+    acc = rdp_privacy_accountant.RdpAccountant(RDP_ORDERS, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    _compose(acc, events)
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon_pld(events: Iterable[PrivacyEvent], delta: float, interval: float = PLD_INTERVAL) -> float:
+    return _pld_epsilon(tuple(merge_events(events)), float(delta), float(interval))
+
+
+def epsilon_rdp(events: Iterable[PrivacyEvent], delta: float) -> float:
+    return _rdp_epsilon(tuple(merge_events(events)), float(delta))
+
+
+class PrivacyLedger:
+    """Budget, events and epsilon of one run; optionally written to `path`.
+
+    Use `reserve` once with the whole planned schedule (it checks the budget
+    with the exact accountant); spends inside a reservation are then cheap.
+    A spend beyond every reservation is checked on its own.
+    """
+
+    def __init__(
+        self,
+        epsilon: float,
+        delta: float,
+        *,
+        path: str | os.PathLike | None = None,
+        data_fingerprint: str | None = None,
+        dataset_size: int | None = None,
+    ) -> None:
+        validate_budget(epsilon, delta, dataset_size)
+        self.epsilon_budget = float(epsilon)
+        self.delta = float(delta)
+        self.path = Path(path) if path is not None else None
+        self.data_fingerprint = data_fingerprint
+        self.dataset_size = dataset_size
+        self.events: list[PrivacyEvent] = []
+        self._reserved: list[PrivacyEvent] = []
+
+    # -- accounting ------------------------------------------------------------
+    def epsilon(self, extra: Sequence[PrivacyEvent] = ()) -> float:
+        """PLD epsilon at `delta` of the recorded events plus `extra`."""
+        return epsilon_pld([*self.events, *extra], self.delta)
+
+    def epsilon_rdp(self, extra: Sequence[PrivacyEvent] = ()) -> float:
+        return epsilon_rdp([*self.events, *extra], self.delta)
+
+    def remaining(self) -> float:
+        return max(0.0, self.epsilon_budget - self.epsilon())
+
+    def check(self, *events: PrivacyEvent) -> None:
+        """Raise BudgetExceeded if recording `events` would exceed the budget."""
+        eps = self.epsilon(events)
+        if eps > self.epsilon_budget * (1 + 1e-9):
+            what = ", ".join(f"{e.label or e.kind} x{e.steps}" for e in events)
+            raise BudgetExceeded(
+                f"privacy budget exceeded: releasing {what} would bring epsilon to {eps:.4g} "
+                f"> budget {self.epsilon_budget:.4g} (delta {self.delta:g}); nothing was released"
+            )
+
+    def reserve(self, *events: PrivacyEvent) -> None:
+        """Check a whole planned schedule at once (before any private access).
+
+        Steps already spent of the same release count towards the
+        reservation, so a resumed run reserves its full plan again.
+        """
+        self._reserved.extend(events)
+        try:
+            self.check(*self._unspent_reservations())
+        except BudgetExceeded:
+            del self._reserved[len(self._reserved) - len(events) :]
+            raise
+
+    def _unspent_reservations(self) -> list[PrivacyEvent]:
+        spent: dict[tuple, int] = {}
+        for e in self.events:
+            spent[e.release_key()] = spent.get(e.release_key(), 0) + e.steps
+        left: list[PrivacyEvent] = []
+        for r in self._reserved:
+            taken = min(spent.get(r.release_key(), 0), r.steps)
+            spent[r.release_key()] = spent.get(r.release_key(), 0) - taken
+            if r.steps > taken:
+                left.append(replace(r, steps=r.steps - taken))
+        return left
+
+    def _within_reservation(self, event: PrivacyEvent) -> bool:
+        reserved = sum(r.steps for r in self._reserved if r.same_release(event))
+        used = sum(e.steps for e in self.events if e.same_release(event))
+        return used + event.steps <= reserved
+
+    def spend(self, event: PrivacyEvent) -> None:
+        """Check, record and write `event`; call this *before* drawing its noise."""
+        if not self._within_reservation(event):
+            self.check(*self._unspent_reservations(), event)
+        self.events = merge_events([*self.events, event])
+        self.write(exact=False)
+
+    # -- persistence -----------------------------------------------------------
+    def to_json(self, exact: bool = True) -> dict:
+        interval = PLD_INTERVAL if exact else PLD_INTERVAL_FAST
+        return {
+            "epsilon_budget": self.epsilon_budget,
+            "delta": self.delta,
+            "epsilon": epsilon_pld(self.events, self.delta, interval),
+            "epsilon_rdp": self.epsilon_rdp(),
+            "epsilon_exact": exact,
+            "accountant": f"dp-accounting PLD (value_discretization_interval={interval:g}); RDP as cross-check",
+            "neighbouring": NEIGHBOURING,
+            "neighbouring_text": NEIGHBOURING_TEXT,
+            "data_fingerprint": self.data_fingerprint,
+            "dataset_size": self.dataset_size,
+            "events": [e.to_json() for e in self.events],
+        }
+
+    def write(self, exact: bool = True) -> None:
+        """Atomically write privacy.json (no-op without a path).
+
+        ``exact=False`` (used on every spend) reports a coarser PLD epsilon,
+        which is pessimistic, i.e. never below the exact value.
+        """
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(exact), indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def from_json(cls, d: dict, path: str | os.PathLike | None = None) -> PrivacyLedger:
+        ledger = cls(d["epsilon_budget"], d["delta"], path=path, data_fingerprint=d.get("data_fingerprint"))
+        ledger.dataset_size = d.get("dataset_size")
+        ledger.events = merge_events(PrivacyEvent.from_json(e) for e in d.get("events", []))
+        return ledger
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PrivacyLedger:
+        return cls.from_json(json.loads(Path(path).read_text()), path=path)

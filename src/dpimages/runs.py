@@ -1,0 +1,137 @@
+"""Run directories: config, ledger, metrics, checkpoints, samples, report.
+
+Layout::
+
+    RUN/config.yaml      resolved config, seed, versions, data fingerprint
+    RUN/privacy.json     the ledger (written before each release's noise)
+    RUN/metrics.jsonl    one JSON object per logged step
+    RUN/checkpoints/     model.safetensors + state.json (never pickle)
+    RUN/samples/         grid PNGs; final samples .npz
+    RUN/report.md        what was trained, privacy spent, metrics, grids
+
+Checkpoints are written atomically: tensors first to a new file, then
+state.json (which names that file) replaced in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from dpimages.errors import InputError
+
+# keys of config.yaml that may differ between a run and its resumption
+RESUME_FREE_KEYS = ("created", "resumed", "versions", "device", "threads")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Run:
+    """One run directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    # -- paths -----------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def privacy_path(self) -> Path:
+        return self.path / "privacy.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.md"
+
+    # -- lifecycle ---------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def start(self, config: dict[str, Any], *, resume: bool) -> None:
+        """Create the directory or, with `resume`, check it matches `config`."""
+        if resume:
+            if not self.exists():
+                raise InputError(f"--resume: no run to resume in {self.path} (config.yaml missing)")
+            old = self.read_config()
+            diffs = sorted(
+                k for k in set(old) | set(config)
+                if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k)
+            )
+            if diffs:
+                raise InputError(
+                    f"--resume: {self.path} was started with a different "
+                    + ("data set" if "data_fingerprint" in diffs else f"config ({', '.join(diffs)})")
+                )
+            return
+        if self.path.exists() and any(self.path.iterdir()):
+            raise InputError(f"run directory {self.path} is not empty: use --resume or a new --run-dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.samples_dir.mkdir(exist_ok=True)
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        _atomic_write(self.config_path, yaml.safe_dump({**config, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, sort_keys=False))
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            return yaml.safe_load(self.config_path.read_text()) or {}
+        except FileNotFoundError:
+            raise InputError(f"not a run directory (config.yaml missing): {self.path}") from None
+
+    # -- metrics -----------------------------------------------------------------
+    def log(self, step: int, **values: Any) -> None:
+        """Append one metrics line. Only post-processing quantities belong here."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    # -- checkpoints -------------------------------------------------------------
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """tensors -> safetensors, state (JSON) -> state.json, atomically."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        step = int(state.get("step", 0))
+        name = f"model-{step:08d}.safetensors"
+        tmp = self.checkpoint_dir / (name + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.checkpoint_dir / name)
+        _atomic_write(self.checkpoint_dir / "state.json", json.dumps({**state, "tensors": name}, indent=1))
+        for old in self.checkpoint_dir.glob("model-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        state_path = self.checkpoint_dir / "state.json"
+        if not state_path.exists():
+            return None
+        state = json.loads(state_path.read_text())
+        return load_file(str(self.checkpoint_dir / state["tensors"])), state
+
+    def write_report(self, text: str) -> None:
+        _atomic_write(self.report_path, text)
