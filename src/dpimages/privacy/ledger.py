@@ -34,7 +34,6 @@ from dpimages.errors import BudgetExceeded, InputError
 NEIGHBOURING = "add-remove"
 NEIGHBOURING_TEXT = "add or remove one image together with its label"
 PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independent checkers)
-PLD_INTERVAL_FAST = 1e-2  # coarser, pessimistic (an upper bound), for per-step files and search
 RDP_ORDERS = (
     [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
 )
@@ -184,6 +183,9 @@ class PrivacyLedger:
         self.dataset_size = dataset_size
         self.events: list[PrivacyEvent] = []
         self._reserved: list[PrivacyEvent] = []
+        # (PLD, RDP) epsilon of an event list that contains every recorded event:
+        # reported between exact writes, so a per-step write costs no accounting.
+        self._bound: tuple[float, float] = (0.0, 0.0)
 
     # -- accounting ------------------------------------------------------------
     def epsilon(self, extra: Sequence[PrivacyEvent] = ()) -> float:
@@ -196,8 +198,8 @@ class PrivacyLedger:
     def remaining(self) -> float:
         return max(0.0, self.epsilon_budget - self.epsilon())
 
-    def check(self, *events: PrivacyEvent) -> None:
-        """Raise BudgetExceeded if recording `events` would exceed the budget."""
+    def check(self, *events: PrivacyEvent) -> float:
+        """Raise BudgetExceeded if recording `events` would exceed the budget; else return that epsilon."""
         eps = self.epsilon(events)
         if eps > self.epsilon_budget * (1 + 1e-9):
             what = ", ".join(f"{e.label or e.kind} x{e.steps}" for e in events)
@@ -205,6 +207,7 @@ class PrivacyLedger:
                 f"privacy budget exceeded: releasing {what} would bring epsilon to {eps:.4g} "
                 f"> budget {self.epsilon_budget:.4g} (delta {self.delta:g}); nothing was released"
             )
+        return eps
 
     def reserve(self, *events: PrivacyEvent) -> None:
         """Check a whole planned schedule at once (before any private access).
@@ -214,7 +217,8 @@ class PrivacyLedger:
         """
         self._reserved.extend(events)
         try:
-            self.check(*self._unspent_reservations())
+            planned = self._unspent_reservations()
+            self._bound = (self.check(*planned), self.epsilon_rdp(planned))
         except BudgetExceeded:
             del self._reserved[len(self._reserved) - len(events) :]
             raise
@@ -239,20 +243,27 @@ class PrivacyLedger:
     def spend(self, event: PrivacyEvent) -> None:
         """Check, record and write `event`; call this *before* drawing its noise."""
         if not self._within_reservation(event):
-            self.check(*self._unspent_reservations(), event)
+            planned = [*self._unspent_reservations(), event]
+            self._bound = (self.check(*planned), self.epsilon_rdp(planned))
         self.events = merge_events([*self.events, event])
         self.write(exact=False)
 
     # -- persistence -----------------------------------------------------------
     def to_json(self, exact: bool = True) -> dict:
-        interval = PLD_INTERVAL if exact else PLD_INTERVAL_FAST
+        """The privacy.json object.
+
+        With ``exact=False`` (every spend) epsilon is an upper bound: the
+        epsilon of the planned schedule that contains the recorded events.
+        """
+        eps, eps_rdp = (self.epsilon(), self.epsilon_rdp()) if exact else self._bound
         return {
             "epsilon_budget": self.epsilon_budget,
             "delta": self.delta,
-            "epsilon": epsilon_pld(self.events, self.delta, interval),
-            "epsilon_rdp": self.epsilon_rdp(),
+            "epsilon": eps,
+            "epsilon_rdp": eps_rdp,
             "epsilon_exact": exact,
-            "accountant": f"dp-accounting PLD (value_discretization_interval={interval:g}); RDP as cross-check",
+            "accountant": f"dp-accounting PLD (add/remove, value_discretization_interval={PLD_INTERVAL:g}); "
+            "RDP as cross-check",
             "neighbouring": NEIGHBOURING,
             "neighbouring_text": NEIGHBOURING_TEXT,
             "data_fingerprint": self.data_fingerprint,
@@ -263,8 +274,8 @@ class PrivacyLedger:
     def write(self, exact: bool = True) -> None:
         """Atomically write privacy.json (no-op without a path).
 
-        ``exact=False`` (used on every spend) reports a coarser PLD epsilon,
-        which is pessimistic, i.e. never below the exact value.
+        ``exact=False`` (used on every spend) reports the planned schedule's
+        epsilon, which is never below the exact value of the recorded events.
         """
         if self.path is None:
             return
