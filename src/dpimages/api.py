@@ -29,7 +29,9 @@ from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
 from dpimages.runs import Run
 
 # name -> module that defines it; only methods that really train and sample.
-METHOD_MODULES: dict[str, str] = {}
+METHOD_MODULES: dict[str, str] = {
+    "dp-mepf": "dpimages.methods.dp_mepf",
+}
 _REGISTRY: dict[str, type[Synthesizer]] = {}
 
 
@@ -122,7 +124,7 @@ class FitResult:
 def _versions() -> dict[str, str]:
     import dp_accounting  # noqa: F401
 
-    return {"dpimages": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"dpimages": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def fit_run(
@@ -151,7 +153,8 @@ def fit_run(
     written or spent.
     """
     cls = method_class(method)
-    config = resolve_config(cls.Config, preset, overrides if isinstance(overrides, dict) else list(overrides), config_file)
+    overrides = overrides if isinstance(overrides, dict) else list(overrides)
+    config = resolve_config(cls.Config, preset, overrides, config_file)
     validate_budget(epsilon, delta)
     if cls.needs_public and public is None:
         raise InputError(f"method {method} needs public data: pass --public SPEC (e.g. mnist-5k)")

@@ -64,7 +64,7 @@ def data_cmd(spec: str, skip_bad: bool, as_json: bool) -> None:
     lines = [f"{d.name}: {len(d)} images of {d.image_shape[0]}x{d.image_shape[1]}x{d.image_shape[2]} uint8",
              f"fingerprint {d.fingerprint}"]
     if counts is not None:
-        lines += [f"  {i:>2} {c:<12} {n}" for i, (c, n) in enumerate(zip(d.classes, counts))]
+        lines += [f"  {i:>2} {c:<12} {n}" for i, (c, n) in enumerate(zip(d.classes, counts, strict=True))]
     if info["skipped_bad_files"]:
         lines.append(f"skipped {info['skipped_bad_files']} unreadable files")
     _emit(info, as_json, "\n".join(lines))
@@ -160,6 +160,56 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None) ->
     data = synth.sample(n, synth.balanced_labels(n), seed=seed)
     np.savez_compressed(out, images=data.images, labels=data.labels, classes=np.array(data.classes))
     click.echo(f"wrote {n} images to {out}")
+
+
+@cli.command("evaluate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--real", "real_spec", required=True, help="The real training data SPEC, e.g. fashion-mnist.")
+@click.option("--test", "test_spec", default=None, 
+              help="Real test SPEC (needed unless --real is fashion-mnist or cifar10).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results to FILE.json "
+              "(and FILE.grid.png, FILE.closest_pairs.png beside it).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--classifiers", default="default", show_default=True,
+              help="default (CNN, MLP, logistic regression) or wrn (adds WRN-40-4 and ResNet; for GPUs).")
+@click.option("--fid-weights", default=None, help="pytorch-fid Inception-v3 weights file: Inception features.")
+@click.option("--smoke", is_flag=True, help="Small subsets and few epochs: for tests, no quality claim.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: at most 2).")
+def evaluate_cmd(file: str, real_spec: str, test_spec: str | None, out: str | None, as_json: bool, classifiers: str,
+                 fid_weights: str | None, smoke: bool, seed: int, device: str | None, threads: int | None) -> None:
+    """Evaluate labelled synthetic images in FILE (.npz with images, labels) against real data."""
+    import os
+    from pathlib import Path
+
+    from dpimages.data import load
+    from dpimages.eval import EvalOptions, evaluate, load_real
+
+    if out is not None:
+        if not out.endswith(".json"):
+            raise InputError(f"--out must end in .json, got {out}")
+        if not Path(out).resolve().parent.is_dir():
+            raise InputError(f"--out: directory {Path(out).parent} does not exist")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    synthetic = load(f"npz:{file}")
+    prefix = Path(out).with_suffix("") if out else None
+    opts = EvalOptions(classifiers=classifiers, fid_weights=fid_weights, smoke=smoke, seed=seed, device=device,
+                       threads=threads or min(2, os.cpu_count() or 1), progress=not as_json)
+    res = evaluate(synthetic, load_real(real_spec, test_spec), artifacts=prefix, options=opts)
+    if out:
+        tmp = Path(out).with_name(Path(out).name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, out)
+    mem = res["memorization"]
+    text = (f"{file}: {res['n_synthetic']} images vs {res['real']} ({res['mode']} evaluation)\n"
+            f"accuracy  CNN {res['acc_cnn']:.4f}  MLP {res['acc_mlp']:.4f}  logreg {res['acc_logreg']:.4f}\n"
+            f"{res['feature_net']}: FID {res['fid']:.3f}  KID {res['kid']:.5f}  precision {res['precision']:.3f}  "
+            f"recall {res['recall']:.3f}\n"
+            f"memorization: {mem['frac_closer_than_heldout_p1']:.4f} of synthetic images closer to a private image "
+            f"than 99% of held-out images{' (FLAGGED)' if mem['flagged'] else ''}")
+    _emit(res, as_json, text + (f"\nwrote {out}" if out else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

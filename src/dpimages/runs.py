@@ -79,8 +79,7 @@ class Run:
                 raise InputError(f"--resume: no run to resume in {self.path} (config.yaml missing)")
             old = self.read_config()
             diffs = sorted(
-                k for k in set(old) | set(config)
-                if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k)
+                k for k in set(old) | set(config) if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k)
             )
             if diffs:
                 raise InputError(
@@ -93,7 +92,9 @@ class Run:
         self.path.mkdir(parents=True, exist_ok=True)
         self.samples_dir.mkdir(exist_ok=True)
         self.checkpoint_dir.mkdir(exist_ok=True)
-        _atomic_write(self.config_path, yaml.safe_dump({**config, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, sort_keys=False))
+        _atomic_write(
+            self.config_path, yaml.safe_dump({**config, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, sort_keys=False)
+        )
 
     def read_config(self) -> dict[str, Any]:
         try:

@@ -121,9 +121,7 @@ def test_resumed_ledger_counts_spent_steps_towards_reservation(tmp_path):
     assert again.events == [PrivacyEvent.subsampled_gaussian(sigma, 0.1, 50)]
 
 
-@pytest.mark.parametrize(
-    ("target", "count"), [(1.0, 1), (10.0, 1), (4.0, 20)]
-)
+@pytest.mark.parametrize(("target", "count"), [(1.0, 1), (10.0, 1), (4.0, 20)])
 def test_calibrated_gaussian_meets_target_tightly(target, count):
     sigma = calibrate_gaussian(target, 1e-5, count)
     assert epsilon_pld([PrivacyEvent.gaussian(sigma, count)], 1e-5) <= target
@@ -137,8 +135,16 @@ def test_calibrated_dpsgd_within_tolerance():
 
 
 @pytest.mark.parametrize(
-    ("eps", "delta", "n"), [(0.0, 1e-5, None), (-1.0, 1e-5, None), (float("inf"), 1e-5, None),
-                            (float("nan"), 1e-5, None), (1.0, 0.0, None), (1.0, 1.0, None), (1.0, 1e-3, 5000)]
+    ("eps", "delta", "n"),
+    [
+        (0.0, 1e-5, None),
+        (-1.0, 1e-5, None),
+        (float("inf"), 1e-5, None),
+        (float("nan"), 1e-5, None),
+        (1.0, 0.0, None),
+        (1.0, 1.0, None),
+        (1.0, 1e-3, 5000),
+    ],
 )
 def test_budget_validation(eps, delta, n):
     with pytest.raises(InputError):
@@ -152,3 +158,21 @@ def test_event_validation():
         PrivacyEvent.gaussian(-1.0)
     with pytest.raises(InputError):
         PrivacyEvent("laplace", 1.0)
+
+
+def test_independent_checker_script_agrees(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ledger = PrivacyLedger(5.0, 1e-5, path=tmp_path / "privacy.json")
+    ledger.spend(PrivacyEvent.subsampled_gaussian(1.3, 0.02, 100, "dp-sgd"))
+    ledger.spend(PrivacyEvent.gaussian(30.0, 2, "counts"))
+    ledger.write()
+    script = Path(__file__).parents[2] / "benchmarks" / "recompute_epsilon.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0 and "OK" in res.stdout
+    d = json.loads((tmp_path / "privacy.json").read_text())
+    d["epsilon"] *= 0.9  # an under-reported ledger is caught
+    (tmp_path / "privacy.json").write_text(json.dumps(d))
+    assert subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True).returncode == 1

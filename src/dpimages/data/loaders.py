@@ -15,6 +15,7 @@ import gzip
 import os
 import pickle
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -24,7 +25,16 @@ from dpimages.data.imagedata import ImageData
 from dpimages.errors import InputError
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 DIGIT_CLASSES = [str(i) for i in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -35,7 +45,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 # -- helpers -------------------------------------------------------------------------
-def split_train_val(data: ImageData, n_val: int = VALIDATION_SIZE, seed: int = SPLIT_SEED) -> tuple[ImageData, ImageData]:
+def split_train_val(
+    data: ImageData, n_val: int = VALIDATION_SIZE, seed: int = SPLIT_SEED
+) -> tuple[ImageData, ImageData]:
     """Seeded split into (private training, held-out validation)."""
     if len(data) <= n_val:
         raise InputError(f"{data.name}: cannot hold out {n_val} validation images from {len(data)}")
@@ -83,9 +95,7 @@ def _fashion_dir(explicit: str | None) -> Path:
 def load_idx_pair(directory: Path, prefix: str, name: str, classes: list[str]) -> ImageData:
     img_path, lab_path = directory / f"{prefix}-images-idx3-ubyte.gz", directory / f"{prefix}-labels-idx1-ubyte.gz"
     if not img_path.exists():
-        raise InputError(
-            f"file not found: {img_path} (install Debian's dataset-fashion-mnist, or set DPIMAGES_DATA)"
-        )
+        raise InputError(f"file not found: {img_path} (install Debian's dataset-fashion-mnist, or set DPIMAGES_DATA)")
     images = read_idx(img_path, 0x00000803)
     labels = read_idx(lab_path, 0x00000801).astype(np.int64)
     if images.shape[0] != labels.shape[0]:
@@ -116,7 +126,7 @@ def load_npz(path: str) -> ImageData:
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zlib.error, EOFError) as e:
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"{p}: not a readable .npz file ({type(e).__name__})") from None
     if "images" not in arrays:
         raise InputError(f"{p}: no array named 'images' (found: {sorted(arrays) or 'none'})")
@@ -172,7 +182,9 @@ def load_folder(path: str, skip_bad: bool = False) -> ImageData:
             labels.append(label)
     if not images:
         raise InputError(f"{root}: no readable images")
-    data = ImageData(np.stack(images), np.asarray(labels, np.int64), [d.name for d in class_dirs], f"folder:{root.name}")
+    data = ImageData(
+        np.stack(images), np.asarray(labels, np.int64), [d.name for d in class_dirs], f"folder:{root.name}"
+    )
     data.notes["skipped_bad_files"] = skipped
     return data
 
@@ -181,8 +193,10 @@ class _CifarUnpickler(pickle.Unpickler):
     """Only what CIFAR-10's python batches contain: dicts, lists, bytes, numpy arrays."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
@@ -211,7 +225,9 @@ def load_cifar10(spec_rest: str) -> ImageData:
             raise InputError(f"{f}: {x.shape[0]} images but {y.shape[0]} labels")
         xs.append(x)
         ys.append(y)
-    return ImageData(np.concatenate(xs), np.concatenate(ys), CIFAR10_CLASSES, "cifar10" + (":test" if split == "test" else ""))
+    return ImageData(
+        np.concatenate(xs), np.concatenate(ys), CIFAR10_CLASSES, "cifar10" + (":test" if split == "test" else "")
+    )
 
 
 def load_mnist_5k() -> ImageData:
@@ -260,7 +276,8 @@ def load(spec: str, *, skip_bad: bool = False) -> ImageData:
     }
     if kind not in loaders:
         raise InputError(
-            f"unknown data spec {spec!r}; use fashion-mnist[:test], npz:PATH, folder:PATH, cifar10:PATH, mnist-5k or digits"
+            f"unknown data spec {spec!r}; use fashion-mnist[:test], npz:PATH, folder:PATH, cifar10:PATH, "
+            "mnist-5k or digits"
         )
     if kind in ("npz", "folder", "cifar10") and not rest:
         raise InputError(f"data spec {kind}: needs a path, e.g. {kind}:/data/x")

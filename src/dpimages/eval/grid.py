@@ -26,7 +26,12 @@ def make_grid(images: np.ndarray, labels: np.ndarray | None, num_classes: int, p
 
 
 def save_grid(
-    path: str | Path, images: np.ndarray, labels: np.ndarray | None, num_classes: int, per_class: int = 10, scale: int = 2
+    path: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    num_classes: int,
+    per_class: int = 10,
+    scale: int = 2,
 ) -> Path:
     """Write a per-class grid PNG (upscaled by `scale` for viewing)."""
     grid = make_grid(images, labels, num_classes, per_class)

@@ -5,6 +5,11 @@ from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, validate_budget
 from dpimages.privacy.rng import NoiseSource
 
 __all__ = [
-    "NoiseSource", "PrivacyEvent", "PrivacyLedger", "calibrate", "calibrate_dpsgd", "calibrate_gaussian",
+    "NoiseSource",
+    "PrivacyEvent",
+    "PrivacyLedger",
+    "calibrate",
+    "calibrate_dpsgd",
+    "calibrate_gaussian",
     "validate_budget",
 ]

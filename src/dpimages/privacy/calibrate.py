@@ -90,9 +90,7 @@ def calibrate(make_events: EventFactory, target_epsilon: float, delta: float) ->
 
 def calibrate_dpsgd(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Noise multiplier for `steps` Poisson-subsampled Gaussian steps at rate `sample_rate`."""
-    return calibrate(
-        lambda s: [PrivacyEvent.subsampled_gaussian(s, sample_rate, steps)], target_epsilon, delta
-    )
+    return calibrate(lambda s: [PrivacyEvent.subsampled_gaussian(s, sample_rate, steps)], target_epsilon, delta)
 
 
 def calibrate_gaussian(target_epsilon: float, delta: float, count: int = 1) -> float:

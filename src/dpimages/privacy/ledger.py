@@ -34,9 +34,7 @@ from dpimages.errors import BudgetExceeded, InputError
 NEIGHBOURING = "add-remove"
 NEIGHBOURING_TEXT = "add or remove one image together with its label"
 PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independent checkers)
-RDP_ORDERS = (
-    [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
-)
+RDP_ORDERS = [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,9 @@ class PrivacyEvent:
 
     @classmethod
     def from_json(cls, d: dict) -> PrivacyEvent:
-        return cls(d["kind"], float(d["noise_multiplier"]), d.get("sample_rate"), int(d.get("steps", 1)), d.get("label", ""))
+        return cls(
+            d["kind"], float(d["noise_multiplier"]), d.get("sample_rate"), int(d.get("steps", 1)), d.get("label", "")
+        )
 
 
 def check_positive(name: str, value: float) -> None:

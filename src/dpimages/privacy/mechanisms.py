@@ -69,8 +69,13 @@ def clipped_gaussian_sum(
     check_positive("clip_norm", clip_norm)
     total = clip_rows(rows, clip_norm).sum(dim=0)
     return gaussian_release(
-        total, sensitivity=clip_norm, noise_multiplier=noise_multiplier, ledger=ledger, noise=noise,
-        label=label, sample_rate=sample_rate,
+        total,
+        sensitivity=clip_norm,
+        noise_multiplier=noise_multiplier,
+        ledger=ledger,
+        noise=noise,
+        label=label,
+        sample_rate=sample_rate,
     )
 
 

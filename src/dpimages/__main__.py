@@ -1,0 +1,5 @@
+import sys
+
+from dpimages.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""Mechanisms: sensitivity on neighbouring data sets, noise statistics, ledger-before-noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dpimages.errors import InputError
+from dpimages.privacy import NoiseSource, PrivacyLedger
+from dpimages.privacy.mechanisms import (
+    clipped_gaussian_class_sums,
+    clipped_gaussian_sum,
+    gaussian_release,
+    noisy_class_counts,
+    noisy_histogram,
+)
+
+
+class ZeroNoise(NoiseSource):
+    """Noise source that adds nothing: exposes a mechanism's noiseless output."""
+
+    def standard_normal(self, shape):
+        self.gaussian_draws += 1
+        return torch.zeros(tuple(shape), dtype=torch.float64)
+
+
+def ledger() -> PrivacyLedger:
+    return PrivacyLedger(1e6, 1e-6)
+
+
+def neighbours(n: int = 50, d: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g) * 10  # norms far above and below C
+    labels = torch.randint(0, 4, (n,), generator=g)
+    return rows, labels
+
+
+@pytest.mark.parametrize("clip", [0.5, 1.0, 3.0])
+def test_clipped_sum_sensitivity_on_neighbouring_sets(clip):
+    rows, _ = neighbours()
+    full = clipped_gaussian_sum(
+        rows, clip_norm=clip, noise_multiplier=1.0, ledger=ledger(), noise=ZeroNoise(), label="s"
+    )
+    worst = 0.0
+    for i in range(rows.shape[0]):
+        without = torch.cat([rows[:i], rows[i + 1 :]])
+        out = clipped_gaussian_sum(
+            without, clip_norm=clip, noise_multiplier=1.0, ledger=ledger(), noise=ZeroNoise(), label="s"
+        )
+        worst = max(worst, float((full - out).norm()))
+    assert worst <= clip * (1 + 1e-5)
+    assert worst > 0.9 * clip  # large rows really reach the bound: the test can see a missing clip
+
+
+def test_class_sums_sensitivity_is_clip_norm_in_total():
+    rows, labels = neighbours(d=5)
+    kw = dict(clip_norm=1.0, noise_multiplier=1.0, noise=ZeroNoise(), label="m")
+    full = clipped_gaussian_class_sums(rows, labels, 4, ledger=ledger(), **kw)
+    assert full.shape == (4, 5)
+    for i in range(rows.shape[0]):
+        keep = torch.arange(rows.shape[0]) != i
+        out = clipped_gaussian_class_sums(rows[keep], labels[keep], 4, ledger=ledger(), **kw)
+        assert float((full - out).norm()) <= 1.0 + 1e-5
+
+
+def test_histogram_sensitivity_one():
+    bins = torch.tensor([0, 1, 1, 3, 3, 3])
+    full = noisy_histogram(bins, 5, noise_multiplier=1.0, ledger=ledger(), noise=ZeroNoise(), label="h")
+    assert full.tolist() == [1, 2, 0, 3, 0]
+    for i in range(len(bins)):
+        keep = torch.arange(len(bins)) != i
+        out = noisy_histogram(bins[keep], 5, noise_multiplier=1.0, ledger=ledger(), noise=ZeroNoise(), label="h")
+        assert float((full - out).norm()) == pytest.approx(1.0)
+    with pytest.raises(InputError):
+        noisy_histogram(torch.tensor([5]), 5, noise_multiplier=1.0, ledger=ledger(), noise=ZeroNoise(), label="h")
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_passes_ks_test(secure):
+    sigma, clip = 1.7, 0.6
+    noise = NoiseSource(3, secure=secure)
+    rows = torch.zeros(4, 20000)
+    out = clipped_gaussian_sum(rows, clip_norm=clip, noise_multiplier=sigma, ledger=ledger(), noise=noise, label="k")
+    assert stats.kstest(out.double().numpy(), "norm", args=(0, sigma * clip)).pvalue > 1e-3
+    assert stats.kstest(out.double().numpy(), "norm", args=(0, 1.2 * sigma * clip)).pvalue < 1e-3  # it can fail
+
+
+def test_seeded_noise_reproducible_and_secure_not():
+    a = NoiseSource(7).normal((100,), 1.0)
+    b = NoiseSource(7).normal((100,), 1.0)
+    assert torch.equal(a, b)
+    s1, s2 = NoiseSource(secure=True).normal((100,), 1.0), NoiseSource(secure=True).normal((100,), 1.0)
+    assert not torch.equal(s1, s2)
+
+
+def test_noise_state_roundtrip():
+    src = NoiseSource(11)
+    src.normal((10,), 1.0)
+    state = json.loads(json.dumps(src.state()))
+    expected = src.normal((10,), 1.0)
+    other = NoiseSource(0)
+    other.load_state(state)
+    assert torch.equal(other.normal((10,), 1.0), expected)
+
+
+def test_event_recorded_before_noise_is_drawn(tmp_path):
+    path = tmp_path / "privacy.json"
+    seen = {}
+
+    class Spy(NoiseSource):
+        def standard_normal(self, shape):
+            seen["events"] = json.loads(path.read_text())["events"]
+            return super().standard_normal(shape)
+
+    led = PrivacyLedger(10.0, 1e-5, path=path)
+    noisy_class_counts(torch.tensor([0, 1, 2]), 3, noise_multiplier=5.0, ledger=led, noise=Spy(0))
+    assert seen["events"] == [{"kind": "gaussian", "noise_multiplier": 5.0, "steps": 1, "label": "class counts"}]
+
+
+def test_draws_equal_ledger_steps():
+    led, noise = ledger(), NoiseSource(0)
+    for _ in range(7):
+        gaussian_release(torch.zeros(3), sensitivity=2.0, noise_multiplier=3.0, ledger=led, noise=noise, label="g")
+    assert noise.gaussian_draws == sum(e.steps for e in led.events) == 7
+
+
+def test_refused_release_draws_no_noise():
+    led, noise = PrivacyLedger(0.5, 1e-5), NoiseSource(0)
+    from dpimages.errors import BudgetExceeded
+
+    with pytest.raises(BudgetExceeded):
+        gaussian_release(torch.zeros(3), sensitivity=1.0, noise_multiplier=0.1, ledger=led, noise=noise, label="g")
+    assert noise.gaussian_draws == 0 and led.events == []
+
+
+def test_bernoulli_inclusion_frequency_within_binomial_interval():
+    q, n = 0.03, 200_000
+    hits = int(NoiseSource(5).bernoulli(n, q).sum())
+    lo, hi = stats.binom.ppf([0.0005, 0.9995], n, q)
+    assert lo <= hits <= hi
+    secure_hits = int(NoiseSource(secure=True).bernoulli(n, q).sum())
+    assert lo <= secure_hits <= hi
+    assert np.abs(hits / n - 0.05) > 0.01  # a wrong rate would be caught

@@ -1,0 +1,81 @@
+"""Config resolution and run directories."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dpimages.config import MethodConfig, resolve_config
+from dpimages.errors import InputError
+from dpimages.runs import Run
+
+
+@dataclasses.dataclass
+class ToyConfig(MethodConfig):
+    steps: int = 10
+    lr: float = 1e-3
+    channels: list[int] = dataclasses.field(default_factory=lambda: [8, 16])
+    use_ema: bool = True
+    name: str | None = None
+    presets = {"smoke": {"steps": 2}, "cpu": {"steps": 100, "lr": 3e-4}}
+
+
+def test_preset_yaml_and_overrides_in_order(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.01\nchannels: [4, 4, 8]\n")
+    c = resolve_config(ToyConfig, "cpu", ["steps=7", "use_ema=false", "name=none"], y)
+    assert (c.steps, c.lr, c.channels, c.use_ema, c.name) == (7, 0.01, [4, 4, 8], False, None)
+    assert resolve_config(ToyConfig, "smoke").steps == 2
+    assert resolve_config(ToyConfig, None, ["channels=1,2"]).channels == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "yaml_text", "needle"),
+    [
+        ("huge", [], None, "unknown preset"),
+        (None, ["stepz=3"], None, "unknown config key 'stepz'"),
+        (None, ["steps=abc"], None, "steps must be int"),
+        (None, ["steps"], None, "key=value"),
+        (None, [], "lr: [1, 2\n", "invalid YAML"),
+        (None, [], "- a\n- b\n", "mapping"),
+        (None, [], "bogus: 1\n", "unknown config key"),
+    ],
+)
+def test_config_errors(tmp_path, preset, overrides, yaml_text, needle):
+    y = None
+    if yaml_text is not None:
+        y = tmp_path / "c.yaml"
+        y.write_text(yaml_text)
+    with pytest.raises(InputError, match=needle):
+        resolve_config(ToyConfig, preset, overrides, y)
+
+
+def test_run_refuses_reuse_and_changed_resume(tmp_path):
+    run = Run(tmp_path / "r")
+    cfg = {"method": "x", "data_fingerprint": "sha256:a", "config": {"steps": 1}}
+    run.start(cfg, resume=False)
+    with pytest.raises(InputError, match="not empty"):
+        Run(tmp_path / "r").start(cfg, resume=False)
+    Run(tmp_path / "r").start(cfg, resume=True)
+    with pytest.raises(InputError, match="data set"):
+        Run(tmp_path / "r").start({**cfg, "data_fingerprint": "sha256:b"}, resume=True)
+    with pytest.raises(InputError, match="config"):
+        Run(tmp_path / "r").start({**cfg, "config": {"steps": 2}}, resume=True)
+    with pytest.raises(InputError, match="no run to resume"):
+        Run(tmp_path / "other").start(cfg, resume=True)
+
+
+def test_checkpoint_roundtrip_safetensors_only(tmp_path):
+    run = Run(tmp_path / "r")
+    run.start({"method": "x"}, resume=False)
+    assert run.load_checkpoint() is None
+    run.save_checkpoint({"w": torch.arange(6.0).reshape(2, 3)}, {"step": 3, "note": "a"})
+    run.save_checkpoint({"w": torch.ones(2, 3)}, {"step": 5})
+    tensors, state = run.load_checkpoint()
+    assert torch.equal(tensors["w"], torch.ones(2, 3)) and state["step"] == 5
+    files = sorted(p.name for p in run.checkpoint_dir.iterdir())
+    assert files == ["model-00000005.safetensors", "state.json"]
+    run.log(1, noisy_grad_norm=0.5)
+    assert run.read_metrics()[0]["noisy_grad_norm"] == 0.5
