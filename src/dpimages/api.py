@@ -26,6 +26,7 @@ from dpimages.config import MethodConfig, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.errors import InputError
 from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
+from dpimages.report import render_report
 from dpimages.runs import Run
 
 # name -> module that defines it; only methods that really train and sample.
@@ -104,6 +105,10 @@ class Synthesizer:
         self.num_classes = int(state["num_classes"])
         self.image_shape = tuple(state["image_shape"])  # type: ignore[assignment]
         self.classes = list(state["classes"])
+
+    def report_section(self) -> str:
+        """Markdown for report.md: what this method released and how it trained."""
+        return ""
 
     def to(self, device: torch.device) -> Synthesizer:
         """Move models to `device` (methods with models override this)."""
@@ -200,6 +205,7 @@ def fit_run(
     synth.fit(private, public_data, ctx)
     ledger.write(exact=True)
     run.log(-1, event="fit_done", fit_s=round(time.time() - t0, 2), epsilon=ledger.epsilon())
+    run.write_report(render_report(run, synth.report_section()))
     for cb in callbacks:
         cb(synth)
     return FitResult(synth, ledger, run, full_config)

@@ -212,6 +212,26 @@ def evaluate_cmd(file: str, real_spec: str, test_spec: str | None, out: str | No
     _emit(res, as_json, text + (f"\nwrote {out}" if out else ""))
 
 
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report_cmd(run_dir: str) -> None:
+    """Rewrite RUN_DIR/report.md from the run's files (config, ledger, metrics, grids) and print it."""
+    from dpimages.api import load_synthesizer
+    from dpimages.report import render_report
+    from dpimages.runs import Run
+
+    run = Run(run_dir)
+    if not run.exists():
+        raise InputError(f"not a run directory (config.yaml missing): {run_dir}")
+    try:
+        method_section = load_synthesizer(run_dir, "cpu").report_section()
+    except InputError:  # an unfinished run: report what it has
+        method_section = ""
+    text = render_report(run, method_section)
+    run.write_report(text)
+    click.echo(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: map errors to exit codes with one line on stderr."""
     try:
