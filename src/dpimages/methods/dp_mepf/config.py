@@ -1,0 +1,112 @@
+"""Configuration of DP-MEPF (`dp-mepf`): feature source, embedding, release and generator training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from dpimages.config import MethodConfig
+from dpimages.errors import InputError
+
+FEATURE_SOURCES = ("random", "public", "path")
+
+
+@dataclass
+class DPMEPFConfig(MethodConfig):
+    """DP-MEPF settings. Presets change sizes only.
+
+    Feature source (``features``): ``random`` (seeded random conv nets, no
+    data), ``public`` (a conv net trained at fit time on ``--public``), or
+    ``path`` (``feature_path``: a directory from ``dpimages features train``
+    or a torchvision-style VGG state dict). Budget weights split the
+    precision (1/sigma^2) of the one-shot release between the first-moment
+    sums, the second-moment sums and the class counts.
+    """
+
+    # feature network
+    features: str = "random"
+    feature_path: str = ""
+    feature_channels: tuple[int, ...] = (32, 64, 128)
+    feature_kernel: int = 3
+    feature_act: str = "relu"
+    feature_nets: int = 1
+    feature_seed: int = 1
+    feature_layers: tuple[str, ...] = ()
+    feature_pool: tuple[int, ...] = (4,)
+    feature_tap: str = "post"
+    feature_balance: bool = True
+    vgg_resize: int = 0
+    public_epochs: int = 5
+    # release
+    second_moment: bool = False
+    weight_first: float = 1.0
+    weight_second: float = 1.0
+    weight_counts: float = 0.05
+    project_means: bool = True
+    # generator and its training (post-processing)
+    generator: str = "dcgan"
+    gen_channels: int = 64
+    z_dim: int = 32
+    batch_size: int = 128
+    steps: int = 4000
+    lr: float = 1e-3
+    beta1: float = 0.5
+    lr_final: float = 0.1
+    ema: float = 0.0
+    unbiased: bool = True
+    eval_every: int = 250
+    eval_per_class: int = 64
+    select_best: bool = True
+    log_every: int = 50
+    grid_every: int = 1000
+    checkpoint_every: int = 1000
+    embed_chunk: int = 500
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {
+            "feature_channels": (8, 16), "public_epochs": 1, "gen_channels": 8, "z_dim": 8, "batch_size": 32,
+            "steps": 30, "eval_every": 10, "eval_per_class": 4, "log_every": 5, "grid_every": 20,
+            "checkpoint_every": 10,
+        },
+        "cpu": {"steps": 4000},
+        "gpu": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 20000, "eval_every": 1000,
+                "grid_every": 5000, "checkpoint_every": 2000},
+        "gpu-short": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 8000,
+                      "eval_every": 1000, "grid_every": 4000, "checkpoint_every": 1000},
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_SOURCES:
+            raise InputError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {self.features!r}")
+        if self.features == "path" and not self.feature_path:
+            raise InputError("features=path needs feature_path=DIR_OR_FILE")
+        if self.features != "path" and self.feature_path:
+            raise InputError(f"feature_path is only used with features=path, got features={self.features}")
+        if self.feature_tap not in ("pre", "post"):
+            raise InputError(f"feature_tap must be 'pre' or 'post', got {self.feature_tap!r}")
+        if self.feature_act not in ("relu", "tanh", "lrelu"):
+            raise InputError(f"feature_act must be relu, tanh or lrelu, got {self.feature_act!r}")
+        if self.generator not in ("dcgan", "resnet"):
+            raise InputError(f"generator must be 'dcgan' or 'resnet', got {self.generator!r}")
+        for name in ("feature_nets", "feature_kernel", "gen_channels", "z_dim", "batch_size", "steps", "eval_every",
+                     "eval_per_class", "log_every", "grid_every", "checkpoint_every", "embed_chunk"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.public_epochs < 0 or self.vgg_resize < 0:
+            raise InputError(f"public_epochs and vgg_resize must be >= 0, got {self.public_epochs}, {self.vgg_resize}")
+        if any(c < 1 for c in self.feature_channels) or not self.feature_channels:
+            raise InputError(f"feature_channels must be positive ints, got {self.feature_channels}")
+        if any(p < 0 for p in self.feature_pool) or not self.feature_pool:
+            raise InputError(f"feature_pool must be ints >= 0 (0: full map, 1: channel means), got {self.feature_pool}")
+        for name in ("weight_first", "weight_counts", "lr"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.second_moment and not self.weight_second > 0:
+            raise InputError(f"weight_second must be > 0 with second_moment=true, got {self.weight_second}")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.ema < 1 or not 0 < self.lr_final <= 1:
+            raise InputError(f"need 0 <= beta1 < 1, 0 <= ema < 1, 0 < lr_final <= 1; got {self.beta1}, {self.ema}, "
+                             f"{self.lr_final}")

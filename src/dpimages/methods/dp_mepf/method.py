@@ -1,0 +1,500 @@
+"""DP-MEPF (Harder et al., TMLR 2023): a generator trained on a once-released noisy feature mean embedding.
+
+Steps of `DPMEPF.fit`:
+
+1. Build the feature network from public information only: seeded random
+   conv nets (``features=random``), a conv net trained on ``--public``
+   (``features=public``), or weights from ``feature_path`` (``features=path``,
+   e.g. a torchvision-style VGG-19 state dict).
+2. Calibrate the noise for the target (epsilon, delta) and release, once,
+   the per-class sums of unit-norm feature vectors and the class counts
+   (`release.release`; privacy contract there). This is the only access to
+   private data.
+3. Post-processing: train a label-conditional generator so that its
+   per-class mean features match the released means (batch ``batch_size``,
+   Adam ``lr``/``beta1``, learning rate decayed linearly to ``lr_final``).
+   Model selection uses only the released means: every ``eval_every`` steps
+   the distance of a fixed-noise sample's class means to the released means
+   is measured, and the closest weights are kept.
+
+Neighbouring relation: add or remove one image together with its label.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpimages.api import FitContext, Synthesizer, register
+from dpimages.data import ImageData, to_uint8
+from dpimages.errors import InputError
+from dpimages.eval.grid import save_grid
+from dpimages.methods.dp_mepf import release as rel
+from dpimages.methods.dp_mepf.config import DPMEPFConfig
+from dpimages.nets.features import (
+    ConvTrunk,
+    FeatureExtractor,
+    Trunk,
+    load_trunk,
+    random_conv_trunk,
+    train_conv_trunk,
+)
+from dpimages.nets.generators import ConditionalGenerator
+from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path / "weights.safetensors", path / "features.json"] if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Adam state as flat tensors (for safetensors) plus JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+@register
+class DPMEPF(Synthesizer):
+    """DP-MEPF: match a label-conditional generator to noisy per-class feature means."""
+
+    name = "dp-mepf"
+    Config = DPMEPFConfig
+    needs_public = False
+    description = "DP mean embeddings of (public or random) perceptual features; generator trained on them"
+
+    def __init__(self, config: DPMEPFConfig) -> None:  # type: ignore[override]
+        super().__init__(config)
+        self.config: DPMEPFConfig = config
+        self.generator: ConditionalGenerator | None = None
+        self.sample_generator: ConditionalGenerator | None = None
+        self.extractor: FeatureExtractor | None = None
+        self.released: rel.Released | None = None
+        self.class_proportions: list[float] = []
+        self.feature_info: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+
+    # -- building blocks -----------------------------------------------------------------
+    def _new_generator(self) -> ConditionalGenerator:
+        h, w, c = self.image_shape
+        cfg = self.config
+        return ConditionalGenerator((c, h, w), self.num_classes, cfg.z_dim, cfg.gen_channels, cfg.generator)
+
+    def _trunks(self, public: ImageData | None, seed: int, ctx: FitContext | None) -> list[Trunk]:
+        """Feature trunks from public information only (random seeds, public data, a weights file)."""
+        cfg = self.config
+        c = self.image_shape[2]
+        if cfg.features == "random":
+            self.feature_info = {"source": "random", "seeds": [cfg.feature_seed + i for i in range(cfg.feature_nets)]}
+            return [random_conv_trunk(cfg.feature_seed + i, c, cfg.feature_channels, cfg.feature_kernel,
+                                      cfg.feature_act, cfg.feature_tap) for i in range(cfg.feature_nets)]
+        if cfg.features == "public":
+            if public is None:
+                raise InputError("features=public needs public data: pass --public SPEC (e.g. mnist-5k)")
+            if public.labels is None:
+                raise InputError(f"{public.name}: features=public needs a labelled public set")
+            if public.image_shape[2] != c:
+                raise InputError(f"public images have {public.image_shape[2]} channels, private images {c}")
+
+            def log(**kv: Any) -> None:
+                if ctx is not None and ctx.run is not None:
+                    ctx.run.log(0, event="public_feature_training", **kv)
+
+            trunk, facts = train_conv_trunk(
+                public.to_tensor(), public.label_tensor(), public.num_classes, channels=cfg.feature_channels,
+                kernel=cfg.feature_kernel, act=cfg.feature_act, epochs=cfg.public_epochs, seed=cfg.feature_seed,
+                log=log,
+            )
+            trunk.tap = cfg.feature_tap
+            self.feature_info = {"source": "public", "public": public.name, "public_fingerprint": public.fingerprint,
+                                 **facts}
+            return [trunk]
+        path = Path(cfg.feature_path)
+        trunk, meta = load_trunk(path, tap=cfg.feature_tap, resize=cfg.vgg_resize)
+        in_ch = trunk.in_channels
+        if in_ch != c and not (c == 1 and in_ch == 3 and trunk.arch == "vgg"):
+            raise InputError(f"feature network {path} takes {in_ch}-channel images, the data has {c} channels")
+        self.feature_info = {"source": "path", "path": str(path), "sha256": _file_sha256(path),
+                             **{k: v for k, v in meta.items() if k not in ("layout",)}}
+        return [trunk]
+
+    def _extractor(self, trunks: list[Trunk]) -> FeatureExtractor:
+        cfg = self.config
+        return FeatureExtractor(trunks, cfg.feature_layers, cfg.feature_pool, cfg.second_moment, cfg.feature_balance)
+
+    def _nonneg_first(self) -> bool:
+        cfg = self.config
+        return cfg.feature_tap == "post" and cfg.feature_act == "relu" and cfg.features != "path"
+
+    # -- fit ----------------------------------------------------------------------------
+    def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
+        """Release the noisy statistics once, then train the generator on them (see the module docstring)."""
+        cfg = self.config
+        self.device = ctx.device
+        self.num_classes = private.num_classes
+        self.image_shape = private.image_shape
+        self.classes = list(private.classes)
+        if private.labels is None:
+            raise InputError(f"{private.name}: dp-mepf needs labelled private data")
+        if min(self.image_shape[:2]) < 8:
+            raise InputError(f"dp-mepf needs images of at least 8x8 pixels, got {self.image_shape}")
+        run = ctx.run
+        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
+        if "release.sum_first" in tensors:
+            self._restore_release(tensors, state)
+            trunks = self._restore_trunks(tensors, state)
+        else:
+            trunks = self._trunks(public, ctx.seed, ctx)
+        extractor = self._extractor(trunks).to(self.device)
+        self.extractor = extractor
+        dims = extractor.dims((self.image_shape[2], *self.image_shape[:2]))
+        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts)
+        scale, plan = rel.calibrate_plan(ctx.ledger.epsilon_budget, ctx.ledger.delta, w)
+        if self.released is None:
+            t0 = time.time()
+            self.released = rel.release(
+                extractor, private.to_tensor(self.device), private.label_tensor(self.device), self.num_classes, plan,
+                ledger=ctx.ledger, noise=ctx.noise, chunk=cfg.embed_chunk,
+            )
+            self.class_proportions = self.released.proportions()
+            if run is not None:
+                run.log(0, event="release", release_s=round(time.time() - t0, 2), dims_first=dims[0],
+                        dims_second=dims[1], noise_scale=scale, noise_first=plan.noise_first,
+                        noise_second=plan.noise_second, noise_counts=plan.noise_counts,
+                        noisy_counts=[round(float(v), 1) for v in self.released.counts])
+        self.release_info = {"scale": scale, "plan": plan, "weights": w, "dims": dims}
+        self._train(ctx, tensors, state)
+
+    def _restore_release(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.released = rel.Released(
+            tensors["release.sum_first"].double(),
+            tensors["release.sum_second"].double() if "release.sum_second" in tensors else None,
+            tensors["release.counts"].double(),
+        )
+        self.class_proportions = self.released.proportions()
+        self.feature_info = dict(state.get("feature_info", {}))
+
+    def _restore_trunks(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> list[Trunk]:
+        """The feature trunks of a checkpoint (weights saved there, or the same file by path and hash)."""
+        cfg = self.config
+        if cfg.features == "path":
+            path = Path(cfg.feature_path)
+            if _file_sha256(path) != self.feature_info.get("sha256"):
+                raise InputError(f"--resume: feature weights {path} changed since the run started")
+            trunk, _ = load_trunk(path, tap=cfg.feature_tap, resize=cfg.vgg_resize)
+            return [trunk]
+        trunks: list[Trunk] = []
+        for i in range(int(state.get("feature_trunks", 0))):
+            t = ConvTrunk(self.image_shape[2], cfg.feature_channels, cfg.feature_kernel, cfg.feature_act,
+                          cfg.feature_tap)
+            t.load_state_dict(_unprefixed(f"feat{i}", tensors))
+            trunks.append(t)
+        return trunks
+
+    def _batch_loss(
+        self, gen: ConditionalGenerator, z: torch.Tensor, y: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor | None,
+        unbiased: bool,
+    ) -> torch.Tensor:
+        """Sum over the classes in the batch of ||mean features - released mean||^2 (both moments).
+
+        With `unbiased`, the squared norm of each class's batch mean is
+        estimated without its diagonal terms (features have unit norm, so
+        those are the constant 1/n): the MMD-style estimate that does not
+        reward identical samples.
+        """
+        assert self.extractor is not None
+        f1, f2 = self.extractor(gen(z, y))
+        total = torch.zeros((), device=z.device)
+        for f, m in ((f1, m1), (f2, m2)):
+            if f is None or m is None:
+                continue
+            k = self.num_classes
+            sums = torch.zeros(k, f.shape[1], device=f.device, dtype=f.dtype).index_add(0, y, f)
+            n = torch.bincount(y, minlength=k).to(f.dtype)
+            present = n > 0
+            sums, n, mt = sums[present], n[present], m[present]
+            sq = (sums * sums).sum(1)
+            if unbiased:
+                sq_mean = torch.where(n > 1, (sq - n) / (n * (n - 1)).clamp_min(1.0), sq / n**2)
+            else:
+                sq_mean = sq / n**2
+            cross = (sums * mt).sum(1) / n
+            total = total + (sq_mean - 2 * cross + (mt * mt).sum(1)).sum()
+        return total
+
+    @torch.no_grad()
+    def _released_distance(self, gen: ConditionalGenerator, m1: torch.Tensor, m2: torch.Tensor | None) -> float:
+        """Distance of a fixed-noise sample's class means to the released means (selection criterion)."""
+        g = torch.Generator().manual_seed(12345)
+        n = self.config.eval_per_class * self.num_classes
+        y = torch.arange(n) % self.num_classes
+        z = torch.randn(n, self.config.z_dim, generator=g)
+        was = gen.training
+        gen.eval()
+        d = float(self._batch_loss(gen, z.to(self.device), y.to(self.device), m1, m2, unbiased=False))
+        gen.train(was)
+        return d
+
+    def _train(self, ctx: FitContext, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        cfg = self.config
+        run = ctx.run
+        assert self.released is not None
+        m1, m2 = self.released.means(cfg.project_means, self._nonneg_first())
+        m1, m2 = m1.to(self.device), (None if m2 is None else m2.to(self.device))
+        gen = self._new_generator().to(self.device)
+        opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+        ema = self._new_generator().to(self.device) if cfg.ema > 0 else None
+        best = self._new_generator().to(self.device)
+        rng = torch.Generator().manual_seed(ctx.seed + 1)
+        step, best_d, best_step, elapsed = 0, float("inf"), -1, 0.0
+        if "gen.fc.weight" in tensors:
+            gen.load_state_dict(_unprefixed("gen", tensors))
+            best.load_state_dict(_unprefixed("best", tensors))
+            if ema is not None:
+                ema.load_state_dict(_unprefixed("ema", tensors))
+            _load_optimizer(opt, tensors, state["optimizer"])
+            rng.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["train_rng"]), np.uint8).copy()))
+            step, best_d, best_step = int(state["step"]), float(state["best_distance"]), int(state["best_step"])
+            elapsed = float(state.get("train_s", 0.0))
+        else:
+            if ema is not None:
+                ema.load_state_dict(gen.state_dict())
+            best.load_state_dict(gen.state_dict())
+        if state.get("finished"):
+            self.generator, self.sample_generator = gen, best if cfg.select_best else (ema or gen)
+            self._finish(ctx, step, best_step, best_d, elapsed, write=False)
+            return
+        if step == 0 and run is not None:  # the release is safe on disk before any training
+            self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, elapsed, finished=False)
+        self.generator = gen
+        t0 = time.time() - elapsed
+        while step < cfg.steps:
+            frac = step / max(cfg.steps - 1, 1)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * (1.0 - (1.0 - cfg.lr_final) * frac)
+            y = torch.randint(self.num_classes, (cfg.batch_size,), generator=rng).to(self.device)
+            z = torch.randn(cfg.batch_size, cfg.z_dim, generator=rng).to(self.device)
+            loss = self._batch_loss(gen, z, y, m1, m2, cfg.unbiased)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, pg in zip(ema.parameters(), gen.parameters(), strict=True):
+                        pe.lerp_(pg, 1.0 - cfg.ema)
+                    for be, bg in zip(ema.buffers(), gen.buffers(), strict=True):
+                        be.copy_(bg)
+            candidate = ema if ema is not None else gen
+            metrics: dict[str, Any] = {}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                d = self._released_distance(candidate, m1, m2)
+                metrics["released_distance"] = d
+                if d < best_d:
+                    best_d, best_step = d, step
+                    best.load_state_dict(candidate.state_dict())
+            if run is not None and (step % cfg.log_every == 0 or metrics):
+                run.log(step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"],
+                        train_s=round(time.time() - t0, 1), **metrics)
+            if run is not None and step % cfg.grid_every == 0:
+                self._grid(candidate, run.samples_dir / f"grid-{step:06d}.png")
+            if run is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, time.time() - t0,
+                                 finished=False)
+        elapsed = time.time() - t0
+        self.sample_generator = best if cfg.select_best else (ema or gen)
+        if run is not None:
+            self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, elapsed, finished=True)
+        self._finish(ctx, step, best_step, best_d, elapsed, write=True)
+
+    def _grid(self, gen: ConditionalGenerator, path: Path, per_class: int = 10) -> None:
+        was = gen.training
+        gen.eval()
+        g = torch.Generator().manual_seed(7)
+        y = torch.arange(self.num_classes * per_class) // per_class
+        with torch.no_grad():
+            x = gen(torch.randn(len(y), self.config.z_dim, generator=g).to(self.device), y.to(self.device))
+        gen.train(was)
+        save_grid(path, to_uint8(x), y.numpy(), self.num_classes, per_class)
+
+    def _checkpoint(
+        self, ctx: FitContext, gen: ConditionalGenerator, ema: ConditionalGenerator | None, best: ConditionalGenerator,
+        opt: torch.optim.Optimizer, rng: torch.Generator, step: int, best_d: float, best_step: int, elapsed: float,
+        *, finished: bool,
+    ) -> None:
+        assert ctx.run is not None and self.released is not None and self.extractor is not None
+        tensors = {**_prefixed("gen", gen.state_dict()), **_prefixed("best", best.state_dict())}
+        if ema is not None:
+            tensors.update(_prefixed("ema", ema.state_dict()))
+        opt_tensors, opt_groups = _optimizer_tensors(opt)
+        tensors.update(opt_tensors)
+        tensors["release.sum_first"] = self.released.sum_first
+        tensors["release.counts"] = self.released.counts
+        if self.released.sum_second is not None:
+            tensors["release.sum_second"] = self.released.sum_second
+        n_trunks = 0
+        if self.config.features != "path":
+            for i, t in enumerate(self.extractor.trunks):
+                tensors.update(_prefixed(f"feat{i}", t.state_dict()))
+            n_trunks = len(self.extractor.trunks)
+        sample_prefix = "best" if self.config.select_best else ("ema" if ema is not None else "gen")
+        state = {
+            "step": step, "finished": finished, "best_distance": best_d, "best_step": best_step,
+            "train_s": round(elapsed, 2), "sample_weights": sample_prefix, "optimizer": opt_groups,
+            "train_rng": base64.b64encode(rng.get_state().numpy().tobytes()).decode("ascii"),
+            "noise_rng": ctx.noise.state(), "feature_info": self.feature_info, "feature_trunks": n_trunks,
+            **self.meta(),
+        }
+        ctx.run.save_checkpoint(tensors, state)
+
+    # -- report -------------------------------------------------------------------------
+    def _finish(
+        self, ctx: FitContext, step: int, best_step: int, best_d: float, elapsed: float, *, write: bool
+    ) -> None:
+        run = ctx.run
+        if run is None:
+            return
+        assert self.sample_generator is not None
+        self._grid(self.sample_generator, run.samples_dir / "grid-final.png")
+        if write:
+            run.log(step, event="train_done", best_step=best_step, best_released_distance=best_d,
+                    train_s=round(elapsed, 1))
+        info = getattr(self, "release_info", None)
+        cfg = self.config
+        led = ctx.ledger
+        k = self.num_classes
+        lines = [
+            "# DP-MEPF run", "",
+            f"Method `dp-mepf`: a label-conditional {cfg.generator} generator trained to match noisy per-class "
+            "means of unit-norm features.", "",
+            "## Privacy", "",
+            f"- Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove).",
+            f"- epsilon {led.epsilon():.4f} (PLD), {led.epsilon_rdp():.4f} (RDP) at delta {led.delta:g}; "
+            f"budget {led.epsilon_budget:g}.",
+            "- Released, once (the only access to private data), each a Gaussian mechanism with L2 sensitivity 1:",
+        ]
+        if info is not None:
+            d1, d2 = info["dims"]
+            plan = info["plan"]
+            lines += [
+                f"  - per-class sums of unit-norm first-moment feature vectors: a {k} x {d1} matrix, noise "
+                f"multiplier {plan.noise_first:.4g};",
+            ]
+            if plan.noise_second is not None:
+                lines.append(f"  - per-class sums of unit-norm second-moment feature vectors: a {k} x {d2} matrix, "
+                             f"noise multiplier {plan.noise_second:.4g};")
+            lines += [
+                f"  - per-class image counts ({k} numbers), noise multiplier {plan.noise_counts:.4g}.",
+                f"- Budget weights (share of 1/sigma^2) first/second/counts: "
+                f"{info['weights'][0]:.3f}/{info['weights'][1]:.3f}/{info['weights'][2]:.3f}; common scale "
+                f"{info['scale']:.4g} (calibrated with dp-accounting PLD).",
+            ]
+        lines += [
+            "- Sensitivity: each image's feature vector has norm 1 (clipped to 1); classes are disjoint, so adding "
+            "or removing one image moves each stacked sum by at most 1 and the counts by 1.",
+            "- Everything after the release (means = noisy sums / noisy counts, projection, generator training, "
+            "model selection on the released means only) is post-processing.",
+            "- Ledger events: " + "; ".join(f"{e.label} (noise multiplier {e.noise_multiplier:.4g}, x{e.steps})"
+                                            for e in led.events) + ".",
+            "", "## Features", "",
+            f"- Source: {self.feature_info.get('source')}"
+            + (f" ({self.feature_info.get('public')}, public validation accuracy "
+               f"{self.feature_info.get('public_val_accuracy', float('nan')):.3f})"
+               if self.feature_info.get("source") == "public" else "")
+            + (f" ({self.feature_info.get('path')})" if self.feature_info.get("source") == "path" else "")
+            + (f" (seeds {self.feature_info.get('seeds')})" if self.feature_info.get("source") == "random" else ""),
+            f"- Layers {list(cfg.feature_layers) or 'all'}, pooling {list(cfg.feature_pool)}, tap {cfg.feature_tap}, "
+            f"second moment {cfg.second_moment}, channels {list(cfg.feature_channels)}, networks {cfg.feature_nets}.",
+            "", "## Generator training (post-processing)", "",
+            f"- {step} steps, batch {cfg.batch_size}, Adam lr {cfg.lr:g} (to x{cfg.lr_final:g}), beta1 {cfg.beta1:g}; "
+            f"{elapsed:.0f} s.",
+            f"- Sampling weights: {'best released distance' if cfg.select_best else 'last'} (step {best_step}, "
+            f"distance to the released means {best_d:.5f}).",
+            "", "## Samples", "", "![samples](samples/grid-final.png)", "",
+        ]
+        run.write_report("\n".join(lines))
+
+    # -- sampling and state -------------------------------------------------------------
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
+        """n images from the selected generator (labels drawn from the noisy class proportions if None)."""
+        if self.sample_generator is None:
+            raise InputError("dp-mepf: fit or load the synthesizer before sampling")
+        if n < 1:
+            raise InputError(f"n must be >= 1, got {n}")
+        g = torch.Generator().manual_seed(int(seed or 0))
+        if labels is None:
+            p = torch.tensor(self.class_proportions or [1.0 / self.num_classes] * self.num_classes)
+            labels = torch.multinomial(p, n, replacement=True, generator=g).numpy().astype(np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (n,) or (labels.size and (labels.min() < 0 or labels.max() >= self.num_classes)):
+            raise InputError(f"labels must have shape ({n},) with values in [0, {self.num_classes})")
+        gen = self.sample_generator
+        gen.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, n, 1000):
+                y = torch.from_numpy(labels[i : i + 1000]).to(self.device)
+                z = torch.randn(len(y), self.config.z_dim, generator=g).to(self.device)
+                out.append(to_uint8(gen(z, y)))
+        return ImageData(np.concatenate(out), labels, list(self.classes), "dp-mepf samples")
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "class_proportions": list(self.class_proportions)}
+
+    def restore_meta(self, state: dict[str, Any]) -> None:
+        super().restore_meta(state)
+        self.class_proportions = [float(v) for v in state.get("class_proportions", [])]
+        self._sample_prefix = state.get("sample_weights", "best")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.sample_generator is None:
+            raise InputError("dp-mepf: nothing to save before fit")
+        return _prefixed("best", self.sample_generator.state_dict())
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = getattr(self, "_sample_prefix", "best")
+        gen = self._new_generator()
+        weights = _unprefixed(prefix, tensors)
+        if not weights:
+            raise InputError(f"dp-mepf checkpoint has no '{prefix}.*' generator weights")
+        gen.load_state_dict(weights)
+        self.sample_generator = gen.to(self.device)
+
+    def to(self, device: torch.device) -> DPMEPF:
+        self.device = device
+        if self.sample_generator is not None:
+            self.sample_generator.to(device)
+        return self
