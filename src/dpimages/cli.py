@@ -232,6 +232,55 @@ def report_cmd(run_dir: str) -> None:
     click.echo(text)
 
 
+@cli.group("features")
+def features_group() -> None:
+    """Feature networks for dp-mepf (trained on public data only)."""
+
+
+@features_group.command("train")
+@click.option("--public", "public_spec", required=True, help="Public labelled data SPEC, e.g. mnist-5k. Never "
+              "private data: the network is used without privacy accounting.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="New directory for weights.safetensors + features.json.")
+@click.option("--channels", default="32,64,128", show_default=True, help="Conv channels per block.")
+@click.option("--kernel", type=int, default=3, show_default=True)
+@click.option("--act", type=click.Choice(["relu", "lrelu", "tanh"]), default="relu", show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--json", "as_json", is_flag=True)
+def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, act: str, epochs: int, seed: int,
+                       threads: int | None, as_json: bool) -> None:
+    """Pre-train a conv feature network on a PUBLIC set (for `fit dp-mepf features=path feature_path=OUT`)."""
+    from pathlib import Path
+
+    import torch
+
+    from dpimages.data import load
+    from dpimages.nets.features import save_feature_net, train_conv_trunk
+
+    try:
+        chans = tuple(int(c) for c in channels.split(",") if c.strip())
+    except ValueError:
+        raise InputError(f"--channels must be comma-separated integers, got {channels!r}") from None
+    if not chans or min(chans) < 1 or kernel < 1 or epochs < 1:
+        raise InputError(f"--channels, --kernel and --epochs must be positive, got {channels!r}, {kernel}, {epochs}")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise InputError(f"--out {out} exists and is not empty: choose a new directory")
+    if threads:
+        torch.set_num_threads(threads)
+    public = load(public_spec)
+    if public.labels is None:
+        raise InputError(f"{public.name}: pre-training needs labels")
+    trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes, channels=chans,
+                                    kernel=kernel, act=act, epochs=epochs, seed=seed)
+    meta = {"trained_on": public.name, "public_fingerprint": public.fingerprint, "seed": seed, **facts}
+    path = save_feature_net(out, trunk, meta)
+    info = {"out": str(path), **meta}
+    _emit(info, as_json, f"wrote {path} (trained on {public.name}, public validation accuracy "
+          f"{facts.get('public_val_accuracy', float('nan')):.3f})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: map errors to exit codes with one line on stderr."""
     try:

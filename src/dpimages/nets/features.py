@@ -382,7 +382,7 @@ def train_conv_trunk(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, seen = total + float(loss) * len(b), seen + len(b)
+            total, seen = total + loss.item() * len(b), seen + len(b)
         if log is not None:
             log(epoch=epoch + 1, train_loss=total / max(seen, 1))
     facts: dict[str, Any] = {"epochs": int(epochs), "train_size": int(len(tr_idx))}

@@ -384,6 +384,9 @@ class DPMEPF(Synthesizer):
     def _finish(
         self, ctx: FitContext, step: int, best_step: int, best_d: float, elapsed: float, *, write: bool
     ) -> None:
+        """Final grid, the train_done metric and the text of the report section."""
+        cfg = self.config
+        self._report = self._report_text(ctx, step, best_step, best_d, elapsed)
         run = ctx.run
         if run is None:
             return
@@ -391,61 +394,61 @@ class DPMEPF(Synthesizer):
         self._grid(self.sample_generator, run.samples_dir / "grid-final.png")
         if write:
             run.log(step, event="train_done", best_step=best_step, best_released_distance=best_d,
-                    train_s=round(elapsed, 1))
+                    train_s=round(elapsed, 1), batch_size=cfg.batch_size)
+
+    def report_section(self) -> str:
+        """The method's part of report.md: released quantities, neighbouring relation, features, training."""
+        return getattr(self, "_report", "")
+
+    def _report_text(self, ctx: FitContext, step: int, best_step: int, best_d: float, elapsed: float) -> str:
         info = getattr(self, "release_info", None)
         cfg = self.config
-        led = ctx.ledger
         k = self.num_classes
         lines = [
-            "# DP-MEPF run", "",
-            f"Method `dp-mepf`: a label-conditional {cfg.generator} generator trained to match noisy per-class "
-            "means of unit-norm features.", "",
-            "## Privacy", "",
-            f"- Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove).",
-            f"- epsilon {led.epsilon():.4f} (PLD), {led.epsilon_rdp():.4f} (RDP) at delta {led.delta:g}; "
-            f"budget {led.epsilon_budget:g}.",
-            "- Released, once (the only access to private data), each a Gaussian mechanism with L2 sensitivity 1:",
+            f"DP-MEPF: a label-conditional {cfg.generator} generator trained to match noisy per-class means of "
+            "unit-norm features.", "",
+            "### What was released",
+            "",
+            f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released once (the only access to private "
+            "data), each by a Gaussian mechanism with L2 sensitivity 1:",
         ]
         if info is not None:
             d1, d2 = info["dims"]
             plan = info["plan"]
-            lines += [
-                f"  - per-class sums of unit-norm first-moment feature vectors: a {k} x {d1} matrix, noise "
-                f"multiplier {plan.noise_first:.4g};",
-            ]
+            lines.append(f"- per-class sums of unit-norm first-moment feature vectors: a {k} x {d1} matrix, noise "
+                         f"multiplier {plan.noise_first:.5g};")
             if plan.noise_second is not None:
-                lines.append(f"  - per-class sums of unit-norm second-moment feature vectors: a {k} x {d2} matrix, "
-                             f"noise multiplier {plan.noise_second:.4g};")
+                lines.append(f"- per-class sums of unit-norm second-moment feature vectors: a {k} x {d2} matrix, "
+                             f"noise multiplier {plan.noise_second:.5g};")
             lines += [
-                f"  - per-class image counts ({k} numbers), noise multiplier {plan.noise_counts:.4g}.",
-                f"- Budget weights (share of 1/sigma^2) first/second/counts: "
+                f"- per-class image counts ({k} numbers), noise multiplier {plan.noise_counts:.5g}.",
+                "",
+                f"Budget weights (share of 1/sigma^2) first/second/counts: "
                 f"{info['weights'][0]:.3f}/{info['weights'][1]:.3f}/{info['weights'][2]:.3f}; common scale "
-                f"{info['scale']:.4g} (calibrated with dp-accounting PLD).",
+                f"{info['scale']:.5g} (calibrated with dp-accounting PLD for the target epsilon).",
             ]
         lines += [
-            "- Sensitivity: each image's feature vector has norm 1 (clipped to 1); classes are disjoint, so adding "
-            "or removing one image moves each stacked sum by at most 1 and the counts by 1.",
-            "- Everything after the release (means = noisy sums / noisy counts, projection, generator training, "
-            "model selection on the released means only) is post-processing.",
-            "- Ledger events: " + "; ".join(f"{e.label} (noise multiplier {e.noise_multiplier:.4g}, x{e.steps})"
-                                            for e in led.events) + ".",
-            "", "## Features", "",
-            f"- Source: {self.feature_info.get('source')}"
+            "",
+            "Sensitivity: each image's feature vector has norm 1 (clipped to 1); classes are disjoint, so adding "
+            "or removing one image moves each stacked per-class sum by at most 1 and the counts by 1. Everything "
+            "after the release (means = noisy sums / noisy counts, projection onto the set of possible means, "
+            "generator training, model selection on the released means only) is post-processing.",
+            "", "### Features", "",
+            f"- source: {self.feature_info.get('source')}"
             + (f" ({self.feature_info.get('public')}, public validation accuracy "
                f"{self.feature_info.get('public_val_accuracy', float('nan')):.3f})"
                if self.feature_info.get("source") == "public" else "")
             + (f" ({self.feature_info.get('path')})" if self.feature_info.get("source") == "path" else "")
             + (f" (seeds {self.feature_info.get('seeds')})" if self.feature_info.get("source") == "random" else ""),
-            f"- Layers {list(cfg.feature_layers) or 'all'}, pooling {list(cfg.feature_pool)}, tap {cfg.feature_tap}, "
-            f"second moment {cfg.second_moment}, channels {list(cfg.feature_channels)}, networks {cfg.feature_nets}.",
-            "", "## Generator training (post-processing)", "",
-            f"- {step} steps, batch {cfg.batch_size}, Adam lr {cfg.lr:g} (to x{cfg.lr_final:g}), beta1 {cfg.beta1:g}; "
-            f"{elapsed:.0f} s.",
-            f"- Sampling weights: {'best released distance' if cfg.select_best else 'last'} (step {best_step}, "
-            f"distance to the released means {best_d:.5f}).",
-            "", "## Samples", "", "![samples](samples/grid-final.png)", "",
+            f"- layers {list(cfg.feature_layers) or 'all'}, pooling {list(cfg.feature_pool)}, tap {cfg.feature_tap}, "
+            f"second moment {cfg.second_moment}, channels {list(cfg.feature_channels)}, networks {cfg.feature_nets}",
+            "", "### Generator training (post-processing)", "",
+            f"- {step} steps, batch {cfg.batch_size}, Adam lr {cfg.lr:g} (decayed to x{cfg.lr_final:g}), beta1 "
+            f"{cfg.beta1:g}; {elapsed:.0f} s",
+            f"- sampling weights: {'closest to the released means' if cfg.select_best else 'last'} (step "
+            f"{best_step}, distance to the released means {best_d:.5f})",
         ]
-        run.write_report("\n".join(lines))
+        return "\n".join(lines)
 
     # -- sampling and state -------------------------------------------------------------
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:

@@ -1,0 +1,294 @@
+"""DP-MEPF: sensitivity of the release, ledger events, generator training, VGG weights, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpimages.api import FitContext, create, fit_run
+from dpimages.cli import main
+from dpimages.data import ImageData, load
+from dpimages.errors import BudgetExceeded, InputError
+from dpimages.methods.dp_mepf import release as rel
+from dpimages.methods.dp_mepf.method import DPMEPF
+from dpimages.nets.features import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FeatureExtractor,
+    VGGTrunk,
+    load_trunk,
+    random_conv_trunk,
+    save_feature_net,
+)
+from dpimages.privacy import NoiseSource, PrivacyLedger
+
+
+def dpimages(*args: str) -> subprocess.CompletedProcess:
+    """The command in a fresh process (slow to start on a busy machine: used once)."""
+    return subprocess.run([sys.executable, "-m", "dpimages", *args], capture_output=True, text=True, timeout=300)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The command in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    """Random images in [-1, 1] plus extreme ones (all black, all white, a checkerboard)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+    x[0], x[1] = -1.0, 1.0
+    x[2] = torch.where((torch.arange(28)[:, None] + torch.arange(28)[None]) % 2 == 0, 1.0, -1.0)
+    return x
+
+
+# -- the release ---------------------------------------------------------------------------
+@pytest.mark.parametrize("pool,tap,second", [((4,), "post", True), ((1,), "pre", True), ((0,), "post", False)])
+def test_neighbouring_datasets_move_released_sums_within_declared_bound(pool, tap, second):
+    ext = FeatureExtractor([random_conv_trunk(3, 1, (8, 16), tap=tap)], (), pool, second_moment=second)
+    x, y = _images(40), torch.arange(40) % 3
+    s1, s2 = rel._chunked_class_sums(ext, x, y, 3, chunk=16)
+    f1, f2 = ext(x)
+    assert torch.all(f1.norm(dim=1) <= 1 + 1e-5)
+    worst = 0.0
+    for i in range(40):  # remove image i (add/remove relation): the stacked sums move by <= 1
+        keep = torch.arange(40) != i
+        t1, t2 = rel._chunked_class_sums(ext, x[keep], y[keep], 3, chunk=16)
+        d = float((s1 - t1).norm() ** 2)
+        if second:
+            assert float((s2 - t2).norm()) <= rel.CLIP_NORM + 1e-9
+        worst = max(worst, d**0.5)
+    assert worst <= rel.CLIP_NORM + 1e-9
+    assert worst > 0.99  # the bound is tight: unit-norm features
+    # replace one image: the class mean changes by at most 2 / n_c (METHODS.md)
+    x2 = x.clone()
+    x2[5] = -x[5]
+    t1, _ = rel._chunked_class_sums(ext, x2, y, 3, chunk=16)
+    n_c = int((y == y[5]).sum())
+    assert float((s1[y[5]] - t1[y[5]]).norm()) / n_c <= 2.0 / n_c + 1e-9
+
+
+def test_release_records_exactly_the_planned_events_before_noise():
+    ext = FeatureExtractor([random_conv_trunk(3, 1, (8, 16))], (), (2,), second_moment=True)
+    x, y = _images(30), torch.arange(30) % 3
+    ledger, noise = PrivacyLedger(1.0, 1e-5), NoiseSource(0)
+    w = rel.weights(True, 1.0, 0.5, 0.05)
+    scale, plan = rel.calibrate_plan(1.0, 1e-5, w)
+    released = rel.release(ext, x, y, 3, plan, ledger=ledger, noise=noise)
+    assert [e.label for e in ledger.events] == [rel.LABEL_FIRST, rel.LABEL_SECOND, rel.LABEL_COUNTS]
+    assert [e.noise_multiplier for e in ledger.events] == [plan.noise_first, plan.noise_second, plan.noise_counts]
+    assert all(e.kind == "gaussian" and e.steps == 1 for e in ledger.events)
+    assert noise.gaussian_draws == 3
+    assert 0.97 < ledger.epsilon() <= 1.0 + 1e-9
+    assert released.sum_first.shape == (3, ext.dims((1, 28, 28))[0]) and released.counts.shape == (3,)
+    # the composition of the three releases is one Gaussian with multiplier `scale`
+    assert sum(1 / e.noise_multiplier**2 for e in ledger.events) == pytest.approx(1 / scale**2)
+    with pytest.raises(BudgetExceeded):  # a second release would exceed the budget: refused, no noise drawn
+        rel.release(ext, x, y, 3, plan, ledger=ledger, noise=noise)
+    assert noise.gaussian_draws == 3 and len(ledger.events) == 3
+
+
+def test_released_means_projection_only_moves_towards_the_feasible_set():
+    r = rel.Released(torch.tensor([[3.0, -4.0], [0.1, 0.2]], dtype=torch.float64), None,
+                     torch.tensor([1.0, -5.0], dtype=torch.float64))
+    m, _ = r.means(project=True, nonneg_first=True)
+    assert torch.allclose(m, torch.tensor([[1.0, 0.0], [0.1, 0.2]]))  # clamped, unit ball; count floored at 1
+    assert r.proportions() == [1.0, 0.0]
+
+
+# -- generator training ------------------------------------------------------------------
+def test_generator_moves_toward_the_released_means(tiny_npz):
+    data = load(f"npz:{tiny_npz}")
+    synth = create("dp-mepf", "smoke", steps=80, eval_every=20, batch_size=40)
+    torch.manual_seed(0)
+    ctx = FitContext(PrivacyLedger(10.0, 1e-5), NoiseSource(0), run=None, seed=0)
+    synth.fit(data, None, ctx)
+    m1, m2 = synth.released.means(True, synth._nonneg_first())
+    torch.manual_seed(0)
+    fresh = synth._new_generator()
+    before = synth._released_distance(fresh, m1, m2)
+    after = synth._released_distance(synth.sample_generator, m1, m2)
+    assert after < 0.5 * before
+    out = synth.sample(20, np.arange(20) % 10, seed=1)
+    assert out.images.shape == (20, 28, 28, 1) and out.images.dtype == np.uint8
+    assert [e.label for e in ctx.ledger.events] == [rel.LABEL_FIRST, rel.LABEL_COUNTS]
+
+
+# -- VGG weights from a torchvision-style state dict -------------------------------------
+VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+
+
+def _torchvision_style_vgg19() -> nn.Module:
+    """The layer layout of torchvision's vgg19().features, written out independently."""
+    layers: list[nn.Module] = []
+    c = 3
+    for v in VGG19_CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
+            c = v
+    model = nn.Module()
+    model.features = nn.Sequential(*layers)
+    return model
+
+
+def test_vgg19_state_dict_loads_and_reproduces_features(tmp_path):
+    torch.manual_seed(0)
+    ref = _torchvision_style_vgg19().eval()
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    assert len([k for k in state if k.endswith(".weight")]) == 16
+    pth = tmp_path / "vgg19.pth"
+    torch.save({**state, "classifier.6.bias": torch.zeros(3)}, pth)  # extra keys are ignored
+    x = _images(3)[:, :, :, :]
+    # reference forward: torchvision-style preprocessing, conv outputs before ReLU
+    z = ((x + 1) / 2).repeat(1, 3, 1, 1)
+    z = (z - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    z = F.interpolate(z, size=(32, 32), mode="bilinear", align_corners=False)
+    ref_maps = []
+    with torch.no_grad():
+        for layer in ref.features:
+            out = layer(z)
+            if isinstance(layer, nn.Conv2d):
+                ref_maps.append(out)
+            z = out
+    trunk, meta = load_trunk(pth, tap="pre", resize=32)
+    assert isinstance(trunk, VGGTrunk) and trunk.layer_names()[-1] == "conv5_4" and len(trunk.layer_names()) == 16
+    with torch.no_grad():
+        maps = trunk(x)
+    for name, r in zip(trunk.layer_names(), ref_maps, strict=True):
+        torch.testing.assert_close(maps[name], r, rtol=1e-4, atol=1e-4)
+    # saved as safetensors (bare file and a features directory): the same features come back
+    layers = ("conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4")
+    ext = FeatureExtractor([trunk], layers, (1,), second_moment=True)
+    f1, f2 = ext(x)
+    from safetensors.torch import save_file
+
+    save_file(trunk.vgg_state_dict(), str(tmp_path / "vgg.safetensors"))
+    save_feature_net(tmp_path / "vggdir", trunk, {"note": "test"})
+    for src in (tmp_path / "vgg.safetensors", tmp_path / "vggdir"):
+        again, _ = load_trunk(src, tap="pre", resize=32)
+        g1, g2 = FeatureExtractor([again], layers, (1,), second_moment=True)(x)
+        torch.testing.assert_close(g1, f1)
+        torch.testing.assert_close(g2, f2)
+    assert torch.allclose(f1.norm(dim=1), torch.ones(3))
+
+
+def test_bad_feature_weights_are_input_errors(tmp_path):
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="safetensors"):
+        load_trunk(bad)
+    with pytest.raises(InputError, match="not found"):
+        load_trunk(tmp_path / "missing.pth")
+    torch.save({"features.0.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "nobias.pth")
+    with pytest.raises(InputError, match="bias"):
+        load_trunk(tmp_path / "nobias.pth")
+    with pytest.raises(InputError, match="feature_path"):
+        create("dp-mepf", "smoke", features="path")
+
+
+# -- end to end through the command line -------------------------------------------------
+class _Crash(Exception):
+    pass
+
+
+def test_cli_fit_crash_resume_sample(tiny_npz, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    original_grid = DPMEPF._grid
+
+    def crashing_grid(self, gen, path, per_class=10):
+        if Path(path).name == "grid-000020.png":
+            raise _Crash
+        return original_grid(self, gen, path, per_class)
+
+    fit_args = ["fit", "dp-mepf", "--data", f"npz:{tiny_npz}", "--epsilon", "1", "--preset", "smoke",
+                "--run-dir", str(run)]
+    monkeypatch.setattr(DPMEPF, "_grid", crashing_grid)
+    with pytest.raises(_Crash):  # killed after the step-10 checkpoint
+        main(fit_args)
+    monkeypatch.setattr(DPMEPF, "_grid", original_grid)
+    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    assert state["step"] == 10 and not state["finished"]
+    events_before = json.loads((run / "privacy.json").read_text())["events"]
+
+    code, out, err = cli(capsys, *fit_args, "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(out)["epsilon"] <= 1.0 + 1e-9
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["events"] == events_before  # no second release on resume
+    assert [e["label"] for e in privacy["events"]] == [rel.LABEL_FIRST, rel.LABEL_COUNTS]
+    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    assert state["step"] == 30 and state["finished"]
+    report = (run / "report.md").read_text()
+    assert "add or remove one image" in report and "per-class sums of unit-norm" in report
+
+    res = dpimages("sample", str(run), "--n", "25", "--out", str(tmp_path / "s.npz"))  # a fresh process
+    assert res.returncode == 0, res.stderr
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["images"].shape == (25, 28, 28, 1) and z["images"].dtype == np.uint8
+        assert np.bincount(z["labels"], minlength=10).min() >= 2
+
+    # resuming a finished run changes nothing; a fresh fit into it is refused
+    code, _, err = cli(capsys, *fit_args, "--resume")
+    assert code == 0, err
+    assert json.loads((run / "privacy.json").read_text())["events"] == events_before
+    code, _, err = cli(capsys, *fit_args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not empty" in err
+
+
+def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch):
+    data = load(f"npz:{tiny_npz}")
+    straight = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "a", preset="smoke", progress=False)
+    original_grid = DPMEPF._grid
+
+    def crashing_grid(self, gen, path, per_class=10):
+        if Path(path).name == "grid-000020.png":
+            raise _Crash
+        return original_grid(self, gen, path, per_class)
+
+    monkeypatch.setattr(DPMEPF, "_grid", crashing_grid)
+    with pytest.raises(_Crash):
+        fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", progress=False)
+    monkeypatch.setattr(DPMEPF, "_grid", original_grid)
+    resumed = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", resume=True,
+                      progress=False)
+    a, b = straight.synthesizer.state_dict(), resumed.synthesizer.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_cli_features_train_then_fit_with_path(tiny_npz, tmp_path, capsys):
+    feat = tmp_path / "feat"
+    code, out, err = cli(capsys, "features", "train", "--public", "digits", "--out", str(feat), "--channels", "8,16",
+                         "--epochs", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["trained_on"] == "digits"
+    assert (feat / "weights.safetensors").exists() and (feat / "features.json").exists()
+    code, _, err = cli(capsys, "fit", "dp-mepf", "--data", f"npz:{tiny_npz}", "--epsilon", "2", "--preset", "smoke",
+                       "--run-dir", str(tmp_path / "run"), "features=path", f"feature_path={feat}", "steps=10")
+    assert code == 0, err
+    code, _, err = cli(capsys, "fit", "dp-mepf", "--data", f"npz:{tiny_npz}", "--epsilon", "2", "--preset", "smoke",
+                       "--run-dir", str(tmp_path / "run2"), "features=public")
+    assert code == 2 and "--public" in err and len(err.strip().splitlines()) == 1
+
+
+def test_public_features_trained_at_fit_time(tiny_npz, tmp_path):
+    data = load(f"npz:{tiny_npz}")
+    public = ImageData(data.images[:50].copy(), data.labels[:50].copy(), data.classes, "toy-public")
+    res = fit_run("dp-mepf", data, public=public, epsilon=5.0, run_dir=tmp_path / "r", preset="smoke",
+                  overrides=["features=public", "steps=10"], progress=False)
+    assert res.synthesizer.feature_info["source"] == "public"
+    assert "toy-public" in (tmp_path / "r" / "report.md").read_text()
