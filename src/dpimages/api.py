@@ -32,6 +32,7 @@ from dpimages.runs import Run
 # name -> module that defines it; only methods that really train and sample.
 METHOD_MODULES: dict[str, str] = {
     "dp-mepf": "dpimages.methods.dp_mepf",
+    "dpdm": "dpimages.methods.dpdm",
 }
 _REGISTRY: dict[str, type[Synthesizer]] = {}
 

@@ -1,0 +1,119 @@
+"""Configuration of DPDM (`dpdm`): U-Net size, EDM settings, DP-SGD schedule, sampling.
+
+Presets change sizes only (never code paths):
+
+* ``smoke``: a tiny U-Net and a handful of steps; for tests, no quality claim.
+* ``cpu``: the whole fit within 60 minutes on 2 CPU cores (Fashion-MNIST, 55,000
+  images). Sized from a measured throughput (benchmarks/dpdm_throughput.py):
+  a ~0.1 M-parameter U-Net without attention in the residual levels, K = 4,
+  expected batch 512, 4 epochs.
+* ``gpu``: the DPDM paper's (F)MNIST setting: ~1.75 M-parameter U-Net
+  (channels 32, multipliers 1,2,2, attention at 7x7), expected batch 4,096
+  (virtual batches), K = 32, 300 epochs; resumable.
+* ``gpu-short``: the paper's U-Net with a schedule meant to finish in about 20
+  minutes of one H100, as resumable runs of at most 10 minutes each
+  (``max_minutes`` stops a run at a step boundary after a checkpoint;
+  ``--resume`` continues it; ``steps_per_run`` does the same by step count).
+  The number of steps is fixed in advance (it sets the noise multiplier);
+  these limits only split the work between processes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from dpimages.config import MethodConfig
+from dpimages.errors import InputError
+from dpimages.nets.edm import SAMPLERS
+
+PAPER_UNET: dict[str, Any] = {"channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 2, "attn_resolutions": (7,)}
+
+
+@dataclass
+class DPDMConfig(MethodConfig):
+    """DPDM settings (defaults: the paper's (F)MNIST setting, as the ``gpu`` preset)."""
+
+    # U-Net (dpimages.nets.unet.UNet)
+    channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 1
+    # EDM (dpimages.nets.edm)
+    sigma_data: float = math.sqrt(1.0 / 3.0)
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    # DP-SGD (dpimages.privacy.dpsgd); the schedule fixes the noise multiplier before training
+    batch_size: int = 4096  # expected Poisson batch size: sample rate q = batch_size / N
+    epochs: float = 300.0  # steps = round(epochs * N / batch_size)
+    multiplicity: int = 32  # K noise draws per example, averaged before clipping
+    clip_norm: float = 1.0
+    physical_batch: int = 256  # examples per vmap chunk (virtual batches); memory only
+    # optimiser (post-processing of the noisy gradients)
+    lr: float = 3e-4
+    ema: float = 0.999
+    ema_warmup: bool = True  # decay min(ema, (1 + t) / (10 + t)) at step t
+    label_dropout: float = 0.1  # probability of training a draw with the null label (for guidance)
+    # sampling (EMA weights)
+    sampler: str = "heun"
+    sample_steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    guidance: float = 0.0
+    sample_batch: int = 500
+    # run control
+    max_minutes: float = 0.0  # > 0: checkpoint and stop after this many minutes (continue with --resume)
+    steps_per_run: int = 0  # > 0: checkpoint and stop after this many steps in one process (--resume goes on)
+    log_every: int = 10
+    grid_every: int = 500
+    checkpoint_every: int = 200
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {
+            "channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (), "batch_size": 32,
+            "epochs": 1.0, "multiplicity": 2, "physical_batch": 16, "sample_steps": 4, "sample_batch": 64,
+            "log_every": 2, "grid_every": 3, "checkpoint_every": 2,
+        },
+        "cpu": {
+            "channels": 8, "channel_mult": (1, 2, 4), "num_res_blocks": 1, "attn_resolutions": (7,),
+            "batch_size": 512, "epochs": 7.0, "multiplicity": 2, "physical_batch": 64, "sample_steps": 8,
+            "log_every": 10, "grid_every": 100, "checkpoint_every": 50,
+        },
+        "gpu": {**PAPER_UNET, "batch_size": 4096, "epochs": 300.0, "multiplicity": 32, "physical_batch": 256,
+                "log_every": 10, "grid_every": 500, "checkpoint_every": 100},
+        "gpu-short": {**PAPER_UNET, "batch_size": 2048, "epochs": 30.0, "multiplicity": 8, "physical_batch": 512,
+                      "max_minutes": 9.0, "log_every": 10, "grid_every": 200, "checkpoint_every": 50},
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "num_res_blocks", "num_heads", "batch_size", "multiplicity", "physical_batch",
+                     "sample_steps", "sample_batch", "log_every", "grid_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise InputError(f"channel_mult must be positive ints, got {list(self.channel_mult)}")
+        for name in ("sigma_data", "p_std", "epochs", "clip_norm", "lr", "sigma_min", "sigma_max", "rho"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise InputError(f"{name} must be a finite number > 0, got {v}")
+        if not self.sigma_min < self.sigma_max:
+            raise InputError(f"sigma_min must be < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if not 0.0 <= self.ema < 1.0:
+            raise InputError(f"ema must be in [0, 1), got {self.ema}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise InputError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
+            raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
+        if self.steps_per_run < 0:
+            raise InputError(f"steps_per_run must be >= 0 (0: no limit), got {self.steps_per_run}")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.channels % self.num_heads:
+            raise InputError(f"channels ({self.channels}) must be divisible by num_heads ({self.num_heads})")

@@ -1,0 +1,347 @@
+"""DPDM (Dockhorn, Cao, Vahdat, Kreis; TMLR 2023): a class-conditional diffusion model trained with DP-SGD.
+
+Privacy contract
+----------------
+Neighbouring relation: add or remove one image together with its label.
+The only access to private data is `dpimages.privacy.dpsgd.DPSGD`:
+
+1. Before any private pixel is read, the schedule is fixed from public
+   choices: sample rate ``q = batch_size / N`` and ``steps = round(epochs *
+   N / batch_size)`` (N, the data set size, is treated as public, as in
+   every DP-SGD library), and the noise multiplier sigma is calibrated for
+   the target (epsilon, delta) with `dpimages.privacy.calibrate_dpsgd`. The
+   whole schedule is reserved in the ledger (refused up front if it would
+   exceed the budget).
+2. Each step is one Poisson-subsampled Gaussian mechanism of the engine: the
+   per-example loss is EDM's weighted denoising loss averaged over K noise
+   draws (noise multiplicity, `dpimages.nets.edm.edm_loss`); the engine
+   clips the gradient of that one value per example to ``clip_norm``, sums,
+   records the step in the ledger, adds ``N(0, (sigma C)^2)`` and divides by
+   the expected batch size. Averaging before clipping keeps each example's
+   contribution at most C, so K does not change the privacy cost.
+3. Everything else is post-processing of the noisy gradients: Adam, the EMA
+   of weights, sample grids, the final samples. The diffusion noise, noise
+   levels and label dropout are drawn from a training generator that is
+   independent of the data. Nothing computed from private data other than
+   the noisy gradients is logged: not per-batch losses, not batch sizes
+   (``noisy_grad_norm``, a function of the released gradient, is logged).
+
+The ledger holds one event: ``subsampled_gaussian(sigma, q, steps)`` labelled
+``dpdm``. A resumed run continues only the steps its ledger still lacks
+(`DPSGD.steps_remaining`), so a crash can over-count but never under-count.
+``max_minutes`` and ``steps_per_run`` only split the fixed schedule into several
+processes (each stops at a step boundary after a checkpoint).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dpimages.api import FitContext, Synthesizer, register
+from dpimages.data import ImageData, to_uint8
+from dpimages.errors import InputError
+from dpimages.eval.grid import save_grid
+from dpimages.methods.dpdm.config import DPDMConfig
+from dpimages.nets.edm import EDMDenoiser, edm_loss
+from dpimages.nets.unet import UNet, num_parameters
+from dpimages.privacy import calibrate_dpsgd
+from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
+from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+
+RELEASE_LABEL = "dpdm"
+_TRAIN_SEED_OFFSET = 7919  # training randomness (diffusion noise) is seeded apart from the privacy noise
+
+
+# -- tensor/state helpers (safetensors + JSON; no pickle) ----------------------------------------
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def _rng_state(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().cpu().numpy().tobytes()).decode("ascii")
+
+
+def _set_rng_state(g: torch.Generator, text: str) -> None:
+    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))
+
+
+def schedule(n: int, batch_size: int, epochs: float) -> tuple[float, int]:
+    """(sample rate q, steps) of the DP-SGD schedule for N = n examples: public choices only."""
+    if batch_size > n:
+        raise InputError(f"batch_size {batch_size} is larger than the data set ({n} images): lower batch_size")
+    q = batch_size / n
+    return q, max(1, round(epochs * n / batch_size))
+
+
+@register
+class DPDM(Synthesizer):
+    """DPDM: EDM-preconditioned class-conditional U-Net trained with DP-SGD and noise multiplicity."""
+
+    name = "dpdm"
+    Config = DPDMConfig
+    needs_public = False
+    description = "DP diffusion model (EDM U-Net) trained with DP-SGD and noise multiplicity"
+
+    def __init__(self, config: DPDMConfig) -> None:  # type: ignore[override]
+        super().__init__(config)
+        self.config: DPDMConfig = config
+        self.ema_model: EDMDenoiser | None = None
+        self.device = torch.device("cpu")
+        self.train_info: dict[str, Any] = {}
+
+    # -- model ---------------------------------------------------------------------------------
+    def new_model(self) -> EDMDenoiser:
+        """A fresh denoiser for this synthesizer's image shape and classes (public facts only)."""
+        h, w, c = self.image_shape
+        cfg = self.config
+        net = UNet((h, w), c, self.num_classes, cfg.channels, cfg.channel_mult, cfg.num_res_blocks,
+                   cfg.attn_resolutions, 0.0, cfg.num_heads)
+        return EDMDenoiser(net, cfg.sigma_data, cfg.p_mean, cfg.p_std)
+
+    def _loss_fn(self, model: Any, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                 drop: torch.Tensor) -> torch.Tensor:
+        """Per-example loss for the engine: EDM loss averaged over the K draws (labels dropped to null)."""
+        labels = torch.where(drop, self.num_classes, y.unsqueeze(1).expand(drop.shape))
+        return edm_loss(model, x, labels, sigma, noise, self.config.sigma_data)
+
+    def _draws(self, b: int, g: torch.Generator, model: EDMDenoiser) -> tuple[torch.Tensor, ...]:
+        """Training randomness for b examples: sigma (b, K), noise (b, K, C, H, W), label drop (b, K)."""
+        k = self.config.multiplicity
+        h, w, c = self.image_shape
+        sigma = model.training_sigmas((b, k), g, device=self.device)
+        noise = torch.randn((b, k, c, h, w), generator=g, device=self.device)
+        drop = torch.rand((b, k), generator=g, device=self.device) < self.config.label_dropout
+        return sigma, noise, drop
+
+    # -- fit -----------------------------------------------------------------------------------
+    def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
+        """Calibrate, reserve the schedule, then train with DP-SGD (see the module docstring)."""
+        cfg = self.config
+        if private.labels is None:
+            raise InputError(f"{private.name}: dpdm needs labelled private data (class-conditional model)")
+        self.device = ctx.device
+        self.num_classes = private.num_classes
+        self.image_shape = private.image_shape
+        self.classes = list(private.classes)
+        n = len(private)
+        # 1. the schedule and sigma, from public choices only, before any private pixel is read
+        q, steps = schedule(n, cfg.batch_size, cfg.epochs)
+        sigma = calibrate_dpsgd(ctx.ledger.epsilon_budget, ctx.ledger.delta, q, steps)
+        model = self.new_model().to(self.device)
+        sampler = PoissonSampler.for_batch_size(n, cfg.batch_size, ctx.noise)
+        engine = DPSGD(model, self._loss_fn, sampler=sampler, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
+                       ledger=ctx.ledger, noise=ctx.noise, label=RELEASE_LABEL, max_physical_batch=cfg.physical_batch)
+        engine.plan(steps)
+        self.train_info = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "dataset_size": n,
+                           "parameters": num_parameters(model), "train_s": 0.0}
+        ema = self.new_model().to(self.device)
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        g = torch.Generator(device=self.device).manual_seed(ctx.seed + _TRAIN_SEED_OFFSET)
+        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
+        if "ema.net.conv_in.weight" in tensors:
+            model.load_state_dict(_unprefixed("model", tensors))
+            ema.load_state_dict(_unprefixed("ema", tensors))
+            _load_optimizer(opt, {k: v.to(self.device) for k, v in tensors.items()}, state["optimizer"])
+            _set_rng_state(g, state["train_rng"])
+            self.train_info["train_s"] = float(state.get("train_s", 0.0))
+            if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
+                raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
+        self.ema_model = ema
+        if state.get("finished"):
+            return
+        # 2. DP-SGD: the only access to private data
+        x_all = private.to_tensor(self.device)
+        y_all = private.label_tensor(self.device)
+        self._train(ctx, engine, model, ema, opt, g, x_all, y_all)
+
+    def _train(self, ctx: FitContext, engine: DPSGD, model: EDMDenoiser, ema: EDMDenoiser,
+               opt: torch.optim.Optimizer, g: torch.Generator, x_all: torch.Tensor, y_all: torch.Tensor) -> None:
+        cfg = self.config
+        run = ctx.run
+        planned = int(self.train_info["steps"])
+        remaining = engine.steps_remaining
+        first = planned - remaining  # steps already in the ledger (a resumed run)
+        t_start = time.time()
+        elapsed0 = float(self.train_info["train_s"])
+        bar = tqdm(total=planned, initial=first, disable=not ctx.progress, desc="dpdm DP-SGD steps")
+        step = engine.steps_spent
+        ema_params = list(ema.parameters())
+        model_params = list(model.parameters())
+        while engine.steps_remaining > 0:
+            idx = engine.sampler.sample().to(self.device)
+            for start in range(0, idx.numel(), cfg.physical_batch):
+                part = idx[start : start + cfg.physical_batch]
+                sigma, noise, drop = self._draws(part.numel(), g, model)
+                engine.clip_and_accumulate(x_all[part], y_all[part], sigma, noise, drop)
+            info = engine.add_noise()  # ledger spend, then noise; sets .grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step = info.step
+            decay = min(cfg.ema, (1.0 + step) / (10.0 + step)) if cfg.ema_warmup else cfg.ema
+            with torch.no_grad():
+                for e, p in zip(ema_params, model_params, strict=True):
+                    e.lerp_(p, 1.0 - decay)
+            bar.update(1)
+            elapsed = elapsed0 + time.time() - t_start
+            self.train_info["train_s"] = elapsed
+            if run is not None:
+                if step % cfg.log_every == 0 or engine.steps_remaining == 0:
+                    rate = (step - first) / max(1e-9, time.time() - t_start)
+                    run.log(step, noisy_grad_norm=round(info.noisy_grad_norm, 6), ema_decay=round(decay, 6),
+                            train_s=round(elapsed, 2), steps_per_s=round(rate, 4))
+                if step % cfg.grid_every == 0 and engine.steps_remaining > 0:
+                    self._grid(ema, run.samples_dir / f"grid-{step:07d}.png")
+                out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60.0 * cfg.max_minutes
+                out_of_steps = cfg.steps_per_run > 0 and step - first >= cfg.steps_per_run
+                pause = (out_of_time or out_of_steps) and engine.steps_remaining > 0
+                if engine.steps_remaining > 0 and (step % cfg.checkpoint_every == 0 or pause):
+                    self._checkpoint(ctx, model, ema, opt, g, step, finished=False)
+                if pause:
+                    reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"steps_per_run={cfg.steps_per_run}"
+                    run.log(step, event="paused", reason=reason, steps_left=engine.steps_remaining)
+                    bar.close()
+                    return
+        bar.close()
+        if run is not None:
+            self._checkpoint(ctx, model, ema, opt, g, step, finished=True)
+            self._grid(ema, run.samples_dir / "grid-final.png")
+            run.log(step, event="train_done", steps=planned, train_s=round(self.train_info["train_s"], 1))
+
+    def _checkpoint(self, ctx: FitContext, model: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
+                    g: torch.Generator, step: int, *, finished: bool) -> None:
+        assert ctx.run is not None
+        opt_tensors, opt_groups = _optimizer_tensors(opt)
+        tensors = {**_prefixed("model", model.state_dict()), **_prefixed("ema", ema.state_dict()), **opt_tensors}
+        state = {
+            "step": step, "finished": finished, "optimizer": opt_groups, "train_rng": _rng_state(g),
+            "noise_rng": ctx.noise.state(), "noise_multiplier": self.train_info["noise_multiplier"],
+            "train_s": round(float(self.train_info["train_s"]), 2), **self.meta(),
+        }
+        ctx.run.save_checkpoint(tensors, state)
+
+    def _grid(self, model: EDMDenoiser, path: Path, per_class: int = 10) -> None:
+        """Per-class sample grid from the EMA weights (post-processing; fixed seed)."""
+        y = torch.arange(self.num_classes * per_class) // per_class
+        x = self._generate(model, y, torch.Generator().manual_seed(7))
+        save_grid(path, to_uint8(x), y.numpy(), self.num_classes, per_class)
+
+    @torch.no_grad()
+    def _generate(self, model: EDMDenoiser, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        cfg = self.config
+        h, w, c = self.image_shape
+        was = model.training
+        model.eval()
+        x = model.generate(labels.to(self.device), (c, h, w), steps=cfg.sample_steps, sampler=cfg.sampler,
+                           guidance=cfg.guidance, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho,
+                           generator=g)
+        model.train(was)
+        return x
+
+    # -- sampling and state -----------------------------------------------------------------------
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
+        """n images from the EMA weights; labels (n,) int64, or None for balanced classes."""
+        if self.ema_model is None:
+            raise InputError("dpdm: fit or load the synthesizer before sampling")
+        if int(n) != n or n < 1:
+            raise InputError(f"n must be a positive integer, got {n}")
+        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise InputError(f"labels must be in [0, {self.num_classes})")
+        labels = labels.astype(np.int64)
+        g = torch.Generator().manual_seed(int(seed or 0))
+        bs = self.config.sample_batch
+        out = []
+        for i in tqdm(range(0, n, bs), desc="dpdm sampling", unit="batch", disable=n <= bs):
+            y = torch.from_numpy(labels[i : i + bs])
+            out.append(to_uint8(self._generate(self.ema_model, y, g)))
+        return ImageData(np.concatenate(out), labels, list(self.classes), "dpdm samples")
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "train_info": dict(self.train_info)}
+
+    def restore_meta(self, state: dict[str, Any]) -> None:
+        super().restore_meta(state)
+        self.train_info = dict(state.get("train_info", {}))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The sampling (EMA) weights, prefixed ``ema.``."""
+        if self.ema_model is None:
+            raise InputError("dpdm: nothing to save before fit")
+        return _prefixed("ema", self.ema_model.state_dict())
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        weights = _unprefixed("ema", tensors)
+        if not weights:
+            raise InputError("dpdm checkpoint has no 'ema.*' weights")
+        model = self.new_model()
+        model.load_state_dict(weights)
+        model.requires_grad_(False)
+        self.ema_model = model.to(self.device).eval()
+
+    def to(self, device: torch.device) -> DPDM:
+        self.device = torch.device(device)
+        if self.ema_model is not None:
+            self.ema_model.to(self.device)
+        return self
+
+    # -- report ------------------------------------------------------------------------------------
+    def report_section(self) -> str:
+        cfg = self.config
+        t = self.train_info
+        if not t:
+            return ""
+        h, w, c = self.image_shape
+        return "\n".join([
+            f"DPDM (Dockhorn et al., TMLR 2023): a class-conditional U-Net ({t.get('parameters', 0):,} parameters; "
+            f"channels {cfg.channels}, multipliers {list(cfg.channel_mult)}, {cfg.num_res_blocks} residual blocks "
+            f"per level, attention at {list(cfg.attn_resolutions)}) with EDM preconditioning (sigma_data "
+            f"{cfg.sigma_data:.4f}, ln sigma ~ N({cfg.p_mean:g}, {cfg.p_std:g}^2)) on {h}x{w}x{c} images, "
+            f"{self.num_classes} classes.",
+            "",
+            f"- Privacy: neighbouring relation {NEIGHBOURING_TEXT} (add/remove). DP-SGD on the private images only: "
+            f"Poisson sampling with rate q = {t['sample_rate']:.6g} (expected batch {cfg.batch_size}), "
+            f"{t['steps']} steps ({cfg.epochs:g} epochs), per-example clipping C = {cfg.clip_norm:g}, "
+            f"noise multiplier {t['noise_multiplier']:.5g} (calibrated for the target epsilon before training).",
+            f"- Noise multiplicity K = {cfg.multiplicity}: each example's loss is the mean over K noise draws "
+            "before clipping, so its contribution stays <= C and the privacy cost does not depend on K.",
+            f"- Post-processing: Adam lr {cfg.lr:g}, EMA {cfg.ema:g}{' with warm-up' if cfg.ema_warmup else ''} "
+            f"(samples use the EMA weights), label dropout {cfg.label_dropout:g} for classifier-free guidance; "
+            f"training time {t.get('train_s', 0.0):.0f} s.",
+            f"- Sampling: {cfg.sampler} sampler, {cfg.sample_steps} EDM steps (sigma {cfg.sigma_max:g} to "
+            f"{cfg.sigma_min:g}, rho {cfg.rho:g}), guidance {cfg.guidance:g}.",
+            "- Logged during training: only the noisy gradient's norm (a function of released values) and times.",
+        ])
