@@ -1,0 +1,284 @@
+"""DPDM: EDM formulas, noise multiplicity under per-example clipping, samplers, and fit/resume/sample via the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpimages.api import create, method_class
+from dpimages.errors import InputError
+from dpimages.nets.edm import (
+    SIGMA_DATA,
+    EDMDenoiser,
+    edm_loss,
+    edm_loss_weight,
+    edm_scalings,
+    karras_sigmas,
+    sample_euler,
+    sample_heun,
+    sample_stochastic,
+)
+from dpimages.nets.unet import UNet
+from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger
+from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, validate_model
+
+
+class Recorder(nn.Module):
+    """A stand-in network F(x_in, c_noise, labels) = 2 x_in + c_noise that records its inputs."""
+
+    null_label = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(2.0))
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        self.seen = {"x": x.detach(), "c_noise": c_noise.detach()}
+        return self.w * x + c_noise.reshape(-1, 1, 1, 1)
+
+
+def tiny_unet(num_classes: int = 10) -> UNet:
+    return UNet(28, 1, num_classes, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,))
+
+
+# -- EDM formulas on known inputs ------------------------------------------------------------
+def test_scalings_and_loss_weight_match_edm_table1():
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = edm_scalings(sigma)
+    sd2 = 1.0 / 3.0
+    for i, s in enumerate((0.5, 2.0)):
+        assert c_skip[i] == pytest.approx(sd2 / (s * s + sd2), rel=1e-12)
+        assert c_out[i] == pytest.approx(s * math.sqrt(sd2) / math.sqrt(s * s + sd2), rel=1e-12)
+        assert c_in[i] == pytest.approx(1.0 / math.sqrt(s * s + sd2), rel=1e-12)
+        assert c_noise[i] == pytest.approx(math.log(s) / 4.0, rel=1e-12)
+    # sigma = 0.5: (0.25 + 1/3) / (0.5^2 / 3) = 7 exactly; and lambda = 1 / c_out^2
+    w = edm_loss_weight(sigma)
+    assert w[0] == pytest.approx(7.0, rel=1e-12)
+    assert torch.allclose(w, 1.0 / c_out**2, rtol=1e-12)
+    assert SIGMA_DATA == pytest.approx(math.sqrt(1 / 3))
+
+
+def test_denoiser_preconditioning_and_loss_on_known_inputs():
+    net = Recorder()
+    den = EDMDenoiser(net)
+    x = torch.linspace(-1, 1, 2 * 4 * 4).reshape(2, 1, 4, 4)
+    sigma = torch.tensor([0.5, 3.0])
+    out = den(x, sigma, torch.tensor([1, 2]))
+    c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in edm_scalings(sigma))
+    assert torch.allclose(net.seen["x"], c_in * x)
+    assert torch.allclose(net.seen["c_noise"], torch.log(sigma) / 4)
+    assert torch.allclose(out, c_skip * x + c_out * (2 * c_in * x + c_noise), atol=1e-6)
+
+    # loss: lambda(sigma) * mean_pixels (D(x + sigma n; sigma) - x)^2, one value per example
+    clean = torch.full((2, 1, 4, 4), 0.25)
+    noise = torch.ones(2, 1, 4, 4)
+    loss = edm_loss(den, clean, torch.tensor([0, 1]), sigma, noise)
+    noisy = clean + sigma.reshape(-1, 1, 1, 1) * noise
+    expected = edm_loss_weight(sigma) * (den(noisy, sigma) - clean).pow(2).flatten(1).mean(1)
+    assert loss.shape == (2,) and torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_multiplicity_loss_is_the_mean_of_k_single_draw_losses():
+    torch.manual_seed(0)
+    den = EDMDenoiser(tiny_unet())
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    y = torch.tensor([0, 4, 9])
+    g = torch.Generator().manual_seed(1)
+    sig = den.training_sigmas((3, 4), g)
+    noise = torch.randn(3, 4, 1, 28, 28, generator=g)
+    multi = den.loss(x, y, sig, noise)
+    singles = torch.stack([den.loss(x, y, sig[:, k], noise[:, k]) for k in range(4)], dim=1).mean(1)
+    assert multi.shape == (3,) and torch.allclose(multi, singles, rtol=1e-5, atol=1e-6)
+
+
+def test_training_sigmas_follow_the_log_normal():
+    g = torch.Generator().manual_seed(0)
+    s = EDMDenoiser(Recorder()).training_sigmas((200_000,), g)
+    assert s.log().mean().item() == pytest.approx(-1.2, abs=0.02)
+    assert s.log().std().item() == pytest.approx(1.2, abs=0.02)
+
+
+# -- noise multiplicity under the DP-SGD engine ---------------------------------------------------
+def _engine(den: EDMDenoiser, clip: float, k: int) -> DPSGD:
+    def loss_fn(model, x, y, sigma, noise, drop):
+        labels = torch.where(drop, 10, y.unsqueeze(1).expand(drop.shape))
+        return edm_loss(model, x, labels, sigma, noise)
+
+    noise = NoiseSource(0)
+    ledger = PrivacyLedger(10.0, 1e-5)
+    return DPSGD(den, loss_fn, sampler=PoissonSampler(100, 0.1, noise), noise_multiplier=1.0, clip_norm=clip,
+                 ledger=ledger, noise=noise, max_physical_batch=4)
+
+
+def test_clipped_contribution_with_multiplicity_is_at_most_c():
+    torch.manual_seed(0)
+    den = EDMDenoiser(tiny_unet())
+    with torch.no_grad():  # leave the zero-initialised start, so every parameter has a gradient
+        for p in den.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    k, b, clip = 4, 6, 0.05
+    engine = _engine(den, clip, k)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(b, 1, 28, 28) * 2 - 1
+    y = torch.arange(b)
+    sigma = den.training_sigmas((b, k), g)
+    noise = torch.randn(b, k, 1, 28, 28, generator=g)
+    drop = torch.rand(b, k, generator=g) < 0.3
+
+    grads = engine.per_example_grads(x, y, sigma, noise, drop)
+    norms = torch.stack([v.reshape(b, -1).pow(2).sum(1) for v in grads.values()]).sum(0).sqrt()
+    assert (norms > clip).all()  # so clipping is exercised
+
+    # the per-example gradient is the gradient of the mean over the K draws (checked against autograd)
+    den.zero_grad()
+    engine.loss_fn(den, x[:1], y[:1], sigma[:1], noise[:1], drop[:1]).sum().backward()
+    direct = torch.cat([p.grad.flatten() for _, p in den.named_parameters()])
+    vmapped = torch.cat([grads[n][0].flatten() for n, _ in den.named_parameters()])
+    assert torch.allclose(direct, vmapped, rtol=1e-4, atol=1e-6)
+
+    for i in range(b):  # each example's clipped contribution is <= C, whatever K is
+        engine.zero_accumulated()
+        engine.clip_and_accumulate(x[i : i + 1], y[i : i + 1], sigma[i : i + 1], noise[i : i + 1], drop[i : i + 1])
+        assert engine.accumulated().norm().item() <= clip * (1 + 1e-4)
+        assert engine.accumulated().norm().item() == pytest.approx(clip, rel=1e-3)
+    engine.zero_accumulated()
+    engine.clip_and_accumulate(x, y, sigma, noise, drop)
+    assert engine.accumulated().norm().item() <= b * clip * (1 + 1e-4)
+
+
+def test_unet_is_dp_sgd_compatible_and_general():
+    assert validate_model(EDMDenoiser(UNet(28, 1, 10, channels=32))) == []
+    net = UNet((32, 24), 3, 0, channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
+    out = net(torch.randn(2, 3, 32, 24), torch.zeros(2))
+    assert out.shape == (2, 3, 32, 24)
+    # the paper's (F)MNIST size: about 1.75 M parameters
+    assert 1.70e6 < sum(p.numel() for p in UNet(28, 1, 10, channels=32).parameters()) < 1.80e6
+
+
+# -- schedule and samplers --------------------------------------------------------------------
+def test_karras_schedule_endpoints():
+    s = karras_sigmas(18, 0.002, 80.0, 7.0)
+    assert s.shape == (19,) and s[-1] == 0
+    assert s[0].item() == pytest.approx(80.0, rel=1e-6) and s[-2].item() == pytest.approx(0.002, rel=1e-4)
+    assert (s[:-1] > s[1:]).all()
+    with pytest.raises(InputError):
+        karras_sigmas(0)
+
+
+@pytest.mark.parametrize("sampler", [sample_euler, sample_heun, sample_stochastic])
+def test_samplers_reach_the_data_point_of_an_oracle_denoiser(sampler):
+    """For data concentrated on one image x0, D(x; sigma) = x0 and every sampler must end exactly at x0."""
+    x0 = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4).repeat(3, 1, 1, 1)
+    sigmas = karras_sigmas(6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(x0.shape, generator=g) * sigmas[0]
+    out = sampler(lambda x, s: x0, x, sigmas, generator=g)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_heun_is_second_order_and_euler_first_order_on_the_gaussian_ode():
+    """Data N(0, s^2): D(x; sigma) = x s^2/(s^2+sigma^2); the ODE maps x_T to x_T * s / sqrt(s^2 + sigma_max^2)."""
+    s2 = 0.25
+    exact = 80.0 * math.sqrt(s2 / (s2 + 80.0**2))
+
+    def error(sampler, steps: int) -> float:
+        sigmas = karras_sigmas(steps, 0.002, 80.0).double()
+        x = torch.full((1, 1, 1, 1), 80.0, dtype=torch.float64)
+        return abs(sampler(lambda x, s: x * s2 / (s2 + s.reshape(-1, 1, 1, 1) ** 2), x, sigmas).item() - exact)
+
+    assert error(sample_heun, 160) < 1e-3 * exact
+    assert 3.5 < error(sample_heun, 40) / error(sample_heun, 80) < 5.0  # halving the step size: error / 4
+    assert 1.6 < error(sample_euler, 40) / error(sample_euler, 80) < 2.5  # error / 2
+
+
+def test_vary_and_generate_shapes_and_guidance():
+    torch.manual_seed(0)
+    den = EDMDenoiser(tiny_unet())
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3])
+    out = den.vary(images, labels, 0.5, steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    a = den.generate(labels, (1, 28, 28), steps=3, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    b = den.generate(labels, (1, 28, 28), steps=3, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(InputError):
+        den.vary(images, labels, 0.001)
+
+
+# -- configuration ----------------------------------------------------------------------------
+def test_registry_and_presets():
+    cls = method_class("dpdm")
+    assert set(cls.Config.presets) == {"smoke", "cpu", "gpu", "gpu-short"}
+    gpu = create("dpdm", "gpu").config
+    assert (gpu.batch_size, gpu.multiplicity, gpu.epochs, gpu.channels) == (4096, 32, 300.0, 32)
+    assert (gpu.lr, gpu.ema, gpu.clip_norm) == (3e-4, 0.999, 1.0)
+    assert create("dpdm", "gpu-short").config.max_minutes <= 10
+    for bad in (["sampler=rk4"], ["multiplicity=0"], ["label_dropout=1.5"], ["channel_mult=0,1"]):
+        with pytest.raises(InputError):
+            create("dpdm", "smoke", **dict(o.split("=") for o in bad))
+
+
+# -- end to end through the command line ---------------------------------------------------------
+def dpimages(*args: str, env_cache: str) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "DPIMAGES_CACHE": env_cache, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "dpimages", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_fit_resume_sample_cli(tiny_npz, tmp_path):
+    cache = str(tmp_path / "cache")
+    run = tmp_path / "run"
+    common = ["fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "10", "--preset", "smoke",
+              "--run-dir", str(run), "--json", "steps_per_run=3"]
+    res = dpimages(*common, env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    assert state["step"] == 3 and state["finished"] is False and "noise_rng" in state
+    ledger = PrivacyLedger.load(run / "privacy.json")
+    (event,) = ledger.events
+    planned = round(1.0 * 200 / 32)
+    assert (event.label, event.steps, event.sample_rate) == ("dpdm", 3, 32 / 200)
+    res = dpimages("sample", str(run), "--n", "5", "--out", str(tmp_path / "x.npz"), env_cache=cache)
+    assert res.returncode == 2 and "no finished checkpoint" in res.stderr
+
+    # a crash after a spend but before its checkpoint: the ledger holds one step more than the model
+    ledger.spend(PrivacyEvent.subsampled_gaussian(event.noise_multiplier, event.sample_rate, 1, "dpdm"))
+    res = dpimages(*common, "--resume", env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    ledger = PrivacyLedger.load(run / "privacy.json")
+    assert [e.steps for e in ledger.events] == [planned]  # only the steps left in the plan were run
+    assert json.loads((run / "checkpoints" / "state.json").read_text())["finished"] is True
+    # the ledger's epsilon is the target within the calibration tolerance (never above it)
+    assert 10.0 * 0.99 <= out["epsilon"] <= 10.0 * (1 + 1e-9)
+    assert ledger.epsilon() == pytest.approx(out["epsilon"])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("event") == "paused" for m in metrics)
+    assert not any("loss" in k for m in metrics for k in m)  # no per-batch loss on private data is released
+    assert (run / "samples" / "grid-final.png").exists() and "dpdm" in (run / "report.md").read_text().lower()
+
+    res = dpimages("sample", str(run), "--n", "50", "--out", str(tmp_path / "s.npz"), env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    s = np.load(tmp_path / "s.npz")
+    assert s["images"].shape == (50, 28, 28, 1) and s["images"].dtype == np.uint8
+    assert np.bincount(s["labels"], minlength=10).tolist() == [5] * 10
+
+
+def test_bad_inputs_exit_2(tiny_npz, tmp_path):
+    cache = str(tmp_path / "cache")
+    res = dpimages("fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "10", "--preset", "smoke",
+                   "--run-dir", str(tmp_path / "r"), "batch_size=500", env_cache=cache)
+    assert res.returncode == 2 and "batch_size 500" in res.stderr and "Traceback" not in res.stderr
+    res = dpimages("fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "10", "--preset", "smoke",
+                   "--run-dir", str(tmp_path / "r2"), "sampler=rk4", env_cache=cache)
+    assert res.returncode == 2 and "sampler" in res.stderr
