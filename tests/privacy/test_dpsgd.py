@@ -163,6 +163,18 @@ def test_noise_draws_equal_ledger_steps_and_sample_rate_from_sampler() -> None:
     assert eng.steps_remaining == 0
 
 
+def test_ledger_refuses_before_noise_is_drawn() -> None:
+    model = tiny_cnn()
+    x, y = data(10)
+    noise = NoiseSource(0)
+    ledger = PrivacyLedger(1.0, 1e-5)
+    eng = engine(model, n=10, q=0.5, sigma=0.5, noise=noise, ledger=ledger)  # one step costs epsilon > 1
+    with pytest.raises(BudgetExceeded):
+        eng.step(x[:5], y[:5])
+    assert noise.gaussian_draws == 0 and ledger.events == []
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_virtual_batches_equal_one_batch() -> None:
     x, y = data(11)
     grads = []

@@ -1,0 +1,1 @@
+"""Benchmark suites and reference rows (see BENCHMARK.md)."""
