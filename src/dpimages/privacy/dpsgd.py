@@ -372,8 +372,8 @@ class DPSGD:
             part = tuple(t[start : start + chunk] for t in batch)
             grads = self._per_example(params, rest, part)
             flat = [grads[n].reshape(part[0].shape[0], -1) for n, _ in self._named]
-            sq = torch.stack([g.pow(2).sum(dim=1) for g in flat]).sum(dim=0)
-            factor = (self.clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat]), dim=0)
+            factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
             for view, g in zip(self._views, flat, strict=True):
                 view.view(-1).addmv_(g.t(), factor)
 
