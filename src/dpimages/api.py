@@ -33,6 +33,7 @@ from dpimages.runs import Run
 METHOD_MODULES: dict[str, str] = {
     "dp-mepf": "dpimages.methods.dp_mepf",
     "dpdm": "dpimages.methods.dpdm",
+    "pe": "dpimages.methods.pe",
 }
 _REGISTRY: dict[str, type[Synthesizer]] = {}
 

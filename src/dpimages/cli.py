@@ -281,6 +281,69 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
           f"{facts.get('public_val_accuracy', float('nan')):.3f})")
 
 
+@cli.group("public-model")
+def public_model_group() -> None:
+    """Public generative models for PE (trained on PUBLIC data only, without privacy)."""
+
+
+@public_model_group.command("train")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", "data_spec", required=True, help="Public data SPEC, e.g. mnist-5k. Never private data: "
+              "the model is used by PE without privacy accounting.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="New directory for model.safetensors + model.json (+ samples.png).")
+@click.option("--preset", default="cpu", show_default=True, help="smoke, cpu or gpu (U-Net size and epochs).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--json", "as_json", is_flag=True)
+def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, preset: str, threads: int | None,
+                           device: str | None, as_json: bool) -> None:
+    """Train PE's diffusion API (an EDM U-Net) on a PUBLIC set; KEY=VALUE overrides (e.g. epochs=5).
+
+    Use it with `dpimages fit pe ... api_path=OUT`.
+    """
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from dpimages.config import resolve_config
+    from dpimages.data import load
+    from dpimages.eval.grid import save_grid
+    from dpimages.methods.pe.config import PublicModelConfig
+    from dpimages.methods.pe.diffusion_api import (
+        model_arch,
+        sample_grid,
+        save_public_model,
+        train_public_model,
+    )
+
+    cfg = resolve_config(PublicModelConfig, preset, list(overrides))
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise InputError(f"--out {out} exists and is not empty: choose a new directory")
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    public = load(data_spec)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def log(**kv: object) -> None:
+        if not as_json:
+            click.echo(" ".join(f"{k}={v}" for k, v in kv.items()), err=True)
+
+    t0 = time.time()
+    model, facts = train_public_model(public, cfg, device=dev, log=log)
+    meta = {"arch": model_arch(cfg), "image_shape": list(public.image_shape), "trained_on": public.name,
+            "public_fingerprint": public.fingerprint, "public_size": len(public), "preset": preset,
+            "config": cfg.to_dict(), **facts, "wall_s": round(time.time() - t0, 1)}
+    path = save_public_model(out, model.cpu(), meta)
+    save_grid(path / "samples.png", sample_grid(model.cpu(), public.image_shape, 64), None, 8, per_class=8)
+    info = {"out": str(path), **meta}
+    _emit(info, as_json, f"wrote {path} (EDM U-Net, {facts['parameters']:,} parameters, trained on {public.name} "
+          f"for {cfg.epochs} epochs in {facts['train_s']:.0f} s); use: dpimages fit pe ... api_path={path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: map errors to exit codes with one line on stderr."""
     try:

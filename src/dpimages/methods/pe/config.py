@@ -1,0 +1,189 @@
+"""Configuration of Private Evolution (`pe`) and of the public diffusion model it can use.
+
+`PEConfig` presets change sizes only (never code paths):
+
+* ``smoke``: a handful of samples and two iterations; for tests, no quality claim.
+* ``cpu``: the whole fit within 60 minutes on 2 CPU cores (Fashion-MNIST,
+  55,000 private images, the ``cpu`` public model): 200 samples per class,
+  T = 8 iterations, lookahead k = 2, 8-step solvers.
+* ``gpu``: the paper's CIFAR-10 sizes: 2,000 samples per class, T = 20,
+  lookahead k = 8, 18-step solvers.
+
+`PublicModelConfig` sizes the U-Net that ``dpimages public-model train``
+trains, without privacy, on a public data set (e.g. ``mnist-5k``); its
+``cpu`` preset trains in about 20 minutes on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from dpimages.config import MethodConfig
+from dpimages.errors import InputError
+from dpimages.nets.edm import SAMPLERS
+
+APIS = ("diffusion", "diffusers")
+FEATURE_SOURCES = ("public", "path", "random")
+NN_BACKENDS = ("torch", "faiss")
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass
+class PEConfig(MethodConfig):
+    """PE settings (defaults: the ``cpu`` preset's sizes).
+
+    API: ``api=diffusion`` loads a model written by ``dpimages public-model
+    train`` from ``api_path``; ``api=diffusers`` loads a user's local
+    diffusers pipeline directory from ``api_path`` (``pip install
+    dpimages[diffusers]``). Votes are cast in the space of a feature network
+    never trained on private data: ``features=public`` (a conv net trained
+    at fit time on ``--public``), ``features=path`` (``feature_path``: a
+    directory from ``dpimages features train`` or a torchvision-style VGG
+    state dict) or ``features=random`` (seeded random conv net).
+
+    Schedule: T = ``iterations`` noisy vote histograms; the variation degree
+    goes linearly from ``degree_start`` to ``degree_end``; bins whose noisy
+    count is below H = ``threshold_sigmas`` x (the noise standard deviation)
+    are set to zero before resampling. Labels of the synthetic population
+    are uniform (``population_per_class`` per class): class sizes of the
+    private data are not released.
+    """
+
+    # generative-model API
+    api: str = "diffusion"
+    api_path: str = ""
+    api_batch: int = 500
+    sampler: str = "heun"
+    sample_steps: int = 8  # solver steps of `random` (a fresh sample)
+    variation_steps: int = 8  # steps of the full schedule; a variation of degree d takes ceil(d * this)
+    guidance: float = 0.0  # diffusers text pipelines: guidance scale (0: pipeline default)
+    prompt_template: str = "{name}"  # diffusers text pipelines: prompt of class `name`
+    # feature network for the votes (public, path or random; never trained on private data)
+    features: str = "public"
+    feature_path: str = ""
+    feature_channels: tuple[int, ...] = (32, 64, 128)
+    feature_layers: tuple[str, ...] = ()
+    feature_pool: tuple[int, ...] = (2,)
+    feature_seed: int = 1
+    public_epochs: int = 3
+    embed_chunk: int = 1000
+    # evolution
+    population_per_class: int = 200
+    iterations: int = 8
+    lookahead: int = 2
+    degree_start: float = 0.6
+    degree_end: float = 0.3
+    threshold_sigmas: float = 2.0
+    # nearest neighbours
+    nn_backend: str = "torch"
+    nn_chunk: int = 2048
+    # outputs
+    grid_per_class: int = 10
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {
+            "api_batch": 64, "sample_steps": 2, "variation_steps": 2, "feature_channels": (8, 16),
+            "public_epochs": 1, "population_per_class": 4, "iterations": 2, "lookahead": 1, "grid_per_class": 4,
+        },
+        "cpu": {"population_per_class": 200, "iterations": 8, "lookahead": 2, "sample_steps": 8,
+                "variation_steps": 8},
+        "gpu": {"population_per_class": 2000, "iterations": 20, "lookahead": 8, "sample_steps": 18,
+                "variation_steps": 18, "degree_start": 0.7, "degree_end": 0.2, "api_batch": 2000},
+        "gpu-short": {"population_per_class": 1000, "iterations": 10, "lookahead": 4, "sample_steps": 18,
+                      "variation_steps": 12, "api_batch": 2000},
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
+        return _plain(super().to_dict())
+
+    def degrees(self) -> list[float]:
+        """The variation degree of each iteration: linear from degree_start to degree_end."""
+        t = self.iterations
+        if t == 1:
+            return [self.degree_start]
+        return [self.degree_start + (self.degree_end - self.degree_start) * i / (t - 1) for i in range(t)]
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise InputError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
+        if self.features not in FEATURE_SOURCES:
+            raise InputError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {self.features!r}")
+        if self.features == "path" and not self.feature_path:
+            raise InputError("features=path needs feature_path=DIR_OR_FILE")
+        if self.features != "path" and self.feature_path:
+            raise InputError(f"feature_path is only used with features=path, got features={self.features}")
+        if self.nn_backend not in NN_BACKENDS:
+            raise InputError(f"nn_backend must be one of {', '.join(NN_BACKENDS)}, got {self.nn_backend!r}")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        for name in ("api_batch", "sample_steps", "variation_steps", "embed_chunk", "population_per_class",
+                     "iterations", "nn_chunk", "grid_per_class"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lookahead < 0 or self.public_epochs < 0:
+            raise InputError(f"lookahead and public_epochs must be >= 0, got {self.lookahead}, {self.public_epochs}")
+        for name in ("degree_start", "degree_end"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0.0 < v <= 1.0):
+                raise InputError(f"{name} must be in (0, 1], got {v}")
+        if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):
+            raise InputError(f"threshold_sigmas must be a finite number >= 0, got {self.threshold_sigmas}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise InputError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if not self.feature_channels or any(c < 1 for c in self.feature_channels):
+            raise InputError(f"feature_channels must be positive ints, got {list(self.feature_channels)}")
+        if not self.feature_pool or any(p < 0 for p in self.feature_pool):
+            raise InputError(f"feature_pool must be ints >= 0, got {list(self.feature_pool)}")
+        if "{name}" not in self.prompt_template:
+            raise InputError(f"prompt_template must contain {{name}}, got {self.prompt_template!r}")
+
+
+@dataclass
+class PublicModelConfig(MethodConfig):
+    """The public EDM U-Net for ``api=diffusion`` (trained without privacy on public data only)."""
+
+    channels: int = 16
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = ()
+    num_heads: int = 1
+    epochs: int = 12
+    max_steps: int = 0  # > 0: stop after this many optimiser steps (smoke tests)
+    batch_size: int = 64
+    lr: float = 1e-3
+    ema: float = 0.999
+    seed: int = 0
+    log_every: int = 50
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {"channels": 8, "channel_mult": (1, 2), "epochs": 1, "max_steps": 10, "batch_size": 32,
+                  "log_every": 5},
+        "cpu": {"channels": 16, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "attn_resolutions": (),
+                "epochs": 12, "batch_size": 64},
+        "gpu": {"channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2, "attn_resolutions": (7,),
+                "epochs": 200, "batch_size": 256, "lr": 3e-4, "ema": 0.9995},
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(super().to_dict())
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "num_res_blocks", "num_heads", "epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise InputError(f"channel_mult must be positive ints, got {list(self.channel_mult)}")
+        if self.max_steps < 0:
+            raise InputError(f"max_steps must be >= 0 (0: no limit), got {self.max_steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 <= self.ema < 1.0:
+            raise InputError(f"ema must be in [0, 1), got {self.ema}")
+        if self.channels % self.num_heads:
+            raise InputError(f"channels ({self.channels}) must be divisible by num_heads ({self.num_heads})")

@@ -1,0 +1,467 @@
+"""Private Evolution (Lin et al., ICLR 2024, "Differentially Private Synthetic Data via Foundation Model APIs
+1: Images"): a public generative model's samples, steered by noisy nearest-neighbour votes of private images.
+
+Steps of `PE.fit` (T = ``iterations``, population ``population_per_class``
+per class, lookahead k, degrees d_1 > ... > d_T):
+
+1. Before any private access: calibrate the noise multiplier sigma of the
+   T vote releases for the target (epsilon, delta) and reserve the whole
+   schedule in the ledger (`histogram.calibrate_votes`).
+2. Public parts: load the generative-model API (`diffusion_api` /
+   `diffusers_api`) and build the feature network (public, path or random;
+   never trained on private data).
+3. Embed the private images once (the only read of private pixels) and draw
+   the initial population with ``random``; labels are uniform:
+   ``population_per_class`` samples per class. Class sizes of the private
+   data are *not* released, and no budget is spent on them.
+4. For t = 1..T: embed the population (lookahead: the mean embedding of k
+   variations of degree d_t of each sample); every private image votes for
+   its nearest synthetic sample of its own class; the histogram over the
+   whole population is released with Gaussian noise (one ledger event,
+   sensitivity 1; `histogram` has the contract); bins below H =
+   ``threshold_sigmas`` x sigma are zeroed; the next population is drawn per
+   class in proportion to the noisy counts and each draw is replaced by its
+   variation of degree d_t. Checkpoints after the release and after the
+   variation; a grid of the population and the noisy histogram's statistics
+   go to the run directory.
+5. The final population is the synthetic data; `sample(n)` returns it and
+   draws extra variations (degree d_T) of its members when n is larger.
+
+Neighbouring relation: add or remove one image together with its label. The
+ledger holds T Gaussian events ``pe vote histogram`` with noise multiplier
+sigma. Resuming: the ledger's count of releases already spent decides which
+release comes next, so a killed run never spends more or fewer than T; a
+release recorded but lost to a crash before its histogram was checkpointed is
+counted and not redone (with a seeded noise source its noise draw is skipped,
+so later releases get the noise an uninterrupted run would have drawn).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dpimages.api import FitContext, Synthesizer, register
+from dpimages.data import ImageData, to_uint8, to_unit_range
+from dpimages.errors import InputError
+from dpimages.eval.grid import save_grid
+from dpimages.methods.pe import histogram as hist
+from dpimages.methods.pe.api import ImageAPI, check_degree, file_sha256
+from dpimages.methods.pe.config import PEConfig
+from dpimages.methods.pe.diffusion_api import DiffusionAPI
+from dpimages.nets.features import (
+    FeatureExtractor,
+    Trunk,
+    embed_in_chunks,
+    load_trunk,
+    random_conv_trunk,
+    train_conv_trunk,
+    trunk_from_config,
+)
+from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+
+_API_SEED_OFFSET = 104729  # API and resampling randomness: seeded apart from the privacy noise
+
+
+def _rng_state(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _set_rng_state(g: torch.Generator, text: str) -> None:
+    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))
+
+
+def _path_sha256(path: Path) -> str:
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return file_sha256(*files)
+
+
+@register
+class PE(Synthesizer):
+    """Private Evolution over a generative-model API (see the module docstring)."""
+
+    name = "pe"
+    Config = PEConfig
+    needs_public = False
+    description = "Private Evolution: noisy nearest-neighbour votes steer a public generative model (no training)"
+
+    def __init__(self, config: PEConfig) -> None:  # type: ignore[override]
+        super().__init__(config)
+        self.config: PEConfig = config
+        self.api: ImageAPI | None = None
+        self.population: np.ndarray | None = None  # uint8 (P, H, W, C)
+        self.population_labels: np.ndarray | None = None  # int64 (P,)
+        self.info: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+        self._trunk: Trunk | None = None
+        self._extractor: FeatureExtractor | None = None
+        self._save_index = 0
+
+    # -- parts -----------------------------------------------------------------------------------
+    def with_api(self, api: ImageAPI) -> PE:
+        """Use `api` instead of loading one from the config (e.g. a custom model in a script or test)."""
+        self.api = api
+        return self
+
+    def load_api(self) -> ImageAPI:
+        """The configured API (loaded once from ``api_path``); public inputs only."""
+        if self.api is not None:
+            return self.api
+        cfg = self.config
+        if not cfg.api_path:
+            raise InputError(f"pe: api={cfg.api} needs api_path=DIR (a model from `dpimages public-model train`"
+                             + (")" if cfg.api == "diffusion" else " or a local diffusers pipeline directory)"))
+        if cfg.api == "diffusion":
+            api: ImageAPI = DiffusionAPI.load(cfg.api_path, sample_steps=cfg.sample_steps,
+                                              variation_steps=cfg.variation_steps, sampler=cfg.sampler,
+                                              batch=cfg.api_batch, device=self.device)
+        else:
+            from dpimages.methods.pe.diffusers_api import DiffusersAPI
+
+            api = DiffusersAPI.load(cfg.api_path, steps=cfg.sample_steps, guidance=cfg.guidance,
+                                    prompt_template=cfg.prompt_template, batch=cfg.api_batch,
+                                    image_shape=self.image_shape if self.num_classes else None, device=self.device)
+        recorded = self.info.get("api", {}).get("sha256")
+        if recorded and api.describe().get("sha256") != recorded:
+            raise InputError(f"pe: the model in {cfg.api_path} is not the one this run used (sha256 differs)")
+        if self.classes:
+            api.set_classes(self.classes)
+        self.api = api
+        return api
+
+    def _build_trunk(self, public: ImageData | None, ctx: FitContext) -> tuple[Trunk, dict[str, Any]]:
+        """The vote feature network from public information only."""
+        cfg = self.config
+        c = self.image_shape[2]
+        if cfg.features == "random":
+            return random_conv_trunk(cfg.feature_seed, c, cfg.feature_channels), {
+                "source": "random", "seed": cfg.feature_seed}
+        if cfg.features == "public":
+            if public is None:
+                raise InputError("pe: features=public needs public data: pass --public SPEC (e.g. mnist-5k), or "
+                                 "use features=path feature_path=DIR or features=random")
+            if public.labels is None:
+                raise InputError(f"{public.name}: features=public needs a labelled public set")
+            if public.image_shape[2] != c:
+                raise InputError(f"public images have {public.image_shape[2]} channels, private images {c}")
+
+            def log(**kv: Any) -> None:
+                if ctx.run is not None:
+                    ctx.run.log(0, event="public_feature_training", **kv)
+
+            trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes,
+                                            channels=cfg.feature_channels, epochs=cfg.public_epochs,
+                                            seed=cfg.feature_seed, log=log)
+            return trunk, {"source": "public", "public": public.name, "public_fingerprint": public.fingerprint,
+                           **facts}
+        path = Path(cfg.feature_path)
+        trunk, meta = load_trunk(path, tap="post")
+        if trunk.in_channels != c and not (c == 1 and trunk.in_channels == 3 and trunk.arch == "vgg"):
+            raise InputError(f"feature network {path} takes {trunk.in_channels}-channel images, the data has {c}")
+        return trunk, {"source": "path", "path": str(path), "sha256": _path_sha256(path),
+                       **{k: v for k, v in meta.items() if k != "layout"}}
+
+    def _set_trunk(self, trunk: Trunk) -> None:
+        cfg = self.config
+        self._trunk = trunk
+        self._extractor = FeatureExtractor([trunk], cfg.feature_layers, cfg.feature_pool).to(self.device)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [-1, 1] -> (N, D) unit-norm embeddings of the vote feature network."""
+        assert self._extractor is not None
+        first, _ = embed_in_chunks(self._extractor, x.to(self.device), self.config.embed_chunk)
+        return first
+
+    def _synthetic_embeddings(self, api: ImageAPI, x: torch.Tensor, labels: torch.Tensor, degree: float,
+                              g: torch.Generator) -> torch.Tensor:
+        """Embeddings the votes compare with: the mean over k lookahead variations (k = 0: the samples)."""
+        k = self.config.lookahead
+        if k == 0:
+            return self.embed(x)
+        total = None
+        for _ in range(k):
+            e = self.embed(api.variation(x, labels, degree, generator=g))
+            total = e if total is None else total + e
+        assert total is not None
+        return total / k
+
+    # -- fit ---------------------------------------------------------------------------------------
+    def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
+        """Calibrate and reserve, then T rounds of vote -> noisy histogram -> resample -> vary (module docstring)."""
+        cfg = self.config
+        if private.labels is None:
+            raise InputError(f"{private.name}: pe needs labelled private data (votes are cast within classes)")
+        self.device = ctx.device
+        self.num_classes = private.num_classes
+        self.image_shape = private.image_shape
+        self.classes = list(private.classes)
+        k, per, t_total = self.num_classes, cfg.population_per_class, cfg.iterations
+        p = k * per
+        degrees = cfg.degrees()
+        # 1. the schedule, before any private access
+        sigma = hist.calibrate_votes(ctx.ledger.epsilon_budget, ctx.ledger.delta, t_total)
+        ctx.ledger.reserve(*hist.vote_events(sigma, t_total))
+        h = cfg.threshold_sigmas * sigma
+        # 2. public parts
+        api = self.load_api()
+        api.check_shape(self.image_shape)
+        api.set_classes(self.classes)
+        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
+        if state and "feature_trunk" in state:
+            trunk = trunk_from_config(state["feature_trunk"], "post")
+            trunk.load_state_dict({n[len("features."):]: v for n, v in tensors.items() if n.startswith("features.")})
+            feature_info = dict(state.get("pe", {}).get("features", {}))
+        else:
+            trunk, feature_info = self._build_trunk(public, ctx)
+        self._set_trunk(trunk)
+        dim = int(self.embed(torch.zeros(1, self.image_shape[2], *self.image_shape[:2])).shape[1])
+        self.info = {
+            "api": api.describe(), "features": feature_info, "embedding_dim": dim, "noise_multiplier": sigma,
+            "threshold": h, "iterations": t_total, "degrees": degrees, "population_per_class": per,
+            "lookahead": cfg.lookahead, "labels": "uniform", "fit_s": float(state.get("pe", {}).get("fit_s", 0.0)),
+            "lost_releases": int(state.get("pe", {}).get("lost_releases", 0)),
+        }
+        run = ctx.run
+        g = torch.Generator().manual_seed(int(ctx.seed) + _API_SEED_OFFSET)
+        if "api_rng" in state:
+            _set_rng_state(g, state["api_rng"])
+        self._save_index = int(state.get("step", -1)) + 1
+        # 3. resume bookkeeping: the ledger says how many releases were spent
+        spent = hist.releases_spent(ctx.ledger)
+        if state.get("finished"):
+            self._restore_population(tensors)
+            return
+        votes_done, phase = int(state.get("votes_done", 0)), state.get("phase", "none")
+        accounted = int(state.get("releases", 0))
+        if spent < accounted or spent > t_total:
+            raise InputError(f"pe: the ledger records {spent} vote releases but the checkpoint accounts for "
+                             f"{accounted} (plan: {t_total}); the run directory is inconsistent")
+        if spent > accounted:  # recorded, noise drawn, histogram lost in a crash: counted, not redone
+            if not ctx.noise.secure:
+                for _ in range(spent - accounted):
+                    ctx.noise.standard_normal((p,))
+            self.info["lost_releases"] += spent - accounted
+            if run is not None:
+                run.log(spent, event="lost_releases", count=spent - accounted,
+                        note="recorded in the ledger before a crash; counted, not redone")
+        t_start = time.time()
+        fit_s0 = self.info["fit_s"]
+
+        def elapsed() -> float:
+            return fit_s0 + time.time() - t_start
+
+        # 4. private embeddings: the only read of private pixels; they feed the votes only
+        priv_emb = self.embed(private.to_tensor())
+        priv_lab = private.label_tensor()
+        labels = torch.arange(p) // per
+        if "population.images" in tensors:
+            self._restore_population(tensors)
+        else:
+            x0 = api.random(p, labels, generator=g)
+            self._set_population(x0, labels)
+            self._grid(run, "grid-000.png")
+            self._checkpoint(ctx, g, phase="initial", votes_done=0, releases=spent)
+        if phase == "voted":  # the histogram of release votes_done-1 was saved; its variation was not
+            self._evolve(ctx, api, g, tensors["histogram"], votes_done - 1, degrees[votes_done - 1], h, sigma,
+                         spent, elapsed)
+        bar = tqdm(total=t_total, initial=spent, desc="pe", unit="iter", disable=not ctx.progress)
+        for t in range(spent, t_total):
+            t0 = time.time()
+            x = to_unit_range(torch.from_numpy(self.population))
+            syn_emb = self._synthetic_embeddings(api, x, labels, degrees[t], g)
+            bins = hist.vote_bins(priv_emb, priv_lab, syn_emb, labels.to(syn_emb.device), k,
+                                  backend=cfg.nn_backend, chunk=cfg.nn_chunk)
+            noisy = hist.release_votes(bins, p, noise_multiplier=sigma, ledger=ctx.ledger, noise=ctx.noise)
+            del bins
+            vote_s = time.time() - t0
+            self._checkpoint(ctx, g, phase="voted", votes_done=t + 1, releases=t + 1, histogram=noisy,
+                             fit_s=elapsed())
+            self._evolve(ctx, api, g, noisy, t, degrees[t], h, sigma, t + 1, elapsed, vote_s=vote_s,
+                         iter_t0=t0)
+            bar.update(1)
+        bar.close()
+        self.info["fit_s"] = elapsed()
+        self._checkpoint(ctx, g, phase="varied", votes_done=t_total, releases=t_total, finished=True,
+                         fit_s=self.info["fit_s"])
+        if run is not None:
+            self._grid(run, "grid-final.png")
+            run.log(t_total, event="pe_done", releases=t_total, lost_releases=self.info["lost_releases"],
+                    fit_s=round(self.info["fit_s"], 1))
+
+    def _evolve(self, ctx: FitContext, api: ImageAPI, g: torch.Generator, noisy: torch.Tensor, t: int,
+                degree: float, h: float, sigma: float, releases: int, elapsed: Any, vote_s: float = 0.0,
+                iter_t0: float | None = None) -> None:
+        """Post-processing of release t: threshold, resample, vary; then log, grid and checkpoint."""
+        t0 = time.time() if iter_t0 is None else iter_t0
+        assert self.population is not None and self.population_labels is not None
+        labels = torch.from_numpy(self.population_labels)
+        kept = hist.threshold(noisy, h)
+        idx, empty = hist.resample(kept, labels, self.num_classes, self.config.population_per_class, g)
+        parents = to_unit_range(torch.from_numpy(self.population[idx.numpy()]))
+        children = api.variation(parents, labels[idx], degree, generator=g)
+        self._set_population(children, labels[idx])
+        run = ctx.run
+        if run is not None:
+            stats = hist.histogram_stats(noisy, kept, labels, self.num_classes, h, idx)
+            run.log(t + 1, event="votes", degree=round(degree, 4), noise_multiplier=round(sigma, 5),
+                    classes_without_votes=empty, vote_s=round(vote_s, 2), iter_s=round(time.time() - t0, 2),
+                    fit_s=round(elapsed(), 1), **stats)
+            self._grid(run, f"grid-{t + 1:03d}.png")
+        self._checkpoint(ctx, g, phase="varied", votes_done=t + 1, releases=releases, fit_s=elapsed())
+
+    # -- population, checkpoints, grids ------------------------------------------------------------
+    def _set_population(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        self.population = to_uint8(x)
+        self.population_labels = labels.cpu().numpy().astype(np.int64)
+
+    def _restore_population(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "population.images" not in tensors or "population.labels" not in tensors:
+            raise InputError("pe checkpoint has no population (population.images, population.labels)")
+        self.population = tensors["population.images"].numpy().astype(np.uint8)
+        self.population_labels = tensors["population.labels"].numpy().astype(np.int64)
+
+    def _checkpoint(self, ctx: FitContext, g: torch.Generator, *, phase: str, votes_done: int, releases: int,
+                    histogram: torch.Tensor | None = None, finished: bool = False, fit_s: float = 0.0) -> None:
+        if ctx.run is None:
+            return
+        assert self._trunk is not None
+        tensors = {**self.state_dict(), **{f"features.{n}": v for n, v in self._trunk.state_dict().items()}}
+        if histogram is not None:
+            tensors["histogram"] = histogram.double().cpu()
+        self.info["fit_s"] = float(fit_s or self.info.get("fit_s", 0.0))
+        state = {"step": self._save_index, "finished": finished, "phase": phase, "votes_done": votes_done,
+                 "releases": releases, "api_rng": _rng_state(g), "noise_rng": ctx.noise.state(),
+                 "feature_trunk": self._trunk.config(), **self.meta()}
+        ctx.run.save_checkpoint(tensors, state)
+        self._save_index += 1
+
+    def _grid(self, run: Any, name: str) -> None:
+        if run is None or self.population is None or self.population_labels is None:
+            return
+        per = min(self.config.grid_per_class, self.config.population_per_class)
+        save_grid(run.samples_dir / name, self.population, self.population_labels, self.num_classes, per)
+
+    # -- sampling and state --------------------------------------------------------------------------
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
+        """The final population (a seeded choice of members per class); extra variations when n exceeds it."""
+        if self.population is None or self.population_labels is None:
+            raise InputError("pe: fit or load the synthesizer before sampling")
+        if int(n) != n or n < 1:
+            raise InputError(f"n must be a positive integer, got {n}")
+        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise InputError(f"labels must be in [0, {self.num_classes})")
+        labels = labels.astype(np.int64)
+        g = torch.Generator().manual_seed(int(seed or 0))
+        out = np.empty((n, *self.population.shape[1:]), np.uint8)
+        extra_pos, extra_parent = [], []
+        for c in range(self.num_classes):
+            want = np.flatnonzero(labels == c)
+            if want.size == 0:
+                continue
+            members = np.flatnonzero(self.population_labels == c)
+            if members.size == 0:
+                raise InputError(f"pe: the population has no sample of class {c}")
+            order = members[torch.randperm(members.size, generator=g).numpy()]
+            take = order[: want.size]
+            out[want[: take.size]] = self.population[take]
+            rest = want[take.size :]
+            if rest.size:
+                extra_pos.append(rest)
+                extra_parent.append(members[torch.randint(members.size, (rest.size,), generator=g).numpy()])
+        if extra_pos:
+            pos, parents = np.concatenate(extra_pos), np.concatenate(extra_parent)
+            degrees = self.info.get("degrees") or self.config.degrees()
+            degree = check_degree(degrees[-1])
+            api = self.load_api()
+            x = to_unit_range(torch.from_numpy(self.population[parents]))
+            out[pos] = to_uint8(api.variation(x, torch.from_numpy(labels[pos]), degree, generator=g))
+        return ImageData(out, labels, list(self.classes), "pe samples")
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "pe": dict(self.info)}
+
+    def restore_meta(self, state: dict[str, Any]) -> None:
+        super().restore_meta(state)
+        self.info = dict(state.get("pe", {}))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The population: ``population.images`` uint8 (P, H, W, C) and ``population.labels`` int64 (P,)."""
+        if self.population is None or self.population_labels is None:
+            raise InputError("pe: nothing to save before fit")
+        return {"population.images": torch.from_numpy(np.ascontiguousarray(self.population)),
+                "population.labels": torch.from_numpy(np.ascontiguousarray(self.population_labels))}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._restore_population(tensors)
+
+    def to(self, device: torch.device) -> PE:
+        self.device = torch.device(device)
+        return self
+
+    # -- report --------------------------------------------------------------------------------------
+    def report_section(self) -> str:
+        """API, public data, feature network, releases and schedule (for report.md)."""
+        i = self.info
+        if not i:
+            return ""
+        cfg = self.config
+        api, feat = i.get("api", {}), i.get("features", {})
+        h, w, c = self.image_shape
+        if api.get("kind") == "diffusion":
+            arch = api.get("arch") or {}
+            api_text = (f"our own EDM U-Net diffusion model ({api.get('parameters') or '?'} parameters, channels "
+                        f"{arch.get('channels')}, multipliers {arch.get('channel_mult')}) trained without privacy "
+                        f"on the public set **{api.get('trained_on')}** ({api.get('public_fingerprint')}), loaded "
+                        f"from `{api.get('path')}` ({api.get('sha256')}); random: {api.get('sampler')} sampler, "
+                        f"{api.get('sample_steps')} steps; variation: SDEdit from sigma(degree), "
+                        f"ceil(degree x {api.get('variation_steps')}) steps")
+        elif api.get("kind") == "diffusers":
+            api_text = (f"a local diffusers pipeline `{api.get('pipeline')}` from `{api.get('path')}` "
+                        f"({api.get('sha256')}); random: {api.get('random_mode')}; variation: img2img "
+                        f"(strength = degree)")
+        else:
+            api_text = f"a custom API ({api})"
+        if feat.get("source") == "public":
+            feat_text = (f"a conv net ({list(cfg.feature_channels)}) trained on the public set {feat.get('public')} "
+                         f"({feat.get('epochs')} epochs, public validation accuracy "
+                         f"{feat.get('public_val_accuracy', float('nan')):.3f})")
+        elif feat.get("source") == "path":
+            feat_text = f"weights from `{feat.get('path')}` ({feat.get('sha256')})"
+        else:
+            feat_text = f"a seeded random conv net (seed {feat.get('seed')})"
+        degrees = i.get("degrees", [])
+        t = i.get("iterations", 0)
+        lines = [
+            f"PE (Private Evolution; Lin et al., ICLR 2024) on {h}x{w}x{c} images, {self.num_classes} classes. "
+            "No model is trained on private data: the private images only vote.",
+            "",
+            f"- Generative-model API: {api_text}.",
+            f"- Vote embeddings: {feat_text}; layers {list(cfg.feature_layers) or 'all'}, pooling "
+            f"{list(cfg.feature_pool)}, dimension {i.get('embedding_dim')}, unit norm. Never trained on private data.",
+            f"- Privacy: neighbouring relation {NEIGHBOURING_TEXT} (add/remove). Released: {t} noisy vote "
+            f"histograms over the population of {self.num_classes} x {i.get('population_per_class')} samples "
+            f"(per-class histograms concatenated: classes are disjoint, so one image changes one bin by 1; L2 "
+            f"sensitivity 1), each a Gaussian mechanism with noise multiplier {i.get('noise_multiplier', 0):.5g} "
+            f"calibrated with dp-accounting PLD for the target epsilon before any private access. Synthetic "
+            "labels are uniform: the private class sizes are not released and cost no budget.",
+            f"- Evolution: {t} iterations, lookahead k = {i.get('lookahead')} (mean embedding of k variations), "
+            f"threshold H = {i.get('threshold', 0):.4g} ({cfg.threshold_sigmas:g} x the noise std), resampling "
+            f"in proportion to the thresholded noisy counts per class, variation degrees "
+            f"{', '.join(f'{d:.3g}' for d in degrees)}. Everything after each noisy histogram is post-processing.",
+            f"- Fit time {i.get('fit_s', 0):.0f} s" + (f"; {i['lost_releases']} release(s) recorded before a crash "
+                                                      "and not redone" if i.get("lost_releases") else "") + ".",
+            f"- Sampling: the final population ({self.num_classes * int(i.get('population_per_class', 0))} images); "
+            f"larger requests add variations of degree {degrees[-1] if degrees else float('nan'):.3g} of its "
+            "members (post-processing).",
+        ]
+        return "\n".join(lines)
+
