@@ -24,8 +24,8 @@ Each logical step of `DPSGD`:
    caller's optimizer step is post-processing.
 
 An empty Poisson batch still spends and adds noise (skipping it would reveal
-that the batch was empty). The batch size itself is private: it is never
-returned or logged.
+that the batch was empty). The batch size itself is private: the engine
+never returns or logs it.
 
 Noise multiplicity K
 --------------------
@@ -58,9 +58,12 @@ construction; rank 0 draws the Poisson mask and broadcasts it, each rank gets
 its shard of the batch; each rank clips its own examples; the clipped sums
 are all-reduced; rank 0 alone draws the noise and broadcasts the noisy sum.
 Every rank records the same events in its ledger (give only rank 0's ledger
-a path). Accounting is therefore identical to a single process. Wrapping the
-model in ``DistributedDataParallel`` is not needed (the engine does the
-all-reduce); a wrapped model is unwrapped.
+a path; on resume, other ranks read privacy.json without a path:
+``PrivacyLedger.from_json(json.loads(path.read_text()))``). Accounting is
+therefore identical to a single process; all ranks run the same number of
+steps because their ledgers agree. Wrapping the model in
+``DistributedDataParallel`` is not needed (the engine does the all-reduce);
+a wrapped model is unwrapped.
 """
 
 from __future__ import annotations
