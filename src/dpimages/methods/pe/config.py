@@ -155,15 +155,18 @@ class PublicModelConfig(MethodConfig):
     num_heads: int = 1
     epochs: int = 12
     max_steps: int = 0  # > 0: stop after this many optimiser steps (smoke tests)
+    max_minutes: float = 0.0  # > 0: stop at the first step boundary after this many minutes (shared machines)
     batch_size: int = 64
     lr: float = 1e-3
     ema: float = 0.999
     seed: int = 0
     log_every: int = 50
+    grid_samples: int = 64  # samples.png written next to the model (to look at)
+    grid_steps: int = 18
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"channels": 8, "channel_mult": (1, 2), "epochs": 1, "max_steps": 10, "batch_size": 32,
-                  "log_every": 5},
+                  "log_every": 5, "grid_samples": 8, "grid_steps": 2},
         "cpu": {"channels": 16, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "attn_resolutions": (),
                 "epochs": 12, "batch_size": 64},
         "gpu": {"channels": 64, "channel_mult": (1, 2, 2), "num_res_blocks": 2, "attn_resolutions": (7,),
@@ -174,13 +177,16 @@ class PublicModelConfig(MethodConfig):
         return _plain(super().to_dict())
 
     def __post_init__(self) -> None:
-        for name in ("channels", "num_res_blocks", "num_heads", "epochs", "batch_size", "log_every"):
+        for name in ("channels", "num_res_blocks", "num_heads", "epochs", "batch_size", "log_every", "grid_samples",
+                     "grid_steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise InputError(f"channel_mult must be positive ints, got {list(self.channel_mult)}")
         if self.max_steps < 0:
             raise InputError(f"max_steps must be >= 0 (0: no limit), got {self.max_steps}")
+        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:

@@ -96,7 +96,9 @@ def train_public_model(
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=g)
         for b in in_batches(n, cfg.batch_size):
-            if cfg.max_steps and step >= cfg.max_steps:
+            if (cfg.max_steps and step >= cfg.max_steps) or (
+                cfg.max_minutes and time.time() - t0 > 60.0 * cfg.max_minutes
+            ):
                 break
             x = x_all[perm[b]].to(dev)
             sigma = model.training_sigmas((x.shape[0],), g).to(dev)
@@ -115,7 +117,8 @@ def train_public_model(
             if log is not None and step % cfg.log_every == 0:
                 log(step=step, epoch=epoch + 1, loss=round(running, 5), train_s=round(time.time() - t0, 1))
     ema.eval()
-    facts = {"epochs": cfg.epochs, "steps": step, "final_loss_ema": round(running, 5),
+    facts = {"epochs": cfg.epochs, "steps": step, "epochs_done": round(step * cfg.batch_size / n, 2),
+             "final_loss_ema": round(running, 5),
              "train_s": round(time.time() - t0, 1), "parameters": num_parameters(model)}
     return ema, facts
 

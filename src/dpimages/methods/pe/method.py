@@ -4,12 +4,12 @@
 Steps of `PE.fit` (T = ``iterations``, population ``population_per_class``
 per class, lookahead k, degrees d_1 > ... > d_T):
 
-1. Before any private access: calibrate the noise multiplier sigma of the
-   T vote releases for the target (epsilon, delta) and reserve the whole
-   schedule in the ledger (`histogram.calibrate_votes`).
-2. Public parts: load the generative-model API (`diffusion_api` /
-   `diffusers_api`) and build the feature network (public, path or random;
-   never trained on private data).
+1. Public parts: load the generative-model API (`diffusion_api` /
+   `diffusers_api`) and check it makes images of the private data's shape.
+2. Before any private access: calibrate the noise multiplier sigma of the
+   T vote releases for the target (epsilon, delta), reserve the whole
+   schedule in the ledger (`histogram.calibrate_votes`) and build the
+   feature network (public, path or random; never trained on private data).
 3. Embed the private images once (the only read of private pixels) and draw
    the initial population with ``random``; labels are uniform:
    ``population_per_class`` samples per class. Class sizes of the private
@@ -204,14 +204,17 @@ class PE(Synthesizer):
         k, per, t_total = self.num_classes, cfg.population_per_class, cfg.iterations
         p = k * per
         degrees = cfg.degrees()
-        # 1. the schedule, before any private access
-        sigma = hist.calibrate_votes(ctx.ledger.epsilon_budget, ctx.ledger.delta, t_total)
-        ctx.ledger.reserve(*hist.vote_events(sigma, t_total))
-        h = cfg.threshold_sigmas * sigma
-        # 2. public parts
+        # 1. public parts, checked first (cheap refusals before calibration)
         api = self.load_api()
         api.check_shape(self.image_shape)
         api.set_classes(self.classes)
+        if cfg.features == "public" and public is None:
+            raise InputError("pe: features=public needs public data: pass --public SPEC (e.g. mnist-5k), or "
+                             "use features=path feature_path=DIR or features=random")
+        # 2. the schedule, before any private access
+        sigma = hist.calibrate_votes(ctx.ledger.epsilon_budget, ctx.ledger.delta, t_total)
+        ctx.ledger.reserve(*hist.vote_events(sigma, t_total))
+        h = cfg.threshold_sigmas * sigma
         tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         if state and "feature_trunk" in state:
             trunk = trunk_from_config(state["feature_trunk"], "post")
