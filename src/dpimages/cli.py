@@ -338,7 +338,8 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
             "public_fingerprint": public.fingerprint, "public_size": len(public), "preset": preset,
             "config": cfg.to_dict(), **facts, "wall_s": round(time.time() - t0, 1)}
     path = save_public_model(out, model.cpu(), meta)
-    save_grid(path / "samples.png", sample_grid(model.cpu(), public.image_shape, 64), None, 8, per_class=8)
+    save_grid(path / "samples.png", sample_grid(model.cpu(), public.image_shape, cfg.grid_samples, cfg.grid_steps),
+              None, 8, per_class=8)
     info = {"out": str(path), **meta}
     _emit(info, as_json, f"wrote {path} (EDM U-Net, {facts['parameters']:,} parameters, trained on {public.name} "
           f"for {cfg.epochs} epochs in {facts['train_s']:.0f} s); use: dpimages fit pe ... api_path={path}")
