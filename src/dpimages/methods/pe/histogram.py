@@ -53,13 +53,21 @@ def releases_spent(ledger: PrivacyLedger) -> int:
 
 # -- nearest neighbours --------------------------------------------------------------------
 def _nearest_torch(queries: torch.Tensor, keys: torch.Tensor, chunk: int) -> torch.Tensor:
-    """argmin_j ||q_i - k_j||^2 = argmin_j (||k_j||^2 - 2 q_i . k_j), `chunk` queries at a time (one GEMM each)."""
-    keys_t = keys.t().contiguous()
+    """argmin_j ||q_i - k_j||^2 = argmin_j (||k_j||^2 - 2 q_i . k_j), `chunk` queries at a time.
+
+    One GEMM per chunk into a reused buffer (no per-chunk allocation), the
+    factor -2 folded into the keys once, then an argmin over the buffer.
+    """
+    keys_t = (-2.0 * keys).t().contiguous()
     k_sq = (keys * keys).sum(dim=1)
-    out = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
-    for i in range(0, queries.shape[0], chunk):
-        d = torch.addmm(k_sq, queries[i : i + chunk], keys_t, beta=1.0, alpha=-2.0)
-        out[i : i + chunk] = d.argmin(dim=1)
+    n = queries.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=queries.device)
+    buf = torch.empty((min(chunk, n), keys.shape[0]), dtype=keys.dtype, device=keys.device)
+    for i in range(0, n, chunk):
+        q = queries[i : i + chunk]
+        d = buf[: q.shape[0]]
+        torch.addmm(k_sq, q, keys_t, out=d)
+        torch.argmin(d, dim=1, out=out[i : i + q.shape[0]])
     return out
 
 
