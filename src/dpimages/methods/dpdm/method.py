@@ -173,7 +173,8 @@ class DPDM(Synthesizer):
         if "ema.net.conv_in.weight" in tensors:
             model.load_state_dict(_unprefixed("model", tensors))
             ema.load_state_dict(_unprefixed("ema", tensors))
-            _load_optimizer(opt, {k: v.to(self.device) for k, v in tensors.items()}, state["optimizer"])
+            _load_optimizer(opt, {k: v.to(self.device) for k, v in tensors.items() if k.startswith("opt.")},
+                            state["optimizer"])
             _set_rng_state(g, state["train_rng"])
             self.train_info["train_s"] = float(state.get("train_s", 0.0))
             if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
