@@ -32,6 +32,7 @@ from dpimages.runs import Run
 # name -> module that defines it; only methods that really train and sample.
 METHOD_MODULES: dict[str, str] = {
     "dp-mepf": "dpimages.methods.dp_mepf",
+    "dpdfd": "dpimages.methods.dpdfd",
     "dpdm": "dpimages.methods.dpdm",
     "pe": "dpimages.methods.pe",
 }

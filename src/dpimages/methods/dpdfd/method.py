@@ -1,0 +1,537 @@
+"""DPDFD (after Liu et al., "Differentially Private Data-Free Distillation"): a DP student and a generator.
+
+Steps of `DPDFD.fit`
+--------------------
+1. Before any private pixel is read: fix the number of student steps T
+   (config ``steps``), calibrate the noise multiplier s of one step so that T
+   composed Gaussian releases meet the target (epsilon, delta)
+   (`dpimages.privacy.calibrate_gaussian`), and reserve the whole schedule in
+   the ledger (refused up front if it would exceed the budget).
+2. Train the teacher (a CNN) without privacy on the private images, in memory.
+3. Repeat T times: the label-conditional generator makes a synthetic batch;
+   teacher and student classify it; the gradient of the distillation loss
+   (KL(teacher || student), or the L1 logit distance) with respect to all
+   student parameters is flattened and scaled to L2 norm exactly C; it is
+   released as ``g + N(0, (2 C s)^2 I)`` (`release.release_update`: one
+   Gaussian event in the ledger, written before the noise is drawn); SGD with
+   momentum steps the student with that noisy vector. Then the generator takes
+   ``gen_steps`` Adam steps against the *fixed student* (no teacher): cross-
+   entropy of the student's prediction against the conditioning label, minus
+   ``w_entropy`` x the student's per-image entropy (hard images near the
+   student's decision boundaries, where the teacher's labels are most
+   informative: an uncertainty-sampling proxy for teacher/student
+   disagreement), minus ``w_balance`` x the entropy of the batch-mean
+   prediction (every class used), minus ``w_diversity`` x a mode-seeking ratio
+   (image distance over latent distance for pairs with the same label).
+4. Outputs: the generator (``dpimages sample``), the student's weights as
+   ``RUN/student.safetensors``, and, when the private data is Fashion-MNIST,
+   the student's accuracy on the public test set ``fashion-mnist:test``.
+
+Privacy argument
+----------------
+Neighbouring relation: add or remove one image together with its label.
+
+* The teacher is a function of the whole private data set and no single
+  image's influence on it is bounded. It is kept in memory only: it is not an
+  attribute of the synthesizer, not in any checkpoint (which holds the
+  student, the generator and their optimiser states), not logged, and its
+  accuracy is not reported (that number would be an unaccounted release).
+* The only channel from the teacher to anything else is the normalised
+  gradient of step t. Whatever the data set, that vector has norm at most C
+  (exactly C unless the gradient is zero), so for any two data sets D, D'
+  (neighbouring or not) ``||g_t(D) - g_t(D')|| <= 2C``: L2 sensitivity 2C
+  under replacement, and under add/remove too (both vectors have norm <= C).
+  This is the only bound: no per-example clipping, so no subsampling
+  amplification, and the bound does not shrink with the data set size.
+* Step t is therefore a Gaussian mechanism with noise std 2 C s, i.e. noise
+  multiplier s (METHODS.md writes the std as sigma C, so sigma = 2 s). Its
+  input, besides the private data, is the synthetic batch and the student,
+  both functions of the earlier noisy releases and of public randomness: T
+  adaptively composed Gaussian mechanisms, accounted by dp-accounting's PLD
+  accountant as one event ``gaussian(s, T)``.
+* The generator is trained against the student only: post-processing of
+  the released updates. The teacher labels generator images (a DP output),
+  never the other way round. Logged values are functions of released
+  quantities only (the norm of the noisy update, the generator's loss
+  against the student, the student's public test accuracy).
+* Cost: the T releases together are worth one Gaussian release of a vector
+  of norm <= T C with noise std 2 C T s_1, where s_1 is the single-release
+  multiplier for the target epsilon (about 0.5 at epsilon 10, 3.7 at epsilon
+  1, delta 1e-5). The signal-to-noise ratio per student parameter is thus at
+  best about 1 / (2 s_1 sqrt(d)) for d student parameters, whatever T: the
+  guarantee is valid but expensive, and a student of tens of thousands of
+  parameters stays close to chance at epsilon <= 10 (docs/dpdfd.md).
+
+Resume
+------
+``--resume`` is supported. The teacher is never saved, so a resumed run
+trains it again from the private data (same seed, so the same teacher on the
+same machine and thread count; not guaranteed bit-identical elsewhere). This
+does not change the guarantee: each remaining step's release still has
+sensitivity 2C whichever teacher computed it. The ledger decides how many
+steps remain: a crash after a release but before its checkpoint loses that
+step's update (the ledger over-counts, never under-counts), and the noise
+draws of lost steps are skipped, never reused.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dpimages.api import FitContext, Synthesizer, register
+from dpimages.data import ImageData, load, to_uint8
+from dpimages.errors import InputError
+from dpimages.eval.grid import save_grid
+from dpimages.methods.dpdfd import release as rel
+from dpimages.methods.dpdfd.config import DPDFDConfig
+from dpimages.nets.classifiers import SmallCNN, num_parameters
+from dpimages.nets.generators import ConditionalGenerator
+from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+
+STUDENT_FILE = "student.safetensors"
+PUBLIC_TEST_SPEC = "fashion-mnist:test"
+_TEACHER_SEED_OFFSET = 1009  # teacher init and shuffling
+_MODEL_SEED_OFFSET = 2003  # student and generator init
+_TRAIN_SEED_OFFSET = 7919  # latent codes and labels of synthetic batches
+
+
+# -- tensor/state helpers (safetensors + JSON; no pickle) ----------------------------------------
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    groups: dict[str, Any], device: torch.device) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v.to(device)
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def _rng_state(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().cpu().numpy().tobytes()).decode("ascii")
+
+
+def _set_rng_state(g: torch.Generator, text: str) -> None:
+    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))
+
+
+def public_test_set(private: ImageData) -> tuple[ImageData | None, str]:
+    """The public test set on which the student is scored, or None and why not.
+
+    Only Fashion-MNIST's training images as private data qualify (their test
+    split is public evaluation data, never private); any other data set, or
+    Fashion-MNIST's own test split as private data, is skipped.
+    """
+    name = private.name.split("@", 1)[0]
+    if not name.startswith("fashion-mnist") or name == PUBLIC_TEST_SPEC:
+        return None, f"private data {private.name!r} is not Fashion-MNIST training data"
+    try:
+        test = load(PUBLIC_TEST_SPEC)
+    except InputError as e:
+        return None, f"{PUBLIC_TEST_SPEC} not available ({e})"
+    if test.image_shape != private.image_shape or test.num_classes != private.num_classes:
+        return None, f"{PUBLIC_TEST_SPEC} has shape {test.image_shape}, the private data {private.image_shape}"
+    return test, PUBLIC_TEST_SPEC
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: ImageData, device: torch.device, batch: int = 1000) -> float:
+    """Top-1 accuracy of `model` on labelled `data`."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(data), batch):
+        part = data.subset(np.arange(i, min(i + batch, len(data))))
+        pred = model(part.to_tensor(device)).argmax(1)
+        correct += int((pred == part.label_tensor(device)).sum())
+    model.train(was)
+    return correct / max(1, len(data))
+
+
+@register
+class DPDFD(Synthesizer):
+    """DPDFD: a student distilled from a non-private teacher through normalised noisy gradients; a generator."""
+
+    name = "dpdfd"
+    Config = DPDFDConfig
+    needs_public = False
+    description = "DP data-free distillation: DP student from normalised noisy distillation gradients; generator"
+
+    def __init__(self, config: DPDFDConfig) -> None:  # type: ignore[override]
+        super().__init__(config)
+        self.config: DPDFDConfig = config
+        self.generator: ConditionalGenerator | None = None
+        self.student: SmallCNN | None = None
+        self.device = torch.device("cpu")
+        self.train_info: dict[str, Any] = {}
+
+    # -- networks (public facts only: shapes, classes, config, seeds) ---------------------------
+    def new_generator(self) -> ConditionalGenerator:
+        h, w, c = self.image_shape
+        cfg = self.config
+        return ConditionalGenerator((c, h, w), self.num_classes, cfg.z_dim, cfg.gen_channels, cfg.generator)
+
+    def new_student(self) -> SmallCNN:
+        h, w, c = self.image_shape
+        cfg = self.config
+        return SmallCNN(c, self.num_classes, (h, w), tuple(cfg.student_channels), cfg.student_hidden)  # type: ignore[arg-type]
+
+    def new_teacher(self) -> SmallCNN:
+        h, w, c = self.image_shape
+        cfg = self.config
+        return SmallCNN(c, self.num_classes, (h, w), tuple(cfg.teacher_channels), cfg.teacher_hidden)  # type: ignore[arg-type]
+
+    # -- fit --------------------------------------------------------------------------------------
+    def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
+        """Calibrate and reserve, train the teacher, then the noisy student/generator loop (module docstring)."""
+        cfg = self.config
+        if private.labels is None:
+            raise InputError(f"{private.name}: dpdfd needs labelled private data (teacher and conditional generator)")
+        h, w, c = private.image_shape
+        if min(h, w) < 16:
+            raise InputError(f"dpdfd needs images of at least 16x16 pixels (SmallCNN), got {h}x{w}x{c}")
+        if private.num_classes < 2:
+            raise InputError(f"dpdfd needs at least 2 classes, got {private.num_classes}")
+        self.device = ctx.device
+        self.num_classes = private.num_classes
+        self.image_shape = private.image_shape
+        self.classes = list(private.classes)
+        # 1. schedule and noise from public choices only, before any private pixel is read
+        sigma = rel.calibrate_steps(ctx.ledger.epsilon_budget, ctx.ledger.delta, cfg.steps)
+        ctx.ledger.reserve(rel.planned_event(sigma, cfg.steps))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed + _MODEL_SEED_OFFSET)
+            student = self.new_student().to(self.device)
+            gen = self.new_generator().to(self.device)
+        s_params = [p for p in student.parameters() if p.requires_grad]
+        sopt = torch.optim.SGD(s_params, lr=cfg.student_lr, momentum=cfg.student_momentum)
+        gopt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, betas=(cfg.gen_beta1, 0.999))
+        g = torch.Generator().manual_seed(ctx.seed + _TRAIN_SEED_OFFSET)
+        self.train_info = {
+            "steps": cfg.steps, "noise_multiplier": sigma, "sigma_methods_md": 2.0 * sigma, "clip_norm": cfg.clip_norm,
+            "noise_std": 2.0 * cfg.clip_norm * sigma, "student_parameters": num_parameters(student),
+            "generator_parameters": num_parameters(gen), "train_s": 0.0, "teacher_s": 0.0, "teacher_trainings": 0,
+            "student_test_accuracy": None, "student_test_set": None,
+        }
+        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
+        ckpt_step = 0
+        if "student.head.1.weight" in tensors:
+            if abs(float(state["train_info"]["noise_multiplier"]) - sigma) > 1e-12:
+                raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
+            student.load_state_dict(_unprefixed("student", tensors))
+            gen.load_state_dict(_unprefixed("gen", tensors))
+            _load_optimizer("sopt", sopt, tensors, state["sopt"], self.device)
+            _load_optimizer("gopt", gopt, tensors, state["gopt"], self.device)
+            _set_rng_state(g, state["train_rng"])
+            self.train_info.update({k: state["train_info"][k] for k in ("train_s", "teacher_s", "teacher_trainings",
+                                                                        "student_test_accuracy", "student_test_set")})
+            ckpt_step = int(state["step"])
+        self.student, self.generator = student, gen
+        test, test_name = public_test_set(private) if cfg.student_eval else (None, "student_eval=false")
+        self.train_info["student_test_set"] = test_name if test is not None else f"skipped: {test_name}"
+        if state.get("finished"):
+            self._report = self._report_text()
+            return
+        spent = rel.steps_spent(ctx.ledger, sigma)
+        d = num_parameters(student)
+        for _ in range(max(0, spent - ckpt_step)):  # releases lost in a crash: never reuse their noise
+            ctx.noise.standard_normal((d,))
+        if spent > ckpt_step and ctx.run is not None:
+            ctx.run.log(spent, event="lost_steps", steps=spent - ckpt_step)
+        teacher = None
+        if spent < cfg.steps:
+            # 2. the non-private teacher: in memory only, retrained on every (re)start
+            t0 = time.time()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ctx.seed + _TEACHER_SEED_OFFSET)
+                teacher = self.new_teacher().to(self.device)
+            tg = torch.Generator().manual_seed(ctx.seed + _TEACHER_SEED_OFFSET)
+            teacher = rel.train_teacher(teacher, private.to_tensor(self.device), private.label_tensor(self.device),
+                                        epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
+                                        generator=tg)
+            self.train_info["teacher_s"] = float(self.train_info["teacher_s"]) + time.time() - t0
+            self.train_info["teacher_trainings"] = int(self.train_info["teacher_trainings"]) + 1
+            if ctx.run is not None:
+                ctx.run.log(spent, event="teacher_trained", teacher_s=round(time.time() - t0, 1))
+        # 3. the noisy student steps alternating with generator steps
+        finished = self._train(ctx, teacher, student, gen, sopt, gopt, g, sigma, spent, test)
+        del teacher
+        if finished:
+            self._finish(ctx, sopt, gopt, g, test)
+
+    def _draws(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent codes and labels of n synthetic images (public randomness)."""
+        z = torch.randn(n, self.config.z_dim, generator=g).to(self.device)
+        y = torch.randint(self.num_classes, (n,), generator=g).to(self.device)
+        return z, y
+
+    def generator_loss(self, gen: ConditionalGenerator, student: torch.nn.Module,
+                       g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator's objective against the fixed student (no teacher; see the module docstring)."""
+        cfg = self.config
+        half = max(1, cfg.batch_size // 2)
+        z, y_half = self._draws(2 * half, g)
+        y = torch.cat([y_half[:half], y_half[:half]])
+        x = gen(z, y)
+        logits = student(x)
+        p = logits.softmax(1)
+        log_p = logits.log_softmax(1)
+        ce = F.cross_entropy(logits, y)
+        entropy = -(p * log_p).sum(1).mean()
+        mean_p = p.mean(0)
+        balance = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        img_d = (x[:half] - x[half:]).abs().flatten(1).mean(1)
+        z_d = (z[:half] - z[half:]).abs().mean(1)
+        diversity = (img_d / z_d.clamp_min(1e-8)).mean()
+        loss = cfg.w_ce * ce - cfg.w_entropy * entropy - cfg.w_balance * balance - cfg.w_diversity * diversity
+        terms = {k: float(v.detach()) for k, v in
+                 (("gen_ce", ce), ("gen_entropy", entropy), ("gen_balance", balance), ("gen_diversity", diversity))}
+        return loss, terms
+
+    def _train(self, ctx: FitContext, teacher: torch.nn.Module | None, student: SmallCNN, gen: ConditionalGenerator,
+               sopt: torch.optim.Optimizer, gopt: torch.optim.Optimizer, g: torch.Generator, sigma: float,
+               spent: int, test: ImageData | None) -> bool:
+        """Run the remaining steps; True when all T are done, False when paused (max_minutes / steps_per_run)."""
+        cfg = self.config
+        run = ctx.run
+        s_params = [p for p in student.parameters() if p.requires_grad]
+        g_params = list(gen.parameters())
+        step, first = spent, spent
+        t_start = time.time()
+        elapsed0 = float(self.train_info["train_s"])
+        bar = tqdm(total=cfg.steps, initial=first, disable=not ctx.progress, desc="dpdfd student steps")
+        student.train()
+        gen.train()
+        while step < cfg.steps:
+            assert teacher is not None
+            z, y = self._draws(cfg.batch_size, g)
+            with torch.no_grad():
+                x = gen(z, y)
+            update = rel.normalised_gradient(student, teacher, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
+                                             temperature=cfg.temperature)
+            noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
+                                       noise=ctx.noise)
+            del update
+            rel.set_gradients(s_params, noisy)
+            sopt.step()
+            sopt.zero_grad(set_to_none=True)
+            step += 1
+            terms: dict[str, float] = {}
+            if step % cfg.gen_every == 0:
+                for _ in range(cfg.gen_steps):
+                    loss, terms = self.generator_loss(gen, student, g)
+                    gopt.zero_grad(set_to_none=True)
+                    loss.backward(inputs=g_params)
+                    gopt.step()
+                    terms["gen_loss"] = float(loss.detach())
+            bar.update(1)
+            elapsed = elapsed0 + time.time() - t_start
+            self.train_info["train_s"] = elapsed
+            if run is None:
+                continue
+            metrics: dict[str, Any] = {}
+            if test is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                metrics["student_test_accuracy"] = round(accuracy(student, test, self.device), 5)
+                self.train_info["student_test_accuracy"] = metrics["student_test_accuracy"]
+            if step % cfg.log_every == 0 or metrics or step == cfg.steps:
+                rate = (step - first) / max(1e-9, time.time() - t_start)
+                run.log(step, noisy_update_norm=round(float(noisy.norm()), 4), **{k: round(v, 5) for k, v in
+                        terms.items()}, train_s=round(elapsed, 2), steps_per_s=round(rate, 4), **metrics)
+            if step % cfg.grid_every == 0 and step < cfg.steps:
+                self._grid(gen, run.samples_dir / f"grid-{step:07d}.png")
+            out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60.0 * cfg.max_minutes
+            out_of_steps = cfg.steps_per_run > 0 and step - first >= cfg.steps_per_run
+            pause = (out_of_time or out_of_steps) and step < cfg.steps
+            if step < cfg.steps and (step % cfg.checkpoint_every == 0 or pause):
+                self._checkpoint(ctx, sopt, gopt, g, step, finished=False)
+            if pause:
+                reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"steps_per_run={cfg.steps_per_run}"
+                run.log(step, event="paused", reason=reason, steps_left=cfg.steps - step)
+                bar.close()
+                return False
+        bar.close()
+        return True
+
+    def _finish(self, ctx: FitContext, sopt: torch.optim.Optimizer, gopt: torch.optim.Optimizer,
+                g: torch.Generator, test: ImageData | None) -> None:
+        """Final student accuracy, student.safetensors, the finished checkpoint, the final grid, the report."""
+        assert self.student is not None and self.generator is not None
+        if test is not None:
+            self.train_info["student_test_accuracy"] = round(accuracy(self.student, test, self.device), 5)
+        run = ctx.run
+        if run is not None:
+            self.save_student(run.path / STUDENT_FILE)
+            self._checkpoint(ctx, sopt, gopt, g, self.config.steps, finished=True)
+            self._grid(self.generator, run.samples_dir / "grid-final.png")
+            run.log(self.config.steps, event="train_done", steps=self.config.steps,
+                    train_s=round(float(self.train_info["train_s"]), 1),
+                    teacher_s=round(float(self.train_info["teacher_s"]), 1),
+                    student_test_accuracy=self.train_info["student_test_accuracy"])
+        self._report = self._report_text()
+
+    def save_student(self, path: str | Path) -> Path:
+        """The student's weights as safetensors (metadata: architecture, classes, image shape)."""
+        assert self.student is not None
+        path = Path(path)
+        h, w, c = self.image_shape
+        meta = {"model": "dpimages.nets.classifiers.SmallCNN", "in_channels": str(c), "image_size": f"{h},{w}",
+                "channels": ",".join(str(v) for v in self.config.student_channels),
+                "hidden": str(self.config.student_hidden), "num_classes": str(self.num_classes),
+                "input": "float (N, C, H, W) in [-1, 1]", "classes": "\t".join(self.classes)}
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.student.state_dict().items()}, str(tmp),
+                  metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    def _checkpoint(self, ctx: FitContext, sopt: torch.optim.Optimizer, gopt: torch.optim.Optimizer,
+                    g: torch.Generator, step: int, *, finished: bool) -> None:
+        """Student, generator and optimiser states (never the teacher), RNG states, meta."""
+        assert ctx.run is not None and self.student is not None and self.generator is not None
+        s_tensors, s_groups = _optimizer_tensors("sopt", sopt)
+        g_tensors, g_groups = _optimizer_tensors("gopt", gopt)
+        tensors = {**_prefixed("student", self.student.state_dict()), **_prefixed("gen", self.generator.state_dict()),
+                   **s_tensors, **g_tensors}
+        state = {"step": step, "finished": finished, "sopt": s_groups, "gopt": g_groups, "train_rng": _rng_state(g),
+                 "noise_rng": ctx.noise.state(), **self.meta()}
+        ctx.run.save_checkpoint(tensors, state)
+
+    def _grid(self, gen: ConditionalGenerator, path: Path, per_class: int = 10) -> None:
+        """Per-class sample grid (post-processing; fixed seed)."""
+        y = np.arange(self.num_classes * per_class) // per_class
+        was = gen.training
+        images = self._generate(gen, y, torch.Generator().manual_seed(7))
+        gen.train(was)
+        save_grid(path, images, y, self.num_classes, per_class)
+
+    @torch.no_grad()
+    def _generate(self, gen: ConditionalGenerator, labels: np.ndarray, g: torch.Generator) -> np.ndarray:
+        gen.eval()
+        out = []
+        bs = self.config.sample_batch
+        for i in range(0, len(labels), bs):
+            y = torch.from_numpy(labels[i : i + bs]).to(self.device)
+            z = torch.randn(len(y), self.config.z_dim, generator=g).to(self.device)
+            out.append(to_uint8(gen(z, y)))
+        return np.concatenate(out)
+
+    # -- sampling and state -----------------------------------------------------------------------
+    def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
+        """n images from the generator; labels (n,) integers, or None for balanced classes."""
+        if self.generator is None:
+            raise InputError("dpdfd: fit or load the synthesizer before sampling")
+        if int(n) != n or n < 1:
+            raise InputError(f"n must be a positive integer, got {n}")
+        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise InputError(f"labels must be in [0, {self.num_classes})")
+        labels = labels.astype(np.int64)
+        images = self._generate(self.generator, labels, torch.Generator().manual_seed(int(seed or 0)))
+        return ImageData(images, labels, list(self.classes), "dpdfd samples")
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "train_info": dict(self.train_info)}
+
+    def restore_meta(self, state: dict[str, Any]) -> None:
+        super().restore_meta(state)
+        self.train_info = dict(state.get("train_info", {}))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Generator (``gen.``) and student (``student.``) weights."""
+        if self.generator is None or self.student is None:
+            raise InputError("dpdfd: nothing to save before fit")
+        return {**_prefixed("gen", self.generator.state_dict()), **_prefixed("student", self.student.state_dict())}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        gen_w, student_w = _unprefixed("gen", tensors), _unprefixed("student", tensors)
+        if not gen_w or not student_w:
+            raise InputError("dpdfd checkpoint needs 'gen.*' and 'student.*' weights")
+        gen, student = self.new_generator(), self.new_student()
+        gen.load_state_dict(gen_w)
+        student.load_state_dict(student_w)
+        self.generator, self.student = gen.to(self.device).eval(), student.to(self.device).eval()
+
+    def to(self, device: torch.device) -> DPDFD:
+        self.device = torch.device(device)
+        for m in (self.generator, self.student):
+            if m is not None:
+                m.to(self.device)
+        return self
+
+    # -- report ------------------------------------------------------------------------------------
+    def report_section(self) -> str:
+        """The method's part of report.md: the releases, the privacy argument in brief, student, generator."""
+        return getattr(self, "_report", "") or (self._report_text() if self.train_info else "")
+
+    def _report_text(self) -> str:
+        cfg = self.config
+        t = self.train_info
+        acc = t.get("student_test_accuracy")
+        acc_text = (f"**{100 * acc:.2f}%** on `{t.get('student_test_set')}` (public test images)" if acc is not None
+                    else f"not measured ({t.get('student_test_set')})")
+        return "\n".join([
+            "DPDFD (data-free distillation after Liu et al.): a non-private teacher, a DP student trained only on "
+            "normalised noisy distillation gradients, and a label-conditional generator trained against the student.",
+            "",
+            "### What was released",
+            "",
+            f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released: {t['steps']} student updates, each "
+            f"the gradient of the {cfg.loss} distillation loss on a synthetic batch of {cfg.batch_size}, flattened "
+            f"over all {t['student_parameters']:,} student parameters, scaled to L2 norm C = {cfg.clip_norm:g}, plus "
+            f"N(0, ({t['noise_std']:.5g})^2) per coordinate: one Gaussian event each with L2 sensitivity 2C and "
+            f"noise multiplier {t['noise_multiplier']:.5g} (sigma = {t['sigma_methods_md']:.5g} in std = sigma C "
+            "terms), calibrated before training for the target epsilon. No subsampling amplification.",
+            "",
+            "The teacher depends on all private data and no image's influence on it is bounded: the only bound is "
+            "the norm of the released gradient (any two data sets' normalised gradients are at most 2C apart). The "
+            "teacher was trained in memory only"
+            + (f" ({t['teacher_trainings']} times: a resumed run retrains it)" if t.get("teacher_trainings", 0) > 1
+               else "")
+            + "; it is not in any file of this run and its accuracy is not reported (that would be an unaccounted "
+            "release). The generator sees the student only (post-processing).",
+            "",
+            "### Student (the DP classifier)",
+            "",
+            f"- SmallCNN, channels {list(cfg.student_channels)}, hidden {cfg.student_hidden}; SGD lr "
+            f"{cfg.student_lr:g}, momentum {cfg.student_momentum:g}; weights in `{STUDENT_FILE}`",
+            f"- test accuracy: {acc_text}",
+            "",
+            "### Generator (post-processing)",
+            "",
+            f"- {cfg.generator} label-conditional generator, {t['generator_parameters']:,} parameters; Adam lr "
+            f"{cfg.gen_lr:g}; {cfg.gen_steps} step(s) after every {cfg.gen_every} student step(s)",
+            f"- objective against the fixed student: {cfg.w_ce:g} x cross-entropy to the conditioning label "
+            f"- {cfg.w_entropy:g} x per-image entropy - {cfg.w_balance:g} x entropy of the batch-mean prediction "
+            f"- {cfg.w_diversity:g} x mode-seeking ratio",
+            f"- training time {float(t.get('train_s', 0.0)):.0f} s (teacher {float(t.get('teacher_s', 0.0)):.0f} s)",
+            "- Logged: only functions of released values (noisy update norm, generator terms, student test accuracy).",
+        ])
