@@ -345,6 +345,47 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
           f"for {cfg.epochs} epochs in {facts['train_s']:.0f} s); use: dpimages fit pe ... api_path={path}")
 
 
+@cli.command("audit")
+@click.option("--method", default="all", show_default=True,
+              help="A method (dp-mepf, pe, dpdm, dpaf, dpsgd-classifier, dpdfd), a mechanism (gaussian-sum, "
+              "histogram, dpsgd, gaussian-release) or all.")
+@click.option("--epsilon", type=float, default=1.0, show_default=True, help="Claimed epsilon (sigma is calibrated).")
+@click.option("--delta", type=float, default=1e-5, show_default=True)
+@click.option("--canaries", type=int, default=None, help="Number of canaries m (default: 200 smoke, 2000 full).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--self-test", is_flag=True, help="Also audit deliberately broken variants (each must be flagged).")
+@click.option("--size", type=click.Choice(["smoke", "full"]), default="smoke", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def audit_cmd(method: str, epsilon: float, delta: float, canaries: int | None, seed: int, self_test: bool, size: str,
+              as_json: bool) -> None:
+    """One-run canary audit (Steinke et al. 2023): a 95% lower bound on epsilon beside the claimed epsilon.
+
+    Exit 1 when the audit fails: an honest variant is flagged, or (--self-test) a broken one is not.
+    """
+    import torch
+
+    from dpimages.audit import METHOD_TARGETS, TARGETS, audit_passed, run_audit
+
+    torch.set_num_threads(1)
+    methods = list(TARGETS) if method == "all" else [method]
+    results = run_audit(methods, self_test=self_test, epsilon=epsilon, delta=delta, size=size, canaries=canaries,
+                        seed=seed)
+    rows = [r.to_json() for r in results]
+    lines = []
+    for r in results:
+        used = ", ".join(m for m, t in METHOD_TARGETS.items() if t == r.target)
+        lines.append(f"{r.method:<17} {r.variant:<19} claimed {r.claimed_epsilon:6.3f}  lower bound "
+                     f"{r.epsilon_lower_bound:6.3f}  ({r.correct}/{r.guesses} correct)  "
+                     f"{'VIOLATION' if r.violation else 'ok'}  [{r.mechanism}; used by {used}]")
+    lines.append(f"delta {delta:g}, {results[0].canaries} canaries, 95% confidence: a lower bound on epsilon, "
+                 "not a proof of privacy")
+    _emit({"results": rows}, as_json, "\n".join(lines))
+    if not audit_passed(results):
+        why = ("an honest variant exceeded its claim or a broken variant was not flagged" if self_test
+               else "the lower bound exceeds the claimed epsilon")
+        raise DPImagesError(f"audit failed: {why}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: map errors to exit codes with one line on stderr."""
     try:
