@@ -377,8 +377,12 @@ def audit_cmd(method: str, epsilon: float, delta: float, canaries: int | None, s
         lines.append(f"{r.method:<17} {r.variant:<19} claimed {r.claimed_epsilon:6.3f}  lower bound "
                      f"{r.epsilon_lower_bound:6.3f}  ({r.correct}/{r.guesses} correct)  "
                      f"{'VIOLATION' if r.violation else 'ok'}  [{r.mechanism}; used by {used}]")
-    lines.append(f"delta {delta:g}, {results[0].canaries} canaries, 95% confidence: a lower bound on epsilon, "
-                 "not a proof of privacy")
+    first = results[0]
+    lines.append(f"delta {delta:g}, {first.canaries} canaries, {first.guesses} guesses, 95% confidence: a lower "
+                 "bound on epsilon, not a proof of privacy")
+    if first.max_lower_bound <= epsilon:
+        lines.append(f"note: with {first.guesses} guesses the bound cannot exceed {first.max_lower_bound:.3f} <= "
+                     f"claimed epsilon {epsilon:g}: no violation is detectable; use more --canaries or --size full")
     _emit({"results": rows}, as_json, "\n".join(lines))
     if not audit_passed(results):
         why = ("an honest variant exceeded its claim or a broken variant was not flagged" if self_test

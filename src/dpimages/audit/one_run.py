@@ -113,6 +113,7 @@ class AuditResult:
     canaries: int
     guesses: int
     correct: int
+    max_lower_bound: float  # the bound if every guess were right: claims above it cannot be refuted at this size
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -321,7 +322,8 @@ def audit_once(method: str, variant: str = "honest", *, epsilon: float = 1.0, de
     lower = epsilon_lower_bound(spec.canaries, r, v, delta, CONFIDENCE)
     return AuditResult(method=method, variant=variant, claimed_epsilon=claimed, epsilon_lower_bound=lower,
                        violation=lower > claimed, target=target, mechanism=TARGETS[target], delta=delta,
-                       canaries=spec.canaries, guesses=r, correct=v)
+                       canaries=spec.canaries, guesses=r, correct=v,
+                       max_lower_bound=epsilon_lower_bound(spec.canaries, r, r, delta, CONFIDENCE))
 
 
 def _size(size: str | AuditSize, canaries: int | None) -> AuditSize:
