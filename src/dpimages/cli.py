@@ -281,6 +281,45 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
           f"{facts.get('public_val_accuracy', float('nan')):.3f})")
 
 
+@cli.command("bench")
+@click.option("--suite", "suite_name", default="fmnist", show_default=True, help="Benchmark suite.")
+@click.option("--methods", default=None, help="Comma-separated methods; also the references real, dpsgd-classifier.")
+@click.option("--epsilons", default="1,10", show_default=True, help="Comma-separated epsilons.")
+@click.option("--preset", default="cpu", show_default=True, help="smoke, cpu, gpu or gpu-short.")
+@click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
+              help="Results folder: SUITE.jsonl (appended), SUITE.md and the plot.")
+@click.option("--runs-dir", default=None, type=click.Path(file_okay=False),
+              help="Where run directories go (default: OUT/../runs).")
+@click.option("--table", is_flag=True, help="Only render OUT/SUITE.md and the accuracy plot from the results.")
+@click.option("--n-samples", type=int, default=None, help="Synthetic images per run (default 60,000; smoke 2,000).")
+@click.option("--classifiers", default=None, help="default or wrn (default: wrn on gpu presets).")
+@click.option("--fid-weights", default=None, help="pytorch-fid Inception-v3 weights file: Inception features.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: at most 2).")
+def bench_cmd(suite_name: str, methods: str | None, epsilons: str, preset: str, out_dir: str, runs_dir: str | None,
+              table: bool, n_samples: int | None, classifiers: str | None, fid_weights: str | None, seed: int,
+              device: str | None, threads: int | None) -> None:
+    """Fit, sample and evaluate each method at each epsilon; append one JSON line per run."""
+    import os
+
+    from dpimages.bench.suite import BenchOptions, parse_list, run_bench, write_table
+
+    if table:
+        text, md_path, png = write_table(out_dir, suite_name)
+        click.echo(text + f"\nwrote {md_path} and {png}")
+        return
+    if not methods:
+        raise InputError("--methods is required (e.g. --methods dpdm,real), or use --table")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    opts = BenchOptions(preset=preset, seed=seed, device=device, n_samples=n_samples, classifiers=classifiers,
+                        fid_weights=fid_weights, threads=threads or min(2, os.cpu_count() or 1))
+    lines = run_bench(suite_name, parse_list(methods, "methods"), parse_list(epsilons, "epsilons", float), out_dir,
+                      runs_dir, opts)
+    click.echo(f"{len(lines)} results lines appended to {out_dir}; render them with `dpimages bench --table`")
+
+
 @cli.group("public-model")
 def public_model_group() -> None:
     """Public generative models for PE (trained on PUBLIC data only, without privacy)."""

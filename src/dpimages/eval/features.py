@@ -35,7 +35,7 @@ from torch import nn
 from dpimages.data import ImageData, to_unit_range
 
 EVAL_NET_VERSION = 1
-EVAL_NET_SETTINGS = {"arch": "evalcnn(32,64)-fc128", "epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0}
+EVAL_NET_SETTINGS = {"arch": "evalcnn(16,32)-fc128", "epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0}
 FEATURE_DIM = 128
 SCALE_PROBE = 5000  # training images used to fix the feature scale
 
@@ -65,15 +65,15 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class EvalCNN(nn.Module):
-    """Evaluation CNN: conv 32, conv 64 (3x3, max pool), `FEATURE_DIM`-d feature layer, linear head."""
+    """Evaluation CNN: conv 16, conv 32 (3x3, max pool), `FEATURE_DIM`-d feature layer, linear head."""
 
     def __init__(self, image_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
         h, w, c = image_shape
         self.body = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(64 * (h // 4) * (w // 4), FEATURE_DIM),
+            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(32 * (h // 4) * (w // 4), FEATURE_DIM),
         )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 

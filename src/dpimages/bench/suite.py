@@ -1,0 +1,485 @@
+"""Benchmark suites: fit, sample, evaluate each (method, epsilon); one JSON line per run.
+
+``dpimages bench --suite fmnist --methods dpdm,real --epsilons 1,10 --preset cpu --out benchmarks/results/``
+appends to ``benchmarks/results/fmnist.jsonl``. Every number in a line comes
+from the run it describes: ``epsilon_spent`` is the run's ledger (PLD), the
+accuracies and fidelity come from `dpimages.eval.evaluate`, timings and
+peak memory are measured around each stage. The run directory
+(``benchmarks/runs/METHOD-epsE-PRESET/``) is named in the line as
+``run_dir`` so each number can be traced to its ledger.
+
+Two reference methods need no generator:
+- ``real``: the classifiers and metrics on the real private training images
+  themselves (no privacy; fidelity is then that of the reference set with
+  itself and memorization is flagged by construction). Its epsilon column
+  only places the row beside the private ones.
+- ``dpsgd-classifier``: a CNN trained with DP-SGD directly on the private
+  images at the same (epsilon, delta) (`dpimages.bench.dpsgd_classifier`):
+  the task-specific ceiling. Only its CNN accuracy exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dpimages import __version__
+from dpimages.errors import DPImagesError, InputError
+
+REFERENCE_METHODS = ("real", "dpsgd-classifier")
+RESULT_KEYS = (
+    "method", "preset", "epsilon", "delta", "epsilon_spent", "acc_cnn", "acc_mlp", "acc_logreg", "fid", "kid",
+    "precision", "recall", "feature_net", "memorization", "fit_s", "sample_s", "eval_s", "peak_mem_mb", "device",
+    "date", "commit", "run_dir",
+)
+MEMORIZATION_KEYS = ("frac_closer_than_heldout_p1", "flagged", "synthetic_nn_median", "heldout_nn_median",
+                     "heldout_nn_p1", "n_exact_copies", "n_synthetic")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A benchmark suite: private data, real data for evaluation, delta, sample count, results file."""
+
+    name: str
+    data: str
+    real: str
+    delta: float
+    n_samples: int
+    results_file: str
+
+
+SUITES = {"fmnist": Suite("fmnist", "fashion-mnist", "fashion-mnist", 1e-5, 60000, "fmnist.jsonl")}
+
+
+def parse_list(text: str, what: str, cast: type = str) -> list:
+    """Comma-separated list; `InputError` naming `what` on bad items."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not items:
+        raise InputError(f"--{what} needs at least one value, e.g. --{what} 1,10")
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise InputError(f"--{what} must be a comma-separated list of {cast.__name__}, got {text!r}") from None
+
+
+def run_dir_name(method: str, epsilon: float, preset: str) -> str:
+    return f"{method}-eps{epsilon:g}-{preset}"
+
+
+# -- measurement helpers -------------------------------------------------------------
+
+
+def reset_peak_memory() -> None:
+    """Reset the process' peak resident set (Linux: VmHWM via /proc/self/clear_refs) and CUDA's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> float:
+    """Peak host memory (MB) since `reset_peak_memory` (process lifetime where it cannot be reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / 1024 if sys.platform != "darwin" else kb / 2**20, 1)
+
+
+def git_commit() -> str | None:
+    """Commit of the dpimages checkout that ran (with ``+dirty`` if its source had uncommitted changes)."""
+    src = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def _append_line(path: Path, line: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _eval_section(line: dict, ev: dict | None) -> str:
+    """Markdown appended to a run's report.md: the evaluation that produced its results line."""
+    rows = [("CNN accuracy", line["acc_cnn"]), ("MLP accuracy", line["acc_mlp"]),
+            ("logistic regression accuracy", line["acc_logreg"]), ("FID", line["fid"]), ("KID", line["kid"]),
+            ("precision", line["precision"]), ("recall", line["recall"])]
+    out = ["", "## Benchmark evaluation", "",
+           f"Suite `{line['suite']}`, {line.get('n_samples')} synthetic images, evaluation mode "
+           f"`{line.get('eval_mode')}`, feature network `{line['feature_net']}`; measured on {line['device']} "
+           f"at commit `{line['commit']}` ({line['date']}).", "", "| metric | value |", "|---|---|"]
+    out += [f"| {k} | {'-' if v is None else f'{v:.4f}'} |" for k, v in rows]
+    mem = line.get("memorization")
+    if mem:
+        out += ["", f"Memorization: {mem['frac_closer_than_heldout_p1']:.4f} of synthetic images are closer to a "
+                f"private training image than 99% of real held-out images are (flagged: {mem['flagged']}); "
+                f"median nearest-private distance {mem['synthetic_nn_median']:.3f} vs "
+                f"{mem['heldout_nn_median']:.3f} for held-out images."]
+    out += ["", f"Timings: fit {line['fit_s']} s, sample {line['sample_s']} s, evaluate {line['eval_s']} s; "
+            f"peak memory {line['peak_mem_mb']} MB."]
+    if ev and ev.get("grid_png"):
+        out += ["", "Per-class samples (not committed): `samples/eval.grid.png`."]
+    return "\n".join(out) + "\n"
+
+
+# -- one run -------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    """Settings shared by all runs of one `bench` call."""
+
+    preset: str = "cpu"
+    seed: int = 0
+    device: str | None = None
+    n_samples: int | None = None
+    classifiers: str | None = None
+    fid_weights: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+
+def _eval_options(opts: BenchOptions):  # noqa: ANN202 - EvalOptions, imported lazily
+    from dpimages.eval import EvalOptions
+
+    classifiers = opts.classifiers or ("wrn" if opts.preset.startswith("gpu") else "default")
+    return EvalOptions(classifiers=classifiers, fid_weights=opts.fid_weights, smoke=opts.preset == "smoke",
+                       seed=opts.seed, device=opts.device, threads=opts.threads, progress=False)
+
+
+def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir: Path, ev: dict | None,
+          **values: object) -> dict:
+    from dpimages.eval.evaluate import machine_description
+
+    dev = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    line = {k: None for k in RESULT_KEYS}
+    line.update(method=method, preset=opts.preset, epsilon=float(epsilon), delta=suite.delta)
+    if ev is not None:
+        line.update({k: ev.get(k) for k in ("acc_cnn", "acc_mlp", "acc_logreg", "fid", "kid", "precision", "recall",
+                                            "feature_net")})
+        line["memorization"] = {k: ev["memorization"].get(k) for k in MEMORIZATION_KEYS}
+        for k in ("acc_wrn", "acc_resnet", "acc_dpimagebench", "dpimagebench_arch"):
+            if k in ev:
+                line[k] = ev[k]
+        line["eval_mode"] = ev.get("mode")
+        line["classifier_protocol"] = ev.get("classifier_protocol")
+    line.update(values)
+    line.update(device=machine_description(dev), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                commit=git_commit(), run_dir=str(run_dir), suite=suite.name, seed=opts.seed,
+                dpimages_version=__version__)
+    return line
+
+
+def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir: Path,
+                   real) -> tuple[dict, dict]:  # noqa: ANN001
+    from dpimages.api import fit_run
+    from dpimages.eval import evaluate
+
+    n = opts.n_samples or (2000 if opts.preset == "smoke" else suite.n_samples)
+    t = time.time()
+    res = fit_run(method, real.train, epsilon=epsilon, delta=suite.delta, run_dir=run_dir, preset=opts.preset,
+                  seed=opts.seed, device=opts.device, progress=False)
+    fit_s = time.time() - t
+    t = time.time()
+    synth = res.synthesizer
+    samples = synth.sample(n, synth.balanced_labels(n), seed=opts.seed)
+    sample_s = time.time() - t
+    t = time.time()
+    ev = evaluate(samples, real, artifacts=res.run.samples_dir / "eval", options=_eval_options(opts))
+    eval_s = time.time() - t
+    return _line(suite, method, epsilon, opts, run_dir, ev, epsilon_spent=res.ledger.epsilon(),
+                 epsilon_rdp=res.ledger.epsilon_rdp(), fit_s=round(fit_s, 1), sample_s=round(sample_s, 1),
+                 eval_s=round(eval_s, 1), n_samples=n), ev
+
+
+def _reference_config(suite: Suite, method: str, epsilon: float, opts: BenchOptions, real) -> dict:  # noqa: ANN001
+    return {"method": method, "preset": opts.preset, "data": real.train.name, "data_fingerprint":
+            real.train.fingerprint, "dataset_size": len(real.train), "public": None, "epsilon": float(epsilon),
+            "delta": suite.delta, "seed": opts.seed, "reference_row": True,
+            "versions": {"dpimages": __version__, "torch": str(torch.__version__)}}
+
+
+def _run_real(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, real) -> tuple[dict, dict]:  # noqa: ANN001
+    from dpimages.eval import evaluate
+    from dpimages.report import render_report
+    from dpimages.runs import Run
+
+    run = Run(run_dir)
+    run.start({**_reference_config(suite, "real", epsilon, opts, real), "privacy": "none (non-private reference)"},
+              resume=False)
+    t = time.time()
+    ev = evaluate(real.train, real, artifacts=run.samples_dir / "eval", options=_eval_options(opts))
+    eval_s = time.time() - t
+    section = ("Reference row `real`: the downstream classifiers are trained on the real private training images "
+               "(no privacy, epsilon infinite). Fidelity compares the training set with itself and the memorization "
+               "check flags it by construction.")
+    run.write_report(render_report(run, section))
+    return _line(suite, "real", epsilon, opts, run_dir, ev, epsilon_spent=None, fit_s=None, sample_s=None,
+                 eval_s=round(eval_s, 1), n_samples=len(real.train), privacy="none"), ev
+
+
+def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, real) -> tuple[dict, None]:  # noqa: ANN001
+    from dpimages.bench.dpsgd_classifier import train_dpsgd_classifier
+    from dpimages.privacy import NoiseSource, PrivacyLedger
+    from dpimages.report import render_report
+    from dpimages.runs import Run
+
+    run = Run(run_dir)
+    run.start(_reference_config(suite, "dpsgd-classifier", epsilon, opts, real), resume=False)
+    ledger = PrivacyLedger(epsilon, suite.delta, path=run.privacy_path, data_fingerprint=real.train.fingerprint,
+                           dataset_size=len(real.train))
+    ledger.write()
+    t = time.time()
+    out = train_dpsgd_classifier(real.train, real.test, epsilon=epsilon, delta=suite.delta, preset=opts.preset,
+                                 ledger=ledger, noise=NoiseSource(opts.seed), progress=opts.progress,
+                                 device=opts.device, seed=opts.seed)
+    fit_s = time.time() - t
+    ledger.write(exact=True)
+    section = (f"Reference row `dpsgd-classifier`: {out.get('model')} trained with DP-SGD directly on the private "
+               f"images ({out.get('steps')} steps, sample rate {out.get('sample_rate', 0):.4g}, noise multiplier "
+               f"{out.get('sigma', 0):.4g}, clip {out.get('clip_norm')}); test accuracy "
+               f"{out['accuracy']:.4f} on {out.get('test')}. No images are generated: only CNN accuracy exists.")
+    run.write_report(render_report(run, section))
+    detail = {k: out.get(k) for k in ("model", "steps", "sample_rate", "sigma", "clip_norm", "batch_size", "epochs")}
+    return _line(suite, "dpsgd-classifier", epsilon, opts, run_dir, None, acc_cnn=out["accuracy"],
+                 epsilon_spent=ledger.epsilon(), epsilon_rdp=ledger.epsilon_rdp(), fit_s=round(fit_s, 1),
+                 sample_s=None, eval_s=None, dpsgd=detail), None
+
+
+# -- the suite -------------------------------------------------------------------------
+
+
+def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_dir: str | Path,
+              runs_dir: str | Path | None = None, options: BenchOptions | None = None) -> list[dict]:
+    """Run every (method, epsilon) of a suite; append one results line each; return the lines.
+
+    Everything is checked before the first run starts: suite, method names,
+    epsilons, presets and that no run directory already exists. A run that
+    fails is reported on stderr and skipped (no line is written for it);
+    the call then raises after the others have run.
+    """
+    from dpimages.api import method_class
+    from dpimages.config import PRESETS
+    from dpimages.eval import load_real
+    from dpimages.eval.evaluate import CLASSIFIER_SETS
+    from dpimages.privacy import validate_budget
+
+    opts = options or BenchOptions()
+    if suite_name not in SUITES:
+        raise InputError(f"unknown suite {suite_name!r}; available: {', '.join(SUITES)}")
+    suite = SUITES[suite_name]
+    if opts.preset not in PRESETS:
+        raise InputError(f"unknown preset {opts.preset!r}; use one of {', '.join(PRESETS)}")
+    if opts.classifiers not in (None, *CLASSIFIER_SETS):
+        raise InputError(f"--classifiers must be one of {', '.join(CLASSIFIER_SETS)}, got {opts.classifiers!r}")
+    if opts.fid_weights is not None and not Path(opts.fid_weights).is_file():
+        raise InputError(f"--fid-weights: file not found: {opts.fid_weights}")
+    if "dpsgd-classifier" in methods:
+        from dpimages.bench.dpsgd_classifier import PRESETS as DPSGD_PRESETS
+
+        if opts.preset not in DPSGD_PRESETS:
+            raise InputError(f"dpsgd-classifier has no preset {opts.preset!r}; available: {', '.join(DPSGD_PRESETS)}")
+    if len(set(methods)) != len(methods) or len(set(epsilons)) != len(epsilons):
+        raise InputError("--methods and --epsilons must not repeat a value")
+    for m in methods:
+        if m not in REFERENCE_METHODS:
+            method_class(m)  # InputError for unknown names
+    for e in epsilons:
+        if not math.isfinite(e):
+            raise InputError(f"--epsilons must be finite, got {e}")
+        validate_budget(e, suite.delta)
+    if opts.n_samples is not None and opts.n_samples < 10 * 10:
+        raise InputError(f"--n-samples must be >= 100 (10 per class), got {opts.n_samples}")
+    out_dir = Path(out_dir)
+    runs_root = Path(runs_dir) if runs_dir else out_dir.resolve().parent / "runs"
+    plan = [(m, e, runs_root / run_dir_name(m, e, opts.preset)) for m in methods for e in epsilons]
+    for _, _, d in plan:
+        if d.exists() and any(d.iterdir()):
+            raise InputError(f"run directory {d} already exists: remove it or choose --runs-dir")
+    real = load_real(suite.real)
+    results_path = out_dir / suite.results_file
+    old_threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    lines, failures = [], []
+    bar = tqdm(plan, desc=f"bench {suite.name}", unit="run", disable=not opts.progress)
+    try:
+        for method, eps, run_dir in bar:
+            bar.set_postfix_str(f"{method} eps={eps:g}")
+            reset_peak_memory()
+            try:
+                if method == "real":
+                    line, ev = _run_real(suite, eps, opts, run_dir, real)
+                elif method == "dpsgd-classifier":
+                    line, ev = _run_dpsgd(suite, eps, opts, run_dir, real)
+                else:
+                    line, ev = _run_generator(suite, method, eps, opts, run_dir, real)
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others; reported below
+                failures.append(f"{method} eps={eps:g}: {type(e).__name__}: {e}")
+                tqdm.write(f"bench: {failures[-1]}", file=sys.stderr)
+                continue
+            line["peak_mem_mb"] = peak_memory_mb()
+            _append_line(results_path, line)
+            report = Path(line["run_dir"]) / "report.md"
+            with open(report, "a") as f:
+                f.write(_eval_section(line, ev))
+            lines.append(line)
+            tqdm.write(f"bench: {method} eps={eps:g}: CNN {line['acc_cnn']}, FID {line['fid']} -> {results_path}",
+                       file=sys.stderr)
+    finally:
+        bar.close()
+        torch.set_num_threads(old_threads)
+    if failures:
+        raise DPImagesError(f"{len(failures)} of {len(plan)} runs failed: " + "; ".join(failures))
+    return lines
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Results lines of a .jsonl file (blank lines skipped)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no results file {p}: run `dpimages bench` first")
+    rows = []
+    for i, text in enumerate(p.read_text().splitlines(), 1):
+        if text.strip():
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError:
+                raise InputError(f"{p}: line {i} is not JSON") from None
+    return rows
+
+
+def _fmt(v: object, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """The latest line per (method, preset, epsilon, eval mode, feature network), sorted."""
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        latest[(r["method"], r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"))] = r
+    ref_order = {"real": 0, "dpsgd-classifier": 1}
+    return sorted(latest.values(), key=lambda r: (r["preset"], ref_order.get(r["method"], 2), r["method"],
+                                                  r["epsilon"]))
+
+
+def render_table(rows: list[dict], suite: str = "fmnist") -> str:
+    """Markdown: one accuracy table, and one fidelity table per feature network (never mixed)."""
+    rows = latest_rows(rows)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    out = [f"# Benchmark results: {suite}", "",
+           "Accuracy (%) of classifiers trained on 60,000 synthetic images and tested on the 10,000 real test "
+           "images (model selection on the 5,000 validation images only). epsilon spent is the run's ledger (PLD); "
+           "delta 1e-5; add/remove-one neighbouring relation. Rendered by `dpimages bench --table`.", "",
+           "| method | preset | epsilon | epsilon spent | CNN | MLP | LogReg | memorized | fit min | eval min "
+           "| peak MB | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mem = r.get("memorization") or {}
+        memtxt = "-" if not mem else f"{mem['frac_closer_than_heldout_p1']:.3f}" + (" (!)" if mem["flagged"] else "")
+        mode = " (smoke eval)" if r.get("eval_mode") == "smoke" else ""
+        out.append(
+            f"| {r['method']}{mode} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r.get('epsilon_spent'))} | "
+            f"{pct(r.get('acc_cnn'))} | {pct(r.get('acc_mlp'))} | {pct(r.get('acc_logreg'))} | {memtxt} | "
+            f"{_minutes(r.get('fit_s'))} | {_minutes(r.get('eval_s'))} | {_fmt(r.get('peak_mem_mb'))} | "
+            f"`{r['run_dir']}` |")
+    out += ["", "`real`: classifiers trained on the real private training images (no privacy; its epsilon column only "
+            "places it beside the private rows; fidelity is the training set against itself and memorization is "
+            "flagged by construction). `dpsgd-classifier`: a GroupNorm/tanh CNN trained with DP-SGD directly on the "
+            "private images (the task-specific ceiling; no images, so only its CNN column). memorized: fraction of "
+            "synthetic images closer to a private image than 99% of real held-out images are; (!) above 0.05."]
+    for net in sorted({r["feature_net"] for r in rows if r.get("feature_net")}):
+        out += ["", f"## Fidelity in the feature space of `{net}`", "",
+                "| method | preset | epsilon | FID | KID | precision | recall |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.get("feature_net") == net:
+                out.append(f"| {r['method']} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r['fid'])} | "
+                           f"{_fmt(r['kid'])} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} |")
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    out += ["", "Measured on: " + "; ".join(devices) if devices else ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
+    """PNG: test accuracy against epsilon, one line per method, one panel per classifier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = latest_rows(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    panels = (("acc_cnn", "CNN"), ("acc_mlp", "MLP"), ("acc_logreg", "logistic regression"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for method in sorted({r["method"] for r in rows}):
+            for preset in sorted({r["preset"] for r in rows if r["method"] == method}):
+                pts = sorted((r["epsilon"], r[key]) for r in rows
+                             if r["method"] == method and r["preset"] == preset and r.get(key) is not None)
+                if not pts:
+                    continue
+                xs, ys = zip(*pts, strict=True)
+                style = "--" if method == "real" else ":" if method == "dpsgd-classifier" else "-"
+                ax.plot(xs, [100 * y for y in ys], style, marker="o", label=f"{method} ({preset})")
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (delta 1e-5)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_table(out_dir: str | Path, suite_name: str = "fmnist") -> tuple[str, Path, Path]:
+    """Render `OUT/SUITE.md` and `OUT/SUITE_accuracy.png` from `OUT/SUITE.jsonl`; return (markdown, md, png)."""
+    if suite_name not in SUITES:
+        raise InputError(f"unknown suite {suite_name!r}; available: {', '.join(SUITES)}")
+    out_dir = Path(out_dir)
+    rows = read_results(out_dir / SUITES[suite_name].results_file)
+    md = render_table(rows, suite_name)
+    png = plot_accuracy(rows, out_dir / f"{suite_name}_accuracy.png")
+    md_path = out_dir / f"{suite_name}.md"
+    text = md + f"\n![accuracy against epsilon]({png.name})\n"
+    tmp = md_path.with_name(md_path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, md_path)
+    return text, md_path, png
+
+
+__all__ = ["SUITES", "BenchOptions", "Suite", "plot_accuracy", "read_results", "render_table", "run_bench",
+           "write_table"]
