@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,13 @@ def ledger_steps(run: Path) -> int | None:
         return sum(e["steps"] for e in json.loads((run / "privacy.json").read_text())["events"])
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def checkpoint_step(run: Path) -> int:
+    try:
+        return int(json.loads((run / "checkpoints" / "state.json").read_text())["step"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
 
 
 def released_steps(run: Path) -> int:
@@ -97,6 +105,55 @@ def test_same_seed_is_bit_identical_other_seed_and_secure_rng_differ(tmp_path, c
     cfg = (tmp_path / "s1" / "config.yaml").read_text()
     assert "secure_rng: true" in cfg and "secure_rng: false" in (tmp_path / "a" / "config.yaml").read_text()
     recompute_ok(*(tmp_path / r for r in ("a", "b", "c", "s1", "s2")))
+
+
+# -- SIGKILL mid-run, resume: dp-mepf (one release, then post-processing; fast) --------------------------------
+def mepf_args(run: Path) -> list[str]:
+    return ["fit", "dp-mepf", "--data", f"npz:{CORPUS}/small-valid.npz", "--epsilon", "2", "--preset", "smoke",
+            "--run-dir", str(run), "--json", "steps=30", "checkpoint_every=5", "eval_every=10", "grid_every=1000"]
+
+
+def test_sigkill_dp_mepf_then_resume_equals_uninterrupted(tmp_path, capsys):
+    torch.set_num_threads(1)
+    killed, ref = tmp_path / "killed", tmp_path / "ref"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dpimages", *mepf_args(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    codes: list[int] = []
+    uninterrupted = threading.Thread(target=lambda: codes.append(main(mepf_args(ref))))
+    uninterrupted.start()  # the uninterrupted run, meanwhile
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if checkpoint_step(killed) >= 5:  # the first training checkpoint (the release itself is at step 0)
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the fit ended before it could be killed: make the schedule longer"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        uninterrupted.join(timeout=300)
+    assert codes == [0], capsys.readouterr().err
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads((killed / "checkpoints" / "state.json").read_text())
+    assert 5 <= state["step"] < 30 and state["finished"] is False
+    before = events(killed)
+    assert before == events(ref)  # the whole release is on disk before training starts
+    recompute_ok(killed)
+
+    capsys.readouterr()
+    assert main([*mepf_args(killed), "--resume"]) == 0, capsys.readouterr().err
+    assert events(killed) == before == events(ref)  # no second release, none lost
+    pk, pr = (json.loads((r / "privacy.json").read_text()) for r in (killed, ref))
+    assert pk["epsilon"] == pr["epsilon"] and pk["epsilon_exact"] and pr["epsilon_exact"]
+    assert json.loads((killed / "checkpoints" / "state.json").read_text())["step"] == 30
+    for r in (killed, ref):
+        assert main(["sample", str(r), "--n", "8", "--out", str(tmp_path / f"{r.name}.npz")]) == 0
+    # resuming is exact: the same generator as the uninterrupted run, so the same samples
+    assert np.array_equal(np.load(tmp_path / "killed.npz")["images"], np.load(tmp_path / "ref.npz")["images"])
+    recompute_ok(killed, ref)
 
 
 # -- SIGKILL mid-run, resume (dpdm smoke in subprocesses) ---------------------------------------------------
