@@ -10,6 +10,8 @@ import torch
 
 from dpimages.errors import InputError
 
+MIN_SIDE, MAX_SIDE = 8, 1024  # pixels per image side that every loader accepts
+
 
 @dataclass
 class ImageData:
@@ -89,8 +91,8 @@ def validate_arrays(images: object, labels: object, num_classes: int, name: str)
     if images.shape[0] == 0:
         raise InputError(f"{name}: the data set has no images")
     h, w = images.shape[1:3]
-    if min(h, w) < 8 or max(h, w) > 1024:
-        raise InputError(f"{name}: image size must be between 8 and 1024 pixels per side, got {h}x{w}")
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+        raise InputError(f"{name}: image size must be between {MIN_SIDE} and {MAX_SIDE} pixels per side, got {h}x{w}")
     if labels is None:
         return
     if not isinstance(labels, np.ndarray) or labels.dtype != np.int64:

@@ -15,13 +15,14 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from dpimages.data.imagedata import ImageData
+from dpimages.data.imagedata import MAX_SIDE, MIN_SIDE, ImageData
 from dpimages.errors import InputError
 
 FASHION_MNIST_CLASSES = [
@@ -165,7 +166,13 @@ def load_folder(path: str, skip_bad: bool = False) -> ImageData:
             try:
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
                     raise ValueError("not a PNG or JPEG file")
-                with Image.open(f) as im:
+                with warnings.catch_warnings():  # a huge header is refused by its size, not warned about
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    im = Image.open(f)  # reads the header only
+                with im:
+                    w, h = im.size
+                    if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:  # before decoding a huge image
+                        raise ValueError(f"size {h}x{w} is outside {MIN_SIDE}..{MAX_SIDE} pixels per side")
                     im.load()
                     arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB"))
                 if arr.ndim == 2:
