@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,14 @@ def main() -> None:
             Image.fromarray(bars(5)[i + 2 * (c == "b"), ..., 0]).save(d / c / f"{i}.png")
     (d / "a" / "notes.txt").write_text("not an image\n")
     (d / "b" / "fake.png").write_text("text pretending to be a PNG\n")
+
+    d = HERE / "folder-huge-png" / "a"  # a PNG whose header claims 10000x10000 (PIL warns, does not refuse)
+    d.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", 10000, 10000, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1000)
+    (d / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        for kind, body in ((b"IHDR", ihdr), (b"IDAT", idat))))
 
     (HERE / "bad.yaml").write_text("steps: [1, 2\nbatch_size: : 3\n")
     (HERE / "unknown-key.yaml").write_text("foo: 1\n")

@@ -31,6 +31,7 @@ BAD_DATA = [
     ("npz:{c}/one-by-one.npz", "between 8 and 1024 pixels per side, got 1x1"),
     ("npz:{c}/huge-dims.npz", "between 8 and 1024 pixels per side, got 2000x2000"),
     ("folder:{c}/folder-non-image", "notes.txt: not a PNG or JPEG file (use --skip-bad"),
+    ("folder:{c}/folder-huge-png", "big.png: size 10000x10000 is outside 8..1024 pixels per side"),
 ]
 GOOD = "npz:{c}/small-valid.npz"  # 40 images, 2 classes
 # (extra fit arguments, expected fragment); the data is GOOD
