@@ -154,3 +154,23 @@ def test_subprocess_prints_one_line_and_no_traceback(argv, needle, workdir):
     res = subprocess.run([sys.executable, "-m", "dpimages", *[fmt(a) for a in argv]], capture_output=True, text=True,
                          timeout=300, cwd=workdir, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert_refused(res.returncode, res.stdout, res.stderr, needle, workdir)
+
+
+# Refusals raised inside a method's fit come after fit_run has created the run directory (config.yaml, a
+# privacy.json with no events, empty checkpoints/ and samples/): nothing is spent, but something is written
+# and the same --run-dir is then refused as "not empty". The fix belongs in api.fit_run (validate or clean up
+# before/after run.start); strict, so these fail loudly once it is fixed and the marker must go.
+@pytest.mark.xfail(strict=True, reason="method-level refusals leave a run directory behind (see comment)")
+@pytest.mark.parametrize(
+    ("method", "extra", "needle"),
+    [
+        ("dp-mepf", ["--epsilon", "1e-9"], "is not reachable"),
+        ("dpdm", ["batch_size=1000"], "batch_size 1000 is larger than the data set"),
+        ("dp-mepf", ["features=path", "feature_path=/does/not/exist"], "feature weights not found"),
+    ],
+    ids=["unreachable-epsilon", "batch-larger-than-data", "missing-feature-path"],
+)
+def test_method_level_refusal_writes_nothing(method, extra, needle, workdir, capsys):
+    argv = fit_argv(fmt(GOOD), workdir / "run", *extra)
+    argv[1] = method
+    assert_refused(*run_cli(capsys, argv), needle, workdir)
