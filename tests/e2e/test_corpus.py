@@ -162,15 +162,18 @@ def test_subprocess_prints_one_line_and_no_traceback(argv, needle, workdir):
 # before/after run.start); strict, so these fail loudly once it is fixed and the marker must go.
 @pytest.mark.xfail(strict=True, reason="method-level refusals leave a run directory behind (see comment)")
 @pytest.mark.parametrize(
-    ("method", "extra", "needle"),
+    ("method", "data", "extra", "needle"),
     [
-        ("dp-mepf", ["--epsilon", "1e-9"], "is not reachable"),
-        ("dpdm", ["batch_size=1000"], "batch_size 1000 is larger than the data set"),
-        ("dp-mepf", ["features=path", "feature_path=/does/not/exist"], "feature weights not found"),
+        ("dp-mepf", GOOD, ["--epsilon", "1e-9"], "is not reachable"),
+        ("dpdm", GOOD, ["batch_size=1000"], "batch_size 1000 is larger than the data set"),
+        ("dp-mepf", GOOD, ["features=path", "feature_path=/does/not/exist"], "feature weights not found"),
+        ("dpdfd", "npz:{c}/one-class.npz", [], "dpdfd needs at least 2 classes, got 1"),
+        ("pe", GOOD, [], "needs api_path=DIR"),
     ],
-    ids=["unreachable-epsilon", "batch-larger-than-data", "missing-feature-path"],
+    ids=["unreachable-epsilon", "batch-larger-than-data", "missing-feature-path", "dpdfd-one-class",
+         "pe-no-api-path"],
 )
-def test_method_level_refusal_writes_nothing(method, extra, needle, workdir, capsys):
-    argv = fit_argv(fmt(GOOD), workdir / "run", *extra)
+def test_method_level_refusal_writes_nothing(method, data, extra, needle, workdir, capsys):
+    argv = fit_argv(fmt(data), workdir / "run", *extra)
     argv[1] = method
     assert_refused(*run_cli(capsys, argv), needle, workdir)
