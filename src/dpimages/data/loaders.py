@@ -56,29 +56,47 @@ def split_train_val(
     return data.subset(np.sort(order[n_val:]), data.name), data.subset(np.sort(order[:n_val]), data.name + ":val")
 
 
-def _read_gz(path: Path) -> bytes:
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """An IDX file (uint8 payload) as an array; checks magic number, image size and payload size.
+
+    The header is checked before the payload is read, so a header claiming huge images is refused
+    without decompressing anything more.
+    """
     if not path.exists():
         raise InputError(f"file not found: {path}")
+    gz = path.suffix == ".gz"
     try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 else 0
+            head += f.read(4 * ndim)
+            if len(head) < 8:
+                raise InputError(f"{path}: too short to be an IDX file ({len(head)} bytes)")
+            magic = struct.unpack(">I", head[:4])[0]
+            if magic != expected_magic:
+                raise InputError(f"{path}: wrong IDX magic number {magic:#010x}, expected {expected_magic:#010x}")
+            if len(head) < 4 + 4 * ndim:
+                raise InputError(f"{path}: too short to be an IDX file ({len(head)} bytes)")
+            dims = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+            if ndim == 3 and (min(dims[1:]) < MIN_SIDE or max(dims[1:]) > MAX_SIDE):
+                raise InputError(f"{path}: header says shape {dims}: images must be between {MIN_SIDE} and "
+                                 f"{MAX_SIDE} pixels per side")
+            size = int(np.prod(dims))
+            chunks, got = [], 0  # in chunks: one read(size) would allocate whatever the header claims
+            while got <= size:
+                chunk = f.read(min(1 << 22, size + 1 - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            payload = b"".join(chunks)
     except (OSError, EOFError, zlib.error) as e:
+        if not gz:
+            raise InputError(f"{path}: not readable ({type(e).__name__})") from None
         raise InputError(f"{path}: not a readable gzip file ({type(e).__name__}: truncated or corrupt)") from None
-
-
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """An IDX file (uint8 payload) as an array; checks magic number and size."""
-    raw = _read_gz(path) if path.suffix == ".gz" else path.read_bytes()
-    if len(raw) < 8:
-        raise InputError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-    magic = struct.unpack(">I", raw[:4])[0]
-    if magic != expected_magic:
-        raise InputError(f"{path}: wrong IDX magic number {magic:#010x}, expected {expected_magic:#010x}")
-    ndim = magic & 0xFF
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    payload = raw[4 + 4 * ndim :]
-    if len(payload) != int(np.prod(dims)):
-        raise InputError(f"{path}: header says shape {dims} but payload has {len(payload)} bytes")
+    if len(payload) != size:
+        raise InputError(f"{path}: header says shape {dims} but payload has {len(payload)} bytes"
+                         + (" or more" if len(payload) > size else ""))
     return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
