@@ -34,6 +34,7 @@ METHOD_MODULES: dict[str, str] = {
     "dp-mepf": "dpimages.methods.dp_mepf",
     "dpdfd": "dpimages.methods.dpdfd",
     "dpdm": "dpimages.methods.dpdm",
+    "dpaf": "dpimages.methods.dpaf",
     "pe": "dpimages.methods.pe",
 }
 _REGISTRY: dict[str, type[Synthesizer]] = {}

@@ -1,0 +1,9 @@
+"""DPAF (`dpaf`): a conditional GAN with differentially private feature aggregation in the discriminator's forward pass.
+
+See `method` for the privacy argument and `config` for the schedule and presets.
+"""
+
+from dpimages.methods.dpaf.config import DPAFConfig
+from dpimages.methods.dpaf.method import DPAF, release_aggregates
+
+__all__ = ["DPAF", "DPAFConfig", "release_aggregates"]

@@ -1,0 +1,128 @@
+"""Configuration of DPAF (`dpaf`): networks, the private schedule and its budget split, post-processing.
+
+The private schedule is fixed before any private pixel is read. It runs in
+``cycles``; each cycle is
+
+* phase A: ``agg_steps`` aggregation releases (Poisson rate ``agg_batch / N``),
+  each followed by ``f2_steps`` updates of f2 and ``g_steps`` updates of the
+  generator (post-processing), f1 fixed;
+* phase B: ``f1_steps`` DP-SGD updates of f1 (Poisson rate ``f1_batch / N``,
+  clip ``grad_clip``): few updates on large batches, while f2 and G take
+  many updates from small-batch aggregates (asymmetric training).
+
+With ``aggregation=false`` (the ablation) there is no f1/f2 split at
+training time: the whole discriminator is trained with DP-SGD, one step per
+iteration (Poisson rate ``plain_batch / N``), ``cycles * agg_steps``
+iterations, each followed by ``g_steps`` generator updates.
+
+Budget split: ``f1_share`` and ``counts_share`` are the (approximate) shares of
+the budget spent on f1's DP-SGD steps and on the one-time noisy class counts;
+the aggregation releases get the rest (see `dpimages.methods.dpaf.method.noise_plan`).
+
+Presets change sizes only (never code paths):
+
+* ``smoke``: a handful of steps on tiny networks; for tests, no quality claim.
+* ``cpu``: the whole fit within 60 minutes on 2 CPU cores on Fashion-MNIST
+  (55,000 images), sized from measured throughput (docs/dpaf.md).
+* ``gpu``: larger networks and a longer schedule.
+* ``gpu-short``: the ``gpu`` networks, a schedule for about 20 minutes of one
+  H100, as resumable runs of at most 10 minutes (``max_minutes``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from dpimages.config import MethodConfig
+from dpimages.errors import InputError
+
+
+@dataclass
+class DPAFConfig(MethodConfig):
+    """DPAF settings (defaults: the ``cpu`` preset's sizes)."""
+
+    # networks
+    d_channels: tuple[int, ...] = (32, 64)  # f1: stride-2 conv blocks (GroupNorm)
+    feature_channels: int = 16  # f1: 1x1 conv at the end; feature dim = feature_channels * (H/4) * (W/4)
+    f2_channels: tuple[int, ...] = (32, 64)  # f2: two conv layers, then the projection head
+    generator: str = "dcgan"
+    gen_channels: int = 16
+    z_dim: int = 32
+    # privacy: mechanism, clipping, schedule, budget split
+    aggregation: bool = True  # false: the ablation, the whole discriminator trained with DP-SGD
+    feature_clip: float = 1.0  # C_f: L2 clip of each image's f1 feature vector
+    grad_clip: float = 1.0  # C: per-example gradient clip of the DP-SGD steps (f1, or D in the ablation)
+    cycles: int = 20
+    agg_steps: int = 150  # aggregation releases per cycle (phase A)
+    agg_batch: int = 1100  # expected Poisson batch of one aggregation release
+    agg_groups: int = 1  # disjoint random groups per class in one release (K * groups aggregates per release)
+    f1_steps: int = 5  # f1 DP-SGD steps per cycle (phase B)
+    f1_batch: int = 2750  # expected Poisson batch of one f1 step
+    plain_batch: int = 256  # ablation: expected Poisson batch of one discriminator DP-SGD step
+    f1_share: float = 0.25
+    counts_share: float = 0.02
+    # post-processing: optimisers and updates per release
+    f2_steps: int = 1
+    g_steps: int = 1
+    fake_per_class: int = 32  # generated images per class per iteration (G and f2 updates)
+    lr_g: float = 2e-4
+    lr_f1: float = 1e-3
+    lr_f2: float = 2e-4
+    beta1: float = 0.5
+    ema: float = 0.999
+    physical_batch: int = 256  # examples per vmap chunk in the DP-SGD steps (memory only)
+    sample_batch: int = 1000
+    # run control
+    max_minutes: float = 0.0  # > 0: checkpoint and stop at the first cycle end after this many minutes
+    cycles_per_run: int = 0  # > 0: checkpoint and stop after this many cycles in one process (--resume goes on)
+    log_every: int = 25
+    grid_every: int = 5  # cycles
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {
+            "d_channels": (8, 8), "feature_channels": 4, "f2_channels": (8, 8), "gen_channels": 8, "z_dim": 8,
+            "cycles": 2, "agg_steps": 3, "agg_batch": 40, "f1_steps": 1, "f1_batch": 40, "plain_batch": 32,
+            "fake_per_class": 2, "physical_batch": 32, "sample_batch": 64, "log_every": 2, "grid_every": 1,
+        },
+        "cpu": {},
+        "gpu": {"d_channels": (64, 128), "feature_channels": 32, "f2_channels": (64, 128), "gen_channels": 64,
+                "cycles": 50, "agg_steps": 400, "agg_batch": 1100, "f1_steps": 10, "f1_batch": 5500,
+                "plain_batch": 512, "fake_per_class": 64, "physical_batch": 1024, "log_every": 100,
+                "grid_every": 10},
+        "gpu-short": {"d_channels": (64, 128), "feature_channels": 32, "f2_channels": (64, 128), "gen_channels": 64,
+                      "cycles": 30, "agg_steps": 300, "agg_batch": 1100, "f1_steps": 8, "f1_batch": 5500,
+                      "plain_batch": 512, "fake_per_class": 64, "physical_batch": 1024, "max_minutes": 9.0,
+                      "log_every": 100, "grid_every": 10},
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
+
+    def __post_init__(self) -> None:
+        for name in ("feature_channels", "gen_channels", "z_dim", "cycles", "agg_steps", "agg_batch", "agg_groups",
+                     "f1_steps", "f1_batch", "plain_batch", "f2_steps", "g_steps", "fake_per_class",
+                     "physical_batch", "sample_batch", "log_every", "grid_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.d_channels or any(c < 1 for c in self.d_channels):
+            raise InputError(f"d_channels must be positive ints, got {list(self.d_channels)}")
+        if len(self.f2_channels) != 2 or any(c < 1 for c in self.f2_channels):
+            raise InputError(f"f2_channels must be two positive ints, got {list(self.f2_channels)}")
+        if self.generator not in ("dcgan", "resnet"):
+            raise InputError(f"generator must be 'dcgan' or 'resnet', got {self.generator!r}")
+        for name in ("feature_clip", "grad_clip", "lr_g", "lr_f1", "lr_f2"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise InputError(f"{name} must be a finite number > 0, got {v}")
+        if not (0 < self.f1_share < 1 and 0 < self.counts_share < 1 and self.f1_share + self.counts_share < 1):
+            raise InputError(f"need 0 < f1_share, 0 < counts_share and f1_share + counts_share < 1, got "
+                             f"{self.f1_share}, {self.counts_share}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.ema < 1):
+            raise InputError(f"beta1 and ema must be in [0, 1), got {self.beta1}, {self.ema}")
+        if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
+            raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
+        if self.cycles_per_run < 0:
+            raise InputError(f"cycles_per_run must be >= 0 (0: no limit), got {self.cycles_per_run}")
