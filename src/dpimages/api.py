@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from dpimages import __version__
 from dpimages.config import MethodConfig, resolve_config
 from dpimages.data import ImageData, load
-from dpimages.errors import InputError
+from dpimages.errors import DPImagesError, InputError
 from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
 from dpimages.report import render_report
 from dpimages.runs import Run
@@ -206,7 +207,13 @@ def fit_run(
     ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress)
     synth = cls(config)
     t0 = time.time()
-    synth.fit(private, public_data, ctx)
+    try:
+        synth.fit(private, public_data, ctx)
+    except DPImagesError:
+        # A refusal before anything was released leaves nothing behind (the same --run-dir can be reused).
+        if not resume and not ledger.events:
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     ledger.write(exact=True)
     run.log(-1, event="fit_done", fit_s=round(time.time() - t0, 2), epsilon=ledger.epsilon())
     run.write_report(render_report(run, synth.report_section()))

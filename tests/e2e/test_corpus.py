@@ -156,11 +156,8 @@ def test_subprocess_prints_one_line_and_no_traceback(argv, needle, workdir):
     assert_refused(res.returncode, res.stdout, res.stderr, needle, workdir)
 
 
-# Refusals raised inside a method's fit come after fit_run has created the run directory (config.yaml, a
-# privacy.json with no events, empty checkpoints/ and samples/): nothing is spent, but something is written
-# and the same --run-dir is then refused as "not empty". The fix belongs in api.fit_run (validate or clean up
-# before/after run.start); strict, so these fail loudly once it is fixed and the marker must go.
-@pytest.mark.xfail(strict=True, reason="method-level refusals leave a run directory behind (see comment)")
+# Refusals raised inside a method's fit, after fit_run created the run directory but before any release:
+# fit_run removes the directory, so nothing is written and the same --run-dir can be used again.
 @pytest.mark.parametrize(
     ("method", "data", "extra", "needle"),
     [
