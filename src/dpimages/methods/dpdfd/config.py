@@ -58,7 +58,7 @@ class DPDFDConfig(MethodConfig):
     w_ce: float = 1.0  # cross-entropy of the student's prediction against the conditioning label
     w_entropy: float = 0.5  # reward for per-image student entropy (hard examples near its boundaries)
     w_balance: float = 1.0  # reward for the entropy of the batch-mean prediction (all classes used)
-    w_diversity: float = 0.0  # mode-seeking reward: image distance / latent distance for the same label
+    w_diversity: float = 2.0  # mode-seeking reward: image distance / latent distance for the same label
     # evaluation of the student on the public test set (Fashion-MNIST only)
     student_eval: bool = True
     eval_every: int = 500

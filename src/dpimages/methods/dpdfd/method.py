@@ -14,7 +14,10 @@ Steps of `DPDFD.fit`
    student parameters is flattened and scaled to L2 norm exactly C; it is
    released as ``g + N(0, (2 C s)^2 I)`` (`release.release_update`: one
    Gaussian event in the ledger, written before the noise is drawn); SGD with
-   momentum steps the student with that noisy vector. Then the generator takes
+   momentum steps the student with that noisy vector, rescaled by the public
+   constant ``C / sqrt(C^2 + d (2 C s)^2)`` (its expected norm is then about
+   C whatever epsilon, so ``student_lr`` means the same at every budget;
+   post-processing). Then the generator takes
    ``gen_steps`` Adam steps against the *fixed student* (no teacher): cross-
    entropy of the student's prediction against the conditioning label, minus
    ``w_entropy`` x the student's per-image entropy (hard images near the
@@ -239,6 +242,7 @@ class DPDFD(Synthesizer):
             "noise_std": 2.0 * cfg.clip_norm * sigma, "student_parameters": num_parameters(student),
             "generator_parameters": num_parameters(gen), "train_s": 0.0, "teacher_s": 0.0, "teacher_trainings": 0,
             "student_test_accuracy": None, "student_test_set": None,
+            "update_scale": rel.update_scale(cfg.clip_norm, sigma, num_parameters(student)),
         }
         tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         ckpt_step = 0
@@ -323,6 +327,7 @@ class DPDFD(Synthesizer):
         run = ctx.run
         s_params = [p for p in student.parameters() if p.requires_grad]
         g_params = list(gen.parameters())
+        scale = rel.update_scale(cfg.clip_norm, sigma, sum(p.numel() for p in s_params))
         step, first = spent, spent
         t_start = time.time()
         elapsed0 = float(self.train_info["train_s"])
@@ -339,7 +344,7 @@ class DPDFD(Synthesizer):
             noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
                                        noise=ctx.noise)
             del update
-            rel.set_gradients(s_params, noisy)
+            rel.set_gradients(s_params, noisy * scale)
             sopt.step()
             sopt.zero_grad(set_to_none=True)
             step += 1
@@ -522,7 +527,9 @@ class DPDFD(Synthesizer):
             "### Student (the DP classifier)",
             "",
             f"- SmallCNN, channels {list(cfg.student_channels)}, hidden {cfg.student_hidden}; SGD lr "
-            f"{cfg.student_lr:g}, momentum {cfg.student_momentum:g}; weights in `{STUDENT_FILE}`",
+            f"{cfg.student_lr:g}, momentum {cfg.student_momentum:g} on the noisy update times "
+            f"{t.get('update_scale', 1.0):.4g} (C over its expected norm, a public constant); weights in "
+            f"`{STUDENT_FILE}`",
             f"- test accuracy: {acc_text}",
             "",
             "### Generator (post-processing)",

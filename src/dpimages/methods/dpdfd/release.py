@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -135,6 +136,15 @@ def release_update(
     """The noisy update: `normalised` + N(0, (2 C s)^2 I), recorded in the ledger first (sensitivity 2C)."""
     return gaussian_release(normalised, sensitivity=2.0 * clip_norm, noise_multiplier=noise_multiplier,
                             ledger=ledger, noise=noise, label=RELEASE_LABEL)
+
+
+def update_scale(clip_norm: float, noise_multiplier: float, dim: int) -> float:
+    """C / sqrt(C^2 + dim (2 C s)^2): the released update times this has expected norm about C.
+
+    A public constant (C, s and the parameter count are fixed before any
+    private access); multiplying the released vector by it is post-processing.
+    """
+    return clip_norm / math.sqrt(clip_norm**2 + dim * (2.0 * clip_norm * noise_multiplier) ** 2)
 
 
 def set_gradients(params: Sequence[torch.Tensor], vector: torch.Tensor) -> None:
