@@ -90,8 +90,8 @@ def test_release_aggregates_sensitivity_on_neighbouring_data():
                            ledger=ledger, noise=noise)
 
 
-def _method_release(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
-    """One aggregation release through the method's own iteration, noise off; returns the undivided row sums."""
+def _synth_and_nets(groups: int = 1) -> tuple[DPAF, _Nets]:
+    """A smoke-sized DPAF set up as `fit` would after the counts release (counts given), seeded."""
     cfg = create("dpaf", "smoke", agg_groups=groups, fake_per_class=4).config
     synth = DPAF(cfg)  # type: ignore[arg-type]
     synth.num_classes, synth.image_shape, synth.classes = 10, (28, 28, 1), [str(k) for k in range(10)]
@@ -103,6 +103,12 @@ def _method_release(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, group
     nets = _Nets(f1, f2, gen, synth.new_generator(), torch.optim.Adam(f1.parameters()),
                  torch.optim.Adam(f2.parameters()), torch.optim.Adam(gen.parameters()),
                  torch.Generator().manual_seed(1))
+    return synth, nets
+
+
+def _method_release(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
+    """One aggregation release through the method's own iteration, noise off; returns the undivided row sums."""
+    synth, nets = _synth_and_nets(groups)
     ledger = PrivacyLedger(10.0, 1e-5)
     ledger.reserve(PrivacyEvent.subsampled_gaussian(1.0, 0.2, 1, LABEL_AGG))
     ctx = FitContext(ledger, ZeroNoise(ledger))
@@ -124,6 +130,23 @@ def test_method_aggregate_moves_by_at_most_cf_when_one_image_is_added(groups):
     assert with_x.shape == (10 * groups, without.shape[1])
     diff = (with_x - without).norm().item()
     assert 0 < diff <= 1.0 * (1 + 1e-5)  # C_f = 1 (the smoke preset's feature_clip)
+
+
+def test_f1_targets_are_the_loss_gradient_at_released_aggregates():
+    """t_real is (N / N_k) dL/dA for one release, averaged (not summed) over the phase's releases."""
+    synth, nets = _synth_and_nets()
+    real = torch.randn(10, nets.f1.dim) * 0.05
+    synth.buffer = [real]
+    t1_real, t1_fake = synth._targets(nets)
+    nets.rng.manual_seed(1)
+    synth.buffer = [real, real.clone(), real.clone()]
+    t3_real, t3_fake = synth._targets(nets)
+    assert torch.allclose(t1_real, t3_real, rtol=1e-5) and torch.allclose(t1_fake, t3_fake, rtol=1e-5)
+    a = real.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.softplus(-nets.f2(a, torch.arange(10))).mean(), a)
+    direction = g * 200 / 20.0  # N / N_k
+    cos = torch.nn.functional.cosine_similarity(direction.flatten(), t1_real.flatten(), dim=0)
+    assert cos.item() == pytest.approx(1.0, abs=1e-5)
 
 
 # -- networks ----------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class DPAFConfig(MethodConfig):
     counts_share: float = 0.02
     # post-processing: optimisers and updates per release
     f2_steps: int = 1
+    f2_replay: int = 0  # earlier released aggregates of the phase replayed in each f2 update (post-processing)
     g_steps: int = 1
     fake_per_class: int = 32  # generated images per class per iteration (G and f2 updates)
     lr_g: float = 2e-4
@@ -122,6 +123,8 @@ class DPAFConfig(MethodConfig):
                              f"{self.f1_share}, {self.counts_share}")
         if not (0 <= self.beta1 < 1 and 0 <= self.ema < 1):
             raise InputError(f"beta1 and ema must be in [0, 1), got {self.beta1}, {self.ema}")
+        if self.f2_replay < 0:
+            raise InputError(f"f2_replay must be >= 0, got {self.f2_replay}")
         if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
             raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
         if self.cycles_per_run < 0:

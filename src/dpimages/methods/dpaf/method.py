@@ -19,7 +19,7 @@ kinds of private releases and nothing else reads private data:
    batches with the same class mix) and the divisors below.
 2. **Feature aggregation** (``dpaf feature aggregation``), ``cycles * agg_steps`` times: a Poisson sample S of
    the private set (every image independently with probability q_a = agg_batch / N, `PoissonSampler`);
-   each selected image i goes to row r(i) = K * 0 + y_i * M + g_i, where g_i is a group drawn uniformly from
+   each selected image i goes to row r(i) = y_i * M + g_i, where g_i is a group drawn uniformly from
    M = ``agg_groups`` groups by the training generator (independently of the data). Released: the
    (K*M, d) matrix of row sums of the clipped features ``clip(f1(x_i), C_f)`` plus N(0, sigma_a^2 C_f^2) noise
    per entry (`release_aggregates`). Sensitivity: conditionally on everything released before, f1 is a fixed
@@ -48,6 +48,10 @@ every release, so the releases compose adaptively: the ledger's composition (PLD
 subsampled Gaussian events (sigma_1, q_1) is the run's guarantee. (Sharing one Poisson sample between an
 aggregation and an f1 step would *not* be covered by this composition of independently sampled events; the
 samplers are separate for that reason.)
+
+The training generator (latents, fake labels, simulated row counts, groups) is seeded apart from the privacy
+noise and never consumes a number of draws that depends on private data (groups are drawn for all N images), so
+the post-processing cannot depend on an unreleased private quantity such as a Poisson batch size.
 
 Nothing computed from private data except these releases is logged: the logged f2 losses on real data are
 f2 applied to released aggregates; private batch sizes and per-example quantities are never logged.
@@ -115,7 +119,7 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg: DPAFConfig, n: int) -> Schedule:
-        for name in ("agg_batch", "f1_batch", "plain_batch"):
+        for name in ("agg_batch", "f1_batch") if cfg.aggregation else ("plain_batch",):
             if getattr(cfg, name) > n:
                 raise InputError(f"{name} {getattr(cfg, name)} is larger than the data set ({n} images): lower it")
         return cls(n, cfg.aggregation, cfg.agg_batch / n, cfg.cycles * cfg.agg_steps, cfg.f1_batch / n,
@@ -400,7 +404,7 @@ class DPAF(Synthesizer):
         _set_rng_state(nets.rng, state["train_rng"])
         self.counts = tensors["counts"].double()
         self.buffer = list(tensors["buffer"].to(dev).unbind(0)) if "buffer" in tensors else []
-        self.train_info.update({k: state["train_info"][k] for k in ("noisy_counts", "train_s")
+        self.train_info.update({k: state["train_info"][k] for k in ("noisy_counts", "train_s", "g_updates")
                                 if k in state.get("train_info", {})})
 
     # -- per-example losses for the DP-SGD engine --------------------------------------------------
@@ -517,8 +521,10 @@ class DPAF(Synthesizer):
             feats = torch.cat([nets.f1(x_all[idx[i : i + cfg.physical_batch * 4]])
                                for i in range(0, idx.numel(), cfg.physical_batch * 4)]) if idx.numel() else \
                 torch.zeros(0, nets.f1.dim, device=self.device)
-        groups = torch.randint(cfg.agg_groups, (idx.numel(),), generator=rng).to(self.device)
-        rows = y_all[idx] * cfg.agg_groups + groups
+        rows = y_all[idx] * cfg.agg_groups
+        if cfg.agg_groups > 1:  # a group for every image (not only the sampled ones): the number of draws, and
+            # so the training generator's later state, must not depend on the private batch size
+            rows = rows + torch.randint(cfg.agg_groups, (x_all.shape[0],), generator=rng).to(self.device)[idx]
         released = release_aggregates(feats, rows, self.num_rows, clip_norm=cfg.feature_clip,
                                       noise_multiplier=sigma, sample_rate=sampler.sample_rate, ledger=ctx.ledger,
                                       noise=ctx.noise)
@@ -532,9 +538,13 @@ class DPAF(Synthesizer):
             fake_f = nets.f1(fake_x)
             if g_step == 0:
                 for _ in range(cfg.f2_steps):
-                    fake_agg = self._fake_aggregates(fake_f.detach(), rng)
-                    d_real = F.softplus(-nets.f2(real, k_rows)).mean()
-                    d_fake = F.softplus(nets.f2(fake_agg, k_rows)).mean()
+                    # this release plus `f2_replay` earlier ones of this phase (same f1: comparable aggregates)
+                    pick = torch.randint(len(self.buffer), (cfg.f2_replay,), generator=rng).tolist()
+                    reals = torch.cat([real, *(self.buffer[i] for i in pick)])
+                    fakes = torch.cat([self._fake_aggregates(fake_f.detach(), rng) for _ in range(1 + len(pick))])
+                    rows_k = k_rows.repeat(1 + len(pick))
+                    d_real = F.softplus(-nets.f2(reals, rows_k)).mean()
+                    d_fake = F.softplus(nets.f2(fakes, rows_k)).mean()
                     assert nets.opt_f2 is not None
                     nets.opt_f2.zero_grad(set_to_none=True)
                     (d_real + d_fake).backward()
@@ -567,8 +577,8 @@ class DPAF(Synthesizer):
             real = torch.stack(self.buffer).requires_grad_(True)
             s = real.shape[0]
             loss = F.softplus(-nets.f2(real.flatten(0, 1), k_rows.repeat(s))).mean()
-            (g_real,) = torch.autograd.grad(loss, real)
-            g_real = g_real.sum(0) * s
+            (g_real,) = torch.autograd.grad(loss * s, real)  # per release: d(mean over its rows) / dA
+            g_real = g_real.mean(0)
         else:  # a crash lost this phase's aggregates: only the fake side trains f1 in this phase
             g_real = torch.zeros(self.num_rows, nets.f1.dim, device=self.device)
         y_fake = torch.arange(self.num_classes, device=self.device).repeat_interleave(cfg.fake_per_class)
