@@ -116,6 +116,12 @@ def git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
+def _display_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (portable in committed results)."""
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd())
+    return str(path.resolve()) if rel.startswith("..") else rel
+
+
 def _append_line(path: Path, line: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -188,7 +194,7 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
         line["classifier_protocol"] = ev.get("classifier_protocol")
     line.update(values)
     line.update(device=machine_description(dev), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                commit=git_commit(), run_dir=str(run_dir), suite=suite.name, seed=opts.seed,
+                commit=git_commit(), run_dir=_display_path(run_dir), suite=suite.name, seed=opts.seed,
                 dpimages_version=__version__)
     return line
 
@@ -218,7 +224,7 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
 def _reference_config(suite: Suite, method: str, epsilon: float, opts: BenchOptions, real) -> dict:  # noqa: ANN001
     return {"method": method, "preset": opts.preset, "data": real.train.name, "data_fingerprint":
             real.train.fingerprint, "dataset_size": len(real.train), "public": None, "epsilon": float(epsilon),
-            "delta": suite.delta, "seed": opts.seed, "reference_row": True,
+            "delta": suite.delta, "seed": opts.seed, "secure_rng": False, "reference_row": True,
             "versions": {"dpimages": __version__, "torch": str(torch.__version__)}}
 
 
@@ -314,7 +320,7 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
     if opts.n_samples is not None and opts.n_samples < 10 * 10:
         raise InputError(f"--n-samples must be >= 100 (10 per class), got {opts.n_samples}")
     out_dir = Path(out_dir)
-    runs_root = Path(runs_dir) if runs_dir else out_dir.resolve().parent / "runs"
+    runs_root = Path(runs_dir) if runs_dir else out_dir.parent / "runs"
     plan = [(m, e, runs_root / run_dir_name(m, e, opts.preset)) for m in methods for e in epsilons]
     for _, _, d in plan:
         if d.exists() and any(d.iterdir()):
