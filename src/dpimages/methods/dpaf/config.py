@@ -58,6 +58,7 @@ class DPAFConfig(MethodConfig):
     agg_steps: int = 150  # aggregation releases per cycle (phase A)
     agg_batch: int = 1100  # expected Poisson batch of one aggregation release
     agg_groups: int = 1  # disjoint random groups per class in one release (K * groups aggregates per release)
+    center: bool = True  # subtract a per-class reference feature (mean over generated images) before clipping
     f1_steps: int = 5  # f1 DP-SGD steps per cycle (phase B)
     f1_batch: int = 2750  # expected Poisson batch of one f1 step
     plain_batch: int = 256  # ablation: expected Poisson batch of one discriminator DP-SGD step

@@ -277,6 +277,7 @@ class DPAF(Synthesizer):
         self.train_info: dict[str, Any] = {}
         self.counts: torch.Tensor | None = None  # released (noisy) class counts, float64 (K,)
         self.buffer: list[torch.Tensor] = []  # this phase's released real aggregates (divided), (R, d) each
+        self.center: torch.Tensor | None = None  # this cycle's per-class feature reference (K, d), from fakes
 
     # -- building blocks -------------------------------------------------------------------------
     def new_generator(self) -> ConditionalGenerator:
@@ -404,13 +405,14 @@ class DPAF(Synthesizer):
         _set_rng_state(nets.rng, state["train_rng"])
         self.counts = tensors["counts"].double()
         self.buffer = list(tensors["buffer"].to(dev).unbind(0)) if "buffer" in tensors else []
+        self.center = tensors["center"].to(dev) if "center" in tensors else None
         self.train_info.update({k: state["train_info"][k] for k in ("noisy_counts", "train_s", "g_updates")
                                 if k in state.get("train_info", {})})
 
     # -- per-example losses for the DP-SGD engine --------------------------------------------------
-    def _f1_loss(self, model: Any, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Linearised discriminator loss of one example: target . clip(f1(x), C_f) (target: public)."""
-        return (clip_rows(model(x), self.config.feature_clip) * target).sum(1)
+    def _f1_loss(self, model: Any, x: torch.Tensor, target: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """Linearised discriminator loss of one example: target . clip(f1(x) - center, C_f) (target, center: public)."""
+        return (clip_rows(model(x) - center, self.config.feature_clip) * target).sum(1)
 
     def _d_loss(self, model: Any, x: torch.Tensor, y: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """Ablation: non-saturating GAN loss of one example, softplus(-D) for real, softplus(D) for fake."""
@@ -424,6 +426,26 @@ class DPAF(Synthesizer):
     def _fake_labels(self, n: int, rng: torch.Generator) -> torch.Tensor:
         """n labels drawn from the released class proportions."""
         return torch.multinomial(self._proportions().cpu(), n, replacement=True, generator=rng).to(self.device)
+
+    def _features(self, nets: _Nets, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """f1 features of images x with labels y, minus this cycle's per-class reference (DPAF mode)."""
+        f = nets.f1(x)
+        return f - self.center[y] if self.center is not None else f
+
+    @torch.no_grad()
+    def _new_center(self, nets: _Nets) -> torch.Tensor:
+        """Per-class mean f1 feature of generated images (K, d): public, fixed for one cycle.
+
+        Subtracting it before clipping removes the feature component that all images share, so the clipped
+        vectors (and the noisy aggregates) spend their norm C_f on what differs between real and generated
+        images. A function of G and f1 only (post-processing of earlier releases).
+        """
+        if not self.config.center:
+            return torch.zeros(self.num_classes, nets.f1.dim, device=self.device)
+        p = 4 * self.config.fake_per_class
+        y = torch.arange(self.num_classes, device=self.device).repeat_interleave(p)
+        f = nets.f1(nets.gen(self._latents(y.numel(), nets.rng), y))
+        return class_sums(f, y, self.num_classes) / p
 
     def _fake_aggregates(self, feats: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """Fake aggregates built like the real ones: (K*M, d), from K * fake_per_class fake features in class order.
@@ -482,6 +504,8 @@ class DPAF(Synthesizer):
             cycle = b // cfg.f1_steps
             if cycle >= cfg.cycles:
                 break
+            if self.center is None:  # a new cycle (or a resumed one whose phase A had not ended)
+                self.center = self._new_center(nets)
             while a < (cycle + 1) * cfg.agg_steps:  # phase A: aggregation releases, f2 and G updates
                 logs = self._aggregation_iteration(ctx, nets, agg_sampler, plan.agg, x_all, y_all)
                 a += 1
@@ -497,7 +521,7 @@ class DPAF(Synthesizer):
                 if ctx.run is not None:
                     ctx.run.log(a + engine.steps_spent, phase="B", cycle=cycle, f1_steps=engine.steps_spent,
                                 train_s=round(time.time() - t0, 2), **logs)
-            self.buffer = []
+            self.buffer, self.center = [], None
             cycles_run += 1
             last = cycle + 1 >= cfg.cycles
             self.train_info["train_s"] = time.time() - t0
@@ -517,9 +541,10 @@ class DPAF(Synthesizer):
         cfg = self.config
         rng = nets.rng
         idx = sampler.sample().to(self.device)
+        chunk = cfg.physical_batch * 4
         with torch.no_grad():
-            feats = torch.cat([nets.f1(x_all[idx[i : i + cfg.physical_batch * 4]])
-                               for i in range(0, idx.numel(), cfg.physical_batch * 4)]) if idx.numel() else \
+            feats = torch.cat([self._features(nets, x_all[idx[i : i + chunk]], y_all[idx[i : i + chunk]])
+                               for i in range(0, idx.numel(), chunk)]) if idx.numel() else \
                 torch.zeros(0, nets.f1.dim, device=self.device)
         rows = y_all[idx] * cfg.agg_groups
         if cfg.agg_groups > 1:  # a group for every image (not only the sampled ones): the number of draws, and
@@ -535,7 +560,7 @@ class DPAF(Synthesizer):
         logs: dict[str, float] = {}
         for g_step in range(cfg.g_steps):
             fake_x = nets.gen(self._latents(y_fake.numel(), rng), y_fake)
-            fake_f = nets.f1(fake_x)
+            fake_f = self._features(nets, fake_x, y_fake)
             if g_step == 0:
                 for _ in range(cfg.f2_steps):
                     # this release plus `f2_replay` earlier ones of this phase (same f1: comparable aggregates)
@@ -583,7 +608,7 @@ class DPAF(Synthesizer):
             g_real = torch.zeros(self.num_rows, nets.f1.dim, device=self.device)
         y_fake = torch.arange(self.num_classes, device=self.device).repeat_interleave(cfg.fake_per_class)
         with torch.no_grad():
-            fake_f = nets.f1(nets.gen(self._latents(y_fake.numel(), nets.rng), y_fake))
+            fake_f = self._features(nets, nets.gen(self._latents(y_fake.numel(), nets.rng), y_fake), y_fake)
         fake = self._fake_aggregates(fake_f, nets.rng).requires_grad_(True)
         (g_fake,) = torch.autograd.grad(F.softplus(nets.f2(fake, k_rows)).mean(), fake)
         t_real = g_real.view(self.num_classes, m, -1).sum(1) * weight
@@ -596,16 +621,18 @@ class DPAF(Synthesizer):
         """One DP-SGD step of f1: real Poisson batch and as many fakes, linearised loss, clipped, noised."""
         cfg = self.config
         t_real, t_fake = self._targets(nets)
+        assert self.center is not None
+        center = self.center
         idx = engine.sampler.sample().to(self.device)
         for i in range(0, idx.numel(), cfg.physical_batch):
             part = idx[i : i + cfg.physical_batch]
-            engine.clip_and_accumulate(x_all[part], t_real[y_all[part]])
+            engine.clip_and_accumulate(x_all[part], t_real[y_all[part]], center[y_all[part]])
         n_fake = round(engine.sampler.expected_batch_size)
         for i in range(0, n_fake, cfg.physical_batch):
             y = self._fake_labels(min(cfg.physical_batch, n_fake - i), nets.rng)
             with torch.no_grad():
                 x = nets.gen(self._latents(y.numel(), nets.rng), y)
-            engine.clip_and_accumulate(x, t_fake[y])
+            engine.clip_and_accumulate(x, t_fake[y], center[y])
         info = engine.add_noise()  # ledger spend, then noise; sets f1's .grad
         nets.opt_d.step()
         nets.opt_d.zero_grad(set_to_none=True)
@@ -695,6 +722,8 @@ class DPAF(Synthesizer):
                    "counts": self.counts.clone()}
         if self.buffer:
             tensors["buffer"] = torch.stack(self.buffer).cpu()
+        if self.center is not None:
+            tensors["center"] = self.center.cpu()
         state: dict[str, Any] = {}
         for name, opt in (("opt_d", nets.opt_d), ("opt_f2", nets.opt_f2), ("opt_g", nets.opt_g)):
             if opt is not None:
