@@ -30,16 +30,17 @@ def _flat(images: np.ndarray) -> torch.Tensor:
 
 
 def nearest_neighbours(
-    queries: np.ndarray, reference: np.ndarray, *, chunk: int = 1024, ref_chunk: int = 16384,
+    queries: np.ndarray, reference: np.ndarray | torch.Tensor, *, chunk: int = 1024, ref_chunk: int = 16384,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distance to, and index of, the nearest `reference` image for each of `queries` (uint8, same shape).
 
     Candidates come from ||q||^2 + ||r||^2 - 2 q.r in float32 (fast matrix
     products); the reported distance is then recomputed exactly for the chosen
-    neighbour, so an exact copy has distance 0.
+    neighbour, so an exact copy has distance 0. `reference` may also be given
+    already flattened to float32 in [0, 1] (N, H*W*C), to reuse it.
     """
-    r = _flat(reference)
+    r = reference if isinstance(reference, torch.Tensor) else _flat(reference)
     r_sq = (r * r).sum(1)
     best_d = np.empty(len(queries), np.float32)
     best_i = np.empty(len(queries), np.int64)
@@ -86,8 +87,10 @@ def memorization_report(
     All three arrays are uint8 (N, H, W, C) of one image shape. Returns plain
     numbers (distances and fractions), never pixel values.
     """
-    syn_d, syn_i = nearest_neighbours(synthetic, private, progress=progress)
-    real_d, _ = nearest_neighbours(heldout, private, progress=progress)
+    flat_private = _flat(private)
+    syn_d, syn_i = nearest_neighbours(synthetic, flat_private, progress=progress)
+    real_d, _ = nearest_neighbours(heldout, flat_private, progress=progress)
+    del flat_private
     p1 = float(np.percentile(real_d, 1))
     frac = float(np.mean(syn_d < p1))
     report = {
