@@ -36,6 +36,7 @@ METHOD_MODULES: dict[str, str] = {
     "dpdfd": "dpimages.methods.dpdfd",
     "dpdm": "dpimages.methods.dpdm",
     "dpaf": "dpimages.methods.dpaf",
+    "dpaf-noagg": "dpimages.methods.dpaf",
     "pe": "dpimages.methods.pe",
 }
 _REGISTRY: dict[str, type[Synthesizer]] = {}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpimages.api import FitContext, create, fit_run, method_class
+from dpimages.api import FitContext, create, fit_run, load_synthesizer, method_class
 from dpimages.errors import InputError
 from dpimages.methods.dpaf import DPAF, release_aggregates
 from dpimages.methods.dpaf.method import (
@@ -205,14 +205,17 @@ def _planned(events: list[dict]) -> dict[str, int]:
 
 
 def test_ablation_fit_ledger_holds_exactly_the_planned_events(tiny_npz, tmp_path):
-    res = fit_run("dpaf", f"npz:{tiny_npz}", epsilon=5.0, run_dir=tmp_path / "run", preset="smoke",
-                  overrides=["aggregation=false"], progress=False)
+    res = fit_run("dpaf-noagg", f"npz:{tiny_npz}", epsilon=5.0, run_dir=tmp_path / "run", preset="smoke",
+                  progress=False)  # the registered ablation: dpaf with aggregation=false
     info = res.synthesizer.train_info
     assert _planned([e.to_json() for e in res.ledger.events]) == _planned(info["events"])
     assert _planned(info["events"]) == {LABEL_COUNTS: 1, LABEL_D: 2 * 3}
     assert 5.0 * 0.98 <= res.ledger.epsilon() <= 5.0 * (1 + 1e-9)
-    s = res.synthesizer.sample(20, seed=3)
+    assert res.synthesizer.config.aggregation is False
+    s = load_synthesizer(tmp_path / "run").sample(20, seed=3)
     assert s.images.shape == (20, 28, 28, 1) and s.images.dtype == np.uint8
+    with pytest.raises(InputError, match="use method dpaf"):
+        create("dpaf-noagg", "smoke", aggregation=True)
 
 
 def test_lost_class_counts_are_not_released_twice(tiny_npz, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 See `method` for the privacy argument and `config` for the schedule and presets.
 """
 
-from dpimages.methods.dpaf.config import DPAFConfig
-from dpimages.methods.dpaf.method import DPAF, release_aggregates
+from dpimages.methods.dpaf.config import DPAFConfig, DPAFNoAggConfig
+from dpimages.methods.dpaf.method import DPAF, DPAFNoAggregation, release_aggregates
 
-__all__ = ["DPAF", "DPAFConfig", "release_aggregates"]
+__all__ = ["DPAF", "DPAFConfig", "DPAFNoAggConfig", "DPAFNoAggregation", "release_aggregates"]

@@ -130,3 +130,16 @@ class DPAFConfig(MethodConfig):
             raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
         if self.cycles_per_run < 0:
             raise InputError(f"cycles_per_run must be >= 0 (0: no limit), got {self.cycles_per_run}")
+
+
+@dataclass
+class DPAFNoAggConfig(DPAFConfig):
+    """The ablation `dpaf-noagg`: DPAF's networks and schedule with a plain DP-SGD discriminator."""
+
+    aggregation: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.aggregation:
+            raise InputError("dpaf-noagg is DPAF without forward-phase aggregation: use method dpaf for "
+                             "aggregation=true")

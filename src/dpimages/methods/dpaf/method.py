@@ -85,7 +85,7 @@ from dpimages.api import FitContext, Synthesizer, register
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
-from dpimages.methods.dpaf.config import DPAFConfig
+from dpimages.methods.dpaf.config import DPAFConfig, DPAFNoAggConfig
 from dpimages.nets.discriminators import BackHead, FrontFeatures, SplitDiscriminator
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
@@ -847,3 +847,12 @@ class DPAF(Synthesizer):
             "gradient norms and times; never a loss or batch size computed on private data.",
         ]
         return "\n".join(lines)
+
+
+@register
+class DPAFNoAggregation(DPAF):
+    """DPAF's ablation as a method of its own (so a benchmark can run both): ``dpaf`` with ``aggregation=false``."""
+
+    name = "dpaf-noagg"
+    Config = DPAFNoAggConfig
+    description = "DPAF ablation: the same conditional GAN with a plain DP-SGD discriminator (no aggregation)"
