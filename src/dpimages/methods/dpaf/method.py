@@ -21,9 +21,11 @@ kinds of private releases and nothing else reads private data:
    the private set (every image independently with probability q_a = agg_batch / N, `PoissonSampler`);
    each selected image i goes to row r(i) = y_i * M + g_i, where g_i is a group drawn uniformly from
    M = ``agg_groups`` groups by the training generator (independently of the data). Released: the
-   (K*M, d) matrix of row sums of the clipped features ``clip(f1(x_i), C_f)`` plus N(0, sigma_a^2 C_f^2) noise
-   per entry (`release_aggregates`). Sensitivity: conditionally on everything released before, f1 is a fixed
-   function (its weights are themselves DP outputs, see 3, and post-processing of them); the rows partition S,
+   (K*M, d) matrix of row sums of the clipped features ``clip(f1(x_i) - mu_{y_i}, C_f)`` plus
+   N(0, sigma_a^2 C_f^2) noise per entry (`release_aggregates`); mu (K, d) is this cycle's per-class reference,
+   the mean f1 feature of generated images (``center=true``; zero otherwise). Sensitivity: conditionally on
+   everything released before, f1 and mu are fixed functions (f1's weights are themselves DP outputs, see 3,
+   and post-processing of them; mu is computed from f1 and G only); the rows partition S,
    so adding or removing one image changes exactly one row, by a vector of norm at most C_f; the stacked
    matrix moves by at most C_f in L2 (Frobenius) norm. With Poisson sampling this is one subsampled Gaussian
    event (noise multiplier sigma_a, rate q_a), recorded by `gaussian_release(..., sample_rate=q_a)` before
@@ -31,7 +33,7 @@ kinds of private releases and nothing else reads private data:
    is post-processing.
 3. **f1's DP-SGD steps** (``dpaf f1 dp-sgd``), ``cycles * f1_steps`` times: the DP-SGD engine (`DPSGD`) on its
    own Poisson sample (rate q_1 = f1_batch / N, independent of the aggregation samples) with the per-example
-   loss ``t_{y_i} . clip(f1(x_i), C_f)``. The target vectors t are the gradients of f2's loss with respect to
+   loss ``t_{y_i} . clip(f1(x_i) - mu_{y_i}, C_f)``. The target vectors t are the gradients of f2's loss with respect to
    the *released* aggregates (an average over the current phase's releases, evaluated with the current f2):
    functions of earlier releases only, fixed during the step. Each example's gradient is clipped to C, summed,
    noised N(0, sigma_1^2 C^2) and divided by the expected batch size: one subsampled Gaussian event per step.
