@@ -310,6 +310,7 @@ def _ddp_job(out: Path) -> None:
     (out / f"result-{rank}.json").write_text(json.dumps(result))
 
 
+@pytest.mark.slow  # two processes under torchrun: seconds on an idle machine, flaky under heavy load
 def test_ddp_two_processes_same_accounting(tmp_path: Path) -> None:
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
