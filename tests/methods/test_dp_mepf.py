@@ -292,3 +292,12 @@ def test_public_features_trained_at_fit_time(tiny_npz, tmp_path):
                   overrides=["features=public", "steps=10"], progress=False)
     assert res.synthesizer.feature_info["source"] == "public"
     assert "toy-public" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_time_budget_stops_training_and_still_finishes(tiny_npz, tmp_path):
+    res = fit_run("dp-mepf", f"npz:{tiny_npz}", epsilon=1.0, run_dir=tmp_path / "r", preset="smoke",
+                  overrides=["steps=100000", "max_minutes=0.002"], progress=False)
+    state = json.loads((tmp_path / "r" / "checkpoints" / "state.json").read_text())
+    assert state["finished"] and 1 <= state["step"] < 100000
+    assert any(m.get("event") == "time_budget_reached" for m in res.run.read_metrics())
+    assert res.synthesizer.sample(10).images.shape == (10, 28, 28, 1)

@@ -20,7 +20,11 @@ class DPMEPFConfig(MethodConfig):
     ``path`` (``feature_path``: a directory from ``dpimages features train``
     or a torchvision-style VGG state dict). Budget weights split the
     precision (1/sigma^2) of the one-shot release between the first-moment
-    sums, the second-moment sums and the class counts.
+    sums, the second-moment sums and the class counts. ``max_minutes`` (0:
+    off) caps the generator training time: the learning rate then decays
+    with the elapsed share of that time when it is ahead of the step count,
+    and training stops when it is spent (post-processing only; no privacy
+    effect).
     """
 
     # feature network
@@ -61,6 +65,7 @@ class DPMEPFConfig(MethodConfig):
     grid_every: int = 1000
     checkpoint_every: int = 1000
     embed_chunk: int = 500
+    max_minutes: float = 0.0
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {
@@ -107,6 +112,8 @@ class DPMEPFConfig(MethodConfig):
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.second_moment and not self.weight_second > 0:
             raise InputError(f"weight_second must be > 0 with second_moment=true, got {self.weight_second}")
+        if self.max_minutes < 0:
+            raise InputError(f"max_minutes must be >= 0 (0: no time limit), got {self.max_minutes}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.ema < 1 or not 0 < self.lr_final <= 1:
             raise InputError(f"need 0 <= beta1 < 1, 0 <= ema < 1, 0 < lr_final <= 1; got {self.beta1}, {self.ema}, "
                              f"{self.lr_final}")

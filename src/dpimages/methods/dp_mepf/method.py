@@ -301,8 +301,11 @@ class DPMEPF(Synthesizer):
             self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, elapsed, finished=False)
         self.generator = gen
         t0 = time.time() - elapsed
-        while step < cfg.steps:
-            frac = step / max(cfg.steps - 1, 1)
+        budget_s = 60.0 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
+        out_of_time = False
+        while step < cfg.steps and not out_of_time:
+            # the learning rate decays with the fraction of steps or of the time budget, whichever is further
+            frac = min(1.0, max(step / max(cfg.steps - 1, 1), (time.time() - t0) / budget_s))
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * (1.0 - (1.0 - cfg.lr_final) * frac)
             y = torch.randint(self.num_classes, (cfg.batch_size,), generator=rng).to(self.device)
@@ -312,6 +315,8 @@ class DPMEPF(Synthesizer):
             loss.backward()
             opt.step()
             step += 1
+            out_of_time = time.time() - t0 >= budget_s
+            last = step == cfg.steps or out_of_time
             if ema is not None:
                 with torch.no_grad():
                     for pe, pg in zip(ema.parameters(), gen.parameters(), strict=True):
@@ -320,7 +325,7 @@ class DPMEPF(Synthesizer):
                         be.copy_(bg)
             candidate = ema if ema is not None else gen
             metrics: dict[str, Any] = {}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or last:
                 d = self._released_distance(candidate, m1, m2)
                 metrics["released_distance"] = d
                 if d < best_d:
@@ -331,10 +336,12 @@ class DPMEPF(Synthesizer):
                         train_s=round(time.time() - t0, 1), **metrics)
             if run is not None and step % cfg.grid_every == 0:
                 self._grid(candidate, run.samples_dir / f"grid-{step:06d}.png")
-            if run is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if run is not None and step % cfg.checkpoint_every == 0 and not last:
                 self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, time.time() - t0,
                                  finished=False)
         elapsed = time.time() - t0
+        if out_of_time and run is not None:
+            run.log(step, event="time_budget_reached", max_minutes=cfg.max_minutes, planned_steps=cfg.steps)
         self.sample_generator = best if cfg.select_best else (ema or gen)
         if run is not None:
             self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, elapsed, finished=True)
