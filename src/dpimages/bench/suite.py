@@ -133,10 +133,13 @@ def _eval_section(line: dict, ev: dict | None) -> str:
     rows = [("CNN accuracy", line["acc_cnn"]), ("MLP accuracy", line["acc_mlp"]),
             ("logistic regression accuracy", line["acc_logreg"]), ("FID", line["fid"]), ("KID", line["kid"]),
             ("precision", line["precision"]), ("recall", line["recall"])]
-    out = ["", "## Benchmark evaluation", "",
-           f"Suite `{line['suite']}`, {line.get('n_samples')} synthetic images, evaluation mode "
-           f"`{line.get('eval_mode')}`, feature network `{line['feature_net']}`; measured on {line['device']} "
-           f"at commit `{line['commit']}` ({line['date']}).", "", "| metric | value |", "|---|---|"]
+    where = f"measured on {line['device']} at commit `{line['commit']}` ({line['date']})"
+    if ev is None:
+        head = f"Suite `{line['suite']}`: no images to evaluate (classifier reference row); {where}."
+    else:
+        head = (f"Suite `{line['suite']}`, {line.get('n_samples')} images evaluated (mode `{line.get('eval_mode')}`), "
+                f"feature network `{line['feature_net']}`; {where}.")
+    out = ["", "## Benchmark evaluation", "", head, "", "| metric | value |", "|---|---|"]
     out += [f"| {k} | {'-' if v is None else f'{v:.4f}'} |" for k, v in rows]
     mem = line.get("memorization")
     if mem:
@@ -144,8 +147,8 @@ def _eval_section(line: dict, ev: dict | None) -> str:
                 f"private training image than 99% of real held-out images are (flagged: {mem['flagged']}); "
                 f"median nearest-private distance {mem['synthetic_nn_median']:.3f} vs "
                 f"{mem['heldout_nn_median']:.3f} for held-out images."]
-    out += ["", f"Timings: fit {line['fit_s']} s, sample {line['sample_s']} s, evaluate {line['eval_s']} s; "
-            f"peak memory {line['peak_mem_mb']} MB."]
+    timings = ", ".join(f"{k} {line[k + '_s']} s" for k in ("fit", "sample", "eval") if line.get(k + "_s") is not None)
+    out += ["", f"Timings: {timings or 'none'}; peak memory {line['peak_mem_mb']} MB."]
     if ev and ev.get("grid_png"):
         out += ["", "Per-class samples (not committed): `samples/eval.grid.png`."]
     return "\n".join(out) + "\n"
@@ -445,6 +448,8 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
 
     rows = latest_rows(rows)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    series = sorted({(r["method"], r["preset"]) for r in rows})
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}  # one colour per line in every panel
     panels = (("acc_cnn", "CNN"), ("acc_mlp", "MLP"), ("acc_logreg", "logistic regression"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for method in sorted({r["method"] for r in rows}):
@@ -455,13 +460,18 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
                     continue
                 xs, ys = zip(*pts, strict=True)
                 style = "--" if method == "real" else ":" if method == "dpsgd-classifier" else "-"
-                ax.plot(xs, [100 * y for y in ys], style, marker="o", label=f"{method} ({preset})")
+                ax.plot(xs, [100 * y for y in ys], style, marker="o", color=colours[(method, preset)],
+                        label=f"{method} ({preset})")
         ax.set_xscale("log")
         ax.set_xlabel("epsilon (delta 1e-5)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(lab, h)
+    labels, handles = list(seen), list(seen.values())
     fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = Path(path)
