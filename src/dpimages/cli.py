@@ -176,9 +176,10 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None) ->
 @click.option("--smoke", is_flag=True, help="Small subsets and few epochs: for tests, no quality claim.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: at most 2).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch CPU threads (1 is fastest on a shared machine; 2 on a dedicated one).")
 def evaluate_cmd(file: str, real_spec: str, test_spec: str | None, out: str | None, as_json: bool, classifiers: str,
-                 fid_weights: str | None, smoke: bool, seed: int, device: str | None, threads: int | None) -> None:
+                 fid_weights: str | None, smoke: bool, seed: int, device: str | None, threads: int) -> None:
     """Evaluate labelled synthetic images in FILE (.npz with images, labels) against real data."""
     import os
     from pathlib import Path
@@ -191,12 +192,12 @@ def evaluate_cmd(file: str, real_spec: str, test_spec: str | None, out: str | No
             raise InputError(f"--out must end in .json, got {out}")
         if not Path(out).resolve().parent.is_dir():
             raise InputError(f"--out: directory {Path(out).parent} does not exist")
-    if threads is not None and threads < 1:
+    if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     synthetic = load(f"npz:{file}")
     prefix = Path(out).with_suffix("") if out else None
     opts = EvalOptions(classifiers=classifiers, fid_weights=fid_weights, smoke=smoke, seed=seed, device=device,
-                       threads=threads or min(2, os.cpu_count() or 1), progress=not as_json)
+                       threads=threads, progress=not as_json)
     res = evaluate(synthetic, load_real(real_spec, test_spec), artifacts=prefix, options=opts)
     if out:
         tmp = Path(out).with_name(Path(out).name + ".tmp")
@@ -296,13 +297,12 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
 @click.option("--fid-weights", default=None, help="pytorch-fid Inception-v3 weights file: Inception features.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: at most 2).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch CPU threads (1 is fastest on a shared machine; 2 on a dedicated one).")
 def bench_cmd(suite_name: str, methods: str | None, epsilons: str, preset: str, out_dir: str, runs_dir: str | None,
               table: bool, n_samples: int | None, classifiers: str | None, fid_weights: str | None, seed: int,
-              device: str | None, threads: int | None) -> None:
+              device: str | None, threads: int) -> None:
     """Fit, sample and evaluate each method at each epsilon; append one JSON line per run."""
-    import os
-
     from dpimages.bench.suite import BenchOptions, parse_list, run_bench, write_table
 
     if table:
@@ -311,10 +311,10 @@ def bench_cmd(suite_name: str, methods: str | None, epsilons: str, preset: str, 
         return
     if not methods:
         raise InputError("--methods is required (e.g. --methods dpdm,real), or use --table")
-    if threads is not None and threads < 1:
+    if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     opts = BenchOptions(preset=preset, seed=seed, device=device, n_samples=n_samples, classifiers=classifiers,
-                        fid_weights=fid_weights, threads=threads or min(2, os.cpu_count() or 1))
+                        fid_weights=fid_weights, threads=threads)
     lines = run_bench(suite_name, parse_list(methods, "methods"), parse_list(epsilons, "epsilons", float), out_dir,
                       runs_dir, opts)
     click.echo(f"{len(lines)} results lines appended to {out_dir}; render them with `dpimages bench --table`")
