@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,9 +283,12 @@ def test_fit_crash_resume_sample_cli(tiny_npz, tmp_path):
     assert np.bincount(s["labels"], minlength=10).tolist() == [4] * 10
 
 
-def test_bad_inputs_exit_2(tiny_npz, tmp_path):
-    res = dpimages("fit", "dpaf", "--data", f"npz:{tiny_npz}", "--epsilon", "10", "--preset", "smoke",
-                   "--run-dir", str(tmp_path / "r"), "f1_batch=500", cache=os.environ["DPIMAGES_CACHE"])
-    assert res.returncode == 2 and "f1_batch 500" in res.stderr and "Traceback" not in res.stderr
-    assert not Path(tmp_path / "r" / "privacy.json").exists() or not json.loads(
-        (tmp_path / "r" / "privacy.json").read_text())["events"]
+def test_bad_inputs_are_refused_before_any_release(tiny_npz, tmp_path):
+    with pytest.raises(InputError, match="f1_batch 500 is larger than the data set"):
+        fit_run("dpaf", f"npz:{tiny_npz}", epsilon=10.0, run_dir=tmp_path / "r", preset="smoke",
+                overrides=["f1_batch=500"], progress=False)
+    privacy = tmp_path / "r" / "privacy.json"  # a refused run leaves nothing, or an empty ledger
+    assert not privacy.exists() or json.loads(privacy.read_text())["events"] == []
+    with pytest.raises(InputError, match="fake_per_class"):
+        fit_run("dpaf", f"npz:{tiny_npz}", epsilon=10.0, run_dir=tmp_path / "r2", preset="smoke",
+                overrides=["agg_groups=3"], progress=False)

@@ -54,7 +54,7 @@ class DPAFConfig(MethodConfig):
     aggregation: bool = True  # false: the ablation, the whole discriminator trained with DP-SGD
     feature_clip: float = 1.0  # C_f: L2 clip of each image's f1 feature vector
     grad_clip: float = 1.0  # C: per-example gradient clip of the DP-SGD steps (f1, or D in the ablation)
-    cycles: int = 20
+    cycles: int = 16
     agg_steps: int = 150  # aggregation releases per cycle (phase A)
     agg_batch: int = 1100  # expected Poisson batch of one aggregation release
     agg_groups: int = 1  # disjoint random groups per class in one release (K * groups aggregates per release)
@@ -66,14 +66,14 @@ class DPAFConfig(MethodConfig):
     counts_share: float = 0.02
     # post-processing: optimisers and updates per release
     f2_steps: int = 1
-    f2_replay: int = 0  # earlier released aggregates of the phase replayed in each f2 update (post-processing)
+    f2_replay: int = 4  # earlier released aggregates of the phase replayed in each f2 update (post-processing)
     g_steps: int = 1
     fake_per_class: int = 32  # generated images per class per iteration (G and f2 updates)
     lr_g: float = 2e-4
     lr_f1: float = 1e-3
-    lr_f2: float = 2e-4
+    lr_f2: float = 5e-4
     beta1: float = 0.5
-    ema: float = 0.999
+    ema: float = 0.995
     physical_batch: int = 256  # examples per vmap chunk in the DP-SGD steps (memory only)
     sample_batch: int = 1000
     # run control
