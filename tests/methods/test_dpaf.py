@@ -271,6 +271,7 @@ def test_fit_crash_resume_sample_cli(tiny_npz, tmp_path):
     assert json.loads((run / "checkpoints" / "state.json").read_text())["finished"] is True
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("event") == "paused" for m in metrics)
+    assert any(m.get("event") == "noise_rekeyed" for m in metrics)  # the checkpoint's noise state is not reused
     assert set().union(*metrics) <= ALLOWED_METRICS  # only post-processing quantities are logged
     assert (run / "samples" / "grid-final.png").exists()
     report = (run / "report.md").read_text()

@@ -373,6 +373,7 @@ class DPAF(Synthesizer):
         self.ema_model = ema
         if state.get("finished"):
             return
+        self._rekey_noise_after_crash(ctx, state)
         # 2. the class counts: released once (and checkpointed at once)
         y_all = private.label_tensor(self.device)
         counts_event = events[0]
@@ -390,6 +391,23 @@ class DPAF(Synthesizer):
             self._train_dpaf(ctx, nets, engine, plan, x_all, y_all)
         else:
             self._train_plain(ctx, nets, engine, x_all, y_all)
+
+    @staticmethod
+    def _rekey_noise_after_crash(ctx: FitContext, state: dict[str, Any]) -> None:
+        """Never reuse privacy noise: re-key a seeded noise source when the ledger is ahead of the checkpoint.
+
+        The checkpoint's noise state is the one at its last save. If the process spent (and released) more
+        steps after that save, restoring that state would draw the same noise again for new releases; two
+        releases with identical noise would reveal their difference. The new key is derived from the seed
+        and the ledger's step count (public), so a resumed run stays reproducible.
+        """
+        spent = sum(e.steps for e in ctx.ledger.events)
+        if ctx.noise.secure or spent == int(state.get("step", 0)):
+            return
+        ctx.noise.load_state({**NoiseSource(ctx.seed * 1_000_003 + spent + 1).state(),
+                              "gaussian_draws": ctx.noise.gaussian_draws})
+        if ctx.run is not None:
+            ctx.run.log(spent, event="noise_rekeyed", reason="ledger ahead of the checkpoint")
 
     def _restore(self, nets: _Nets, tensors: dict[str, torch.Tensor], state: dict[str, Any], plan: NoisePlan) -> None:
         if state.get("noise") != asdict(plan):
