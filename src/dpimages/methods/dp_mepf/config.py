@@ -59,7 +59,7 @@ class DPMEPFConfig(MethodConfig):
     ema: float = 0.0
     unbiased: bool = True
     eval_every: int = 250
-    eval_per_class: int = 64
+    eval_per_class: int = 200
     select_best: bool = True
     log_every: int = 50
     grid_every: int = 1000

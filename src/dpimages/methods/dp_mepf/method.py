@@ -257,14 +257,18 @@ class DPMEPF(Synthesizer):
 
     @torch.no_grad()
     def _released_distance(self, gen: ConditionalGenerator, m1: torch.Tensor, m2: torch.Tensor | None) -> float:
-        """Distance of a fixed-noise sample's class means to the released means (selection criterion)."""
+        """Distance of a fixed-noise sample's class means to the released means (selection criterion).
+
+        Unbiased in the generator's own term (no diagonal), so that a
+        less diverse sample is not preferred for its smaller batch variance.
+        """
         g = torch.Generator().manual_seed(12345)
         n = self.config.eval_per_class * self.num_classes
         y = torch.arange(n) % self.num_classes
         z = torch.randn(n, self.config.z_dim, generator=g)
         was = gen.training
         gen.eval()
-        d = float(self._batch_loss(gen, z.to(self.device), y.to(self.device), m1, m2, unbiased=False))
+        d = float(self._batch_loss(gen, z.to(self.device), y.to(self.device), m1, m2, unbiased=True))
         gen.train(was)
         return d
 
