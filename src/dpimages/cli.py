@@ -283,6 +283,7 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
 
 
 @cli.command("bench")
+@click.argument("overrides", nargs=-1)
 @click.option("--suite", "suite_name", default="fmnist", show_default=True, help="Benchmark suite.")
 @click.option("--methods", default=None, help="Comma-separated methods; also the references real, dpsgd-classifier.")
 @click.option("--epsilons", default="1,10", show_default=True, help="Comma-separated epsilons.")
@@ -299,10 +300,18 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
 @click.option("--device", default=None)
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (1 is fastest on a shared machine; 2 on a dedicated one).")
-def bench_cmd(suite_name: str, methods: str | None, epsilons: str, preset: str, out_dir: str, runs_dir: str | None,
-              table: bool, n_samples: int | None, classifiers: str | None, fid_weights: str | None, seed: int,
-              device: str | None, threads: int) -> None:
-    """Fit, sample and evaluate each method at each epsilon; append one JSON line per run."""
+@click.option("--public", default=None, help="Public data SPEC passed to every method's fit (e.g. mnist-5k).")
+@click.option("--variant", default=None,
+              help="Name for a non-default configuration: rows and run directories read METHOD+VARIANT.")
+def bench_cmd(overrides: tuple[str, ...], suite_name: str, methods: str | None, epsilons: str, preset: str,
+              out_dir: str, runs_dir: str | None, table: bool, n_samples: int | None, classifiers: str | None,
+              fid_weights: str | None, seed: int, device: str | None, threads: int, public: str | None,
+              variant: str | None) -> None:
+    """Fit, sample and evaluate each method at each epsilon; append one JSON line per run.
+
+    KEY=VALUE arguments override the preset's settings for every method
+    (e.g. `features=public`); give such a run a --variant name.
+    """
     from dpimages.bench.suite import BenchOptions, parse_list, run_bench, write_table
 
     if table:
@@ -314,7 +323,8 @@ def bench_cmd(suite_name: str, methods: str | None, epsilons: str, preset: str, 
     if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     opts = BenchOptions(preset=preset, seed=seed, device=device, n_samples=n_samples, classifiers=classifiers,
-                        fid_weights=fid_weights, threads=threads)
+                        fid_weights=fid_weights, threads=threads, public=public, overrides=overrides,
+                        variant=variant)
     lines = run_bench(suite_name, parse_list(methods, "methods"), parse_list(epsilons, "epsilons", float), out_dir,
                       runs_dir, opts)
     click.echo(f"{len(lines)} results lines appended to {out_dir}; render them with `dpimages bench --table`")

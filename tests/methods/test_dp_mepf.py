@@ -110,7 +110,7 @@ def test_released_means_projection_only_moves_towards_the_feasible_set():
 # -- generator training ------------------------------------------------------------------
 def test_generator_moves_toward_the_released_means(tiny_npz):
     data = load(f"npz:{tiny_npz}")
-    synth = create("dp-mepf", "smoke", steps=80, eval_every=20, batch_size=40)
+    synth = create("dp-mepf", "smoke", steps=200, eval_every=50, batch_size=40)
     torch.manual_seed(0)
     ctx = FitContext(PrivacyLedger(10.0, 1e-5), NoiseSource(0), run=None, seed=0)
     synth.fit(data, None, ctx)

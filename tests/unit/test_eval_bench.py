@@ -88,3 +88,23 @@ def test_plot_and_parse_helpers(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(suite.InputError, match="--epsilons must be"):
         suite.parse_list("1,x", "epsilons", float)
     assert suite.run_dir_name("dpdm", 1.0, "cpu") == "dpdm-eps1-cpu"
+
+
+def test_variant_rows_are_separate_and_named() -> None:
+    rows = [_row("a", 10, "n", 0.5), _row("a", 10, "n", 0.7, variant="public")]
+    md = suite.render_table(rows)
+    assert "| a | cpu | 10 |" in md and "| a+public | cpu | 10 |" in md  # the variant does not replace the default
+    assert "| 50.0 |" in md and "| 70.0 |" in md
+    assert suite.run_dir_name("dp-mepf", 10.0, "cpu", "public") == "dp-mepf+public-eps10-cpu"
+
+
+def test_bench_checks_overrides_and_variant_before_any_run(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "results"
+    bad = [(["dp-mepf"], {"overrides": ("no_such_key=1",)}, "no_such_key"),
+           (["dp-mepf"], {"overrides": ("steps=zero",)}, "steps"),
+           (["real"], {"public": "mnist-5k"}, "reference method real"),
+           (["dp-mepf"], {"variant": "a b"}, "--variant")]
+    for methods, kw, msg in bad:
+        with pytest.raises(suite.InputError, match=msg):
+            suite.run_bench("fmnist", methods, [1.0], out, options=suite.BenchOptions(preset="smoke", **kw))
+    assert not out.exists() and not (tmp_path / "runs").exists()

@@ -72,8 +72,13 @@ def parse_list(text: str, what: str, cast: type = str) -> list:
         raise InputError(f"--{what} must be a comma-separated list of {cast.__name__}, got {text!r}") from None
 
 
-def run_dir_name(method: str, epsilon: float, preset: str) -> str:
-    return f"{method}-eps{epsilon:g}-{preset}"
+def run_dir_name(method: str, epsilon: float, preset: str, variant: str | None = None) -> str:
+    return f"{row_label({'method': method, 'variant': variant})}-eps{epsilon:g}-{preset}"
+
+
+def row_label(row: dict) -> str:
+    """`method` or `method+variant`: how a results line is named in tables, plots and run directories."""
+    return row["method"] + (f"+{row['variant']}" if row.get("variant") else "")
 
 
 # -- measurement helpers -------------------------------------------------------------
@@ -169,6 +174,9 @@ class BenchOptions:
     fid_weights: str | None = None
     threads: int | None = None
     progress: bool = True
+    public: str | None = None
+    overrides: tuple[str, ...] = ()
+    variant: str | None = None
 
 
 def _eval_options(opts: BenchOptions):  # noqa: ANN202 - EvalOptions, imported lazily
@@ -186,6 +194,8 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
     dev = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     line = {k: None for k in RESULT_KEYS}
     line.update(method=method, preset=opts.preset, epsilon=float(epsilon), delta=suite.delta)
+    if opts.variant:
+        line["variant"] = opts.variant
     if ev is not None:
         line.update({k: ev.get(k) for k in ("acc_cnn", "acc_mlp", "acc_logreg", "fid", "kid", "precision", "recall",
                                             "feature_net")})
@@ -203,14 +213,14 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
 
 
 def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir: Path,
-                   real) -> tuple[dict, dict]:  # noqa: ANN001
+                   real, public) -> tuple[dict, dict]:  # noqa: ANN001
     from dpimages.api import fit_run
     from dpimages.eval import evaluate
 
     n = opts.n_samples or (2000 if opts.preset == "smoke" else suite.n_samples)
     t = time.time()
     res = fit_run(method, real.train, epsilon=epsilon, delta=suite.delta, run_dir=run_dir, preset=opts.preset,
-                  seed=opts.seed, device=opts.device, progress=False)
+                  public=public, overrides=list(opts.overrides), seed=opts.seed, device=opts.device, progress=False)
     fit_s = time.time() - t
     t = time.time()
     synth = res.synthesizer
@@ -221,7 +231,8 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
     eval_s = time.time() - t
     return _line(suite, method, epsilon, opts, run_dir, ev, epsilon_spent=res.ledger.epsilon(),
                  epsilon_rdp=res.ledger.epsilon_rdp(), fit_s=round(fit_s, 1), sample_s=round(sample_s, 1),
-                 eval_s=round(eval_s, 1), n_samples=n), ev
+                 eval_s=round(eval_s, 1), n_samples=n, public=None if public is None else public.name,
+                 overrides=list(opts.overrides)), ev
 
 
 def _reference_config(suite: Suite, method: str, epsilon: float, opts: BenchOptions, real) -> dict:  # noqa: ANN001
@@ -291,7 +302,8 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
     the call then raises after the others have run.
     """
     from dpimages.api import method_class
-    from dpimages.config import PRESETS
+    from dpimages.config import PRESETS, resolve_config
+    from dpimages.data import load
     from dpimages.eval import load_real
     from dpimages.eval.evaluate import CLASSIFIER_SETS
     from dpimages.privacy import validate_budget
@@ -315,7 +327,11 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
         raise InputError("--methods and --epsilons must not repeat a value")
     for m in methods:
         if m not in REFERENCE_METHODS:
-            method_class(m)  # InputError for unknown names
+            resolve_config(method_class(m).Config, opts.preset, list(opts.overrides))  # InputError: name, key, value
+        elif opts.overrides or opts.public:
+            raise InputError(f"reference method {m} takes no --public or KEY=VALUE overrides; bench it separately")
+    if opts.variant is not None and not opts.variant.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"--variant must be letters, digits, - or _, got {opts.variant!r}")
     for e in epsilons:
         if not math.isfinite(e):
             raise InputError(f"--epsilons must be finite, got {e}")
@@ -324,10 +340,11 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
         raise InputError(f"--n-samples must be >= 100 (10 per class), got {opts.n_samples}")
     out_dir = Path(out_dir)
     runs_root = Path(runs_dir) if runs_dir else out_dir.parent / "runs"
-    plan = [(m, e, runs_root / run_dir_name(m, e, opts.preset)) for m in methods for e in epsilons]
+    plan = [(m, e, runs_root / run_dir_name(m, e, opts.preset, opts.variant)) for m in methods for e in epsilons]
     for _, _, d in plan:
         if d.exists() and any(d.iterdir()):
             raise InputError(f"run directory {d} already exists: remove it or choose --runs-dir")
+    public = load(opts.public) if opts.public else None
     real = load_real(suite.real)
     results_path = out_dir / suite.results_file
     old_threads = torch.get_num_threads()
@@ -345,7 +362,7 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
                 elif method == "dpsgd-classifier":
                     line, ev = _run_dpsgd(suite, eps, opts, run_dir, real)
                 else:
-                    line, ev = _run_generator(suite, method, eps, opts, run_dir, real)
+                    line, ev = _run_generator(suite, method, eps, opts, run_dir, real, public)
             except Exception as e:  # noqa: BLE001 - one failed run must not lose the others; reported below
                 failures.append(f"{method} eps={eps:g}: {type(e).__name__}: {e}")
                 tqdm.write(f"bench: {failures[-1]}", file=sys.stderr)
@@ -397,9 +414,9 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     """The latest line per (method, preset, epsilon, eval mode, feature network), sorted."""
     latest: dict[tuple, dict] = {}
     for r in rows:
-        latest[(r["method"], r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"))] = r
+        latest[(row_label(r), r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"))] = r
     ref_order = {"real": 0, "dpsgd-classifier": 1}
-    return sorted(latest.values(), key=lambda r: (r["preset"], ref_order.get(r["method"], 2), r["method"],
+    return sorted(latest.values(), key=lambda r: (r["preset"], ref_order.get(r["method"], 2), row_label(r),
                                                   r["epsilon"]))
 
 
@@ -418,7 +435,7 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
         memtxt = "-" if not mem else f"{mem['frac_closer_than_heldout_p1']:.3f}" + (" (!)" if mem["flagged"] else "")
         mode = " (smoke eval)" if r.get("eval_mode") == "smoke" else ""
         out.append(
-            f"| {r['method']}{mode} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r.get('epsilon_spent'))} | "
+            f"| {row_label(r)}{mode} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r.get('epsilon_spent'))} | "
             f"{pct(r.get('acc_cnn'))} | {pct(r.get('acc_mlp'))} | {pct(r.get('acc_logreg'))} | {memtxt} | "
             f"{_minutes(r.get('fit_s'))} | {_minutes(r.get('eval_s'))} | {_fmt(r.get('peak_mem_mb'))} | "
             f"`{r['run_dir']}` |")
@@ -432,7 +449,7 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
                 "| method | preset | epsilon | FID | KID | precision | recall |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.get("feature_net") == net:
-                out.append(f"| {r['method']} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r['fid'])} | "
+                out.append(f"| {row_label(r)} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r['fid'])} | "
                            f"{_fmt(r['kid'])} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} |")
     devices = sorted({r["device"] for r in rows if r.get("device")})
     out += ["", "Measured on: " + "; ".join(devices) if devices else ""]
@@ -448,14 +465,14 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
 
     rows = latest_rows(rows)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    series = sorted({(r["method"], r["preset"]) for r in rows})
+    series = sorted({(row_label(r), r["preset"]) for r in rows})
     colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}  # one colour per line in every panel
     panels = (("acc_cnn", "CNN"), ("acc_mlp", "MLP"), ("acc_logreg", "logistic regression"))
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for method in sorted({r["method"] for r in rows}):
-            for preset in sorted({r["preset"] for r in rows if r["method"] == method}):
+        for method in sorted({row_label(r) for r in rows}):
+            for preset in sorted({r["preset"] for r in rows if row_label(r) == method}):
                 pts = sorted((r["epsilon"], r[key]) for r in rows
-                             if r["method"] == method and r["preset"] == preset and r.get(key) is not None)
+                             if row_label(r) == method and r["preset"] == preset and r.get(key) is not None)
                 if not pts:
                     continue
                 xs, ys = zip(*pts, strict=True)

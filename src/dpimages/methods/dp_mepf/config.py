@@ -36,7 +36,7 @@ class DPMEPFConfig(MethodConfig):
     feature_nets: int = 1
     feature_seed: int = 1
     feature_layers: tuple[str, ...] = ()
-    feature_pool: tuple[int, ...] = (4,)
+    feature_pool: tuple[int, ...] = (7,)
     feature_tap: str = "post"
     feature_balance: bool = True
     vgg_resize: int = 0
@@ -73,7 +73,7 @@ class DPMEPFConfig(MethodConfig):
             "steps": 30, "eval_every": 10, "eval_per_class": 4, "log_every": 5, "grid_every": 20,
             "checkpoint_every": 10,
         },
-        "cpu": {"steps": 4000},
+        "cpu": {"steps": 2000, "max_minutes": 25.0},
         "gpu": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 20000, "eval_every": 1000,
                 "grid_every": 5000, "checkpoint_every": 2000},
         "gpu-short": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 8000,
