@@ -69,6 +69,17 @@ def train_eval_cnn(train: ImageData, evals: dict[str, ImageData], epochs: int, s
     return {name: accuracy(model, d) for name, d in evals.items()}
 
 
+def render_table(rows: list[dict]) -> str:
+    """Markdown table of study rows (one line per variant, in the order they were run)."""
+    out = ["| variant | epsilon | public | overrides | feature dims (1st / 2nd moment) | best step | val acc % "
+           "| fit s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dims = f"{r['dims_first']}" + (f" / {r['dims_second']}" if r.get("dims_second") else "")
+        out.append(f"| {r['name']} | {r['epsilon']:g} | {r['public'] or '-'} | {' '.join(r['overrides'])} | {dims} "
+                   f"| {r['best_step']} | {100 * r['acc_val']:.1f} | {r['fit_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
@@ -82,8 +93,12 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="also report fashion-mnist:test (final numbers only)")
     ap.add_argument("--run-dir", default=None, help="keep the run here (default: a temporary directory)")
     ap.add_argument("--out", default="benchmarks/results/dp_mepf_study.jsonl")
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of --out's rows")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.table:
+        print(render_table([json.loads(t) for t in Path(args.out).read_text().splitlines() if t.strip()]), end="")
+        return
     torch.set_num_threads(args.threads)
 
     private = load("fashion-mnist")

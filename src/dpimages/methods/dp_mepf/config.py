@@ -73,7 +73,7 @@ class DPMEPFConfig(MethodConfig):
             "steps": 30, "eval_every": 10, "eval_per_class": 4, "log_every": 5, "grid_every": 20,
             "checkpoint_every": 10,
         },
-        "cpu": {"steps": 2000, "max_minutes": 25.0},
+        "cpu": {"gen_channels": 16, "steps": 1500, "max_minutes": 20.0},
         "gpu": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 20000, "eval_every": 1000,
                 "grid_every": 5000, "checkpoint_every": 2000},
         "gpu-short": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 8000,
