@@ -10,17 +10,22 @@ Layout::
     RUN/report.md        what was trained, privacy spent, metrics, grids
 
 Checkpoints are written atomically: tensors first to a new file, then
-state.json (which names that file) replaced in one step.
+state.json (which names that file) replaced in one step. The helpers at the
+end (`prefixed`, `optimizer_tensors`, `rng_state` and their inverses) turn
+module, optimizer and generator states into that format: named tensors for
+the safetensors file, JSON-able values for state.json.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -136,3 +141,54 @@ class Run:
 
     def write_report(self, text: str) -> None:
         _atomic_write(self.report_path, text)
+
+
+# -- checkpoint parts: named tensors (safetensors) and JSON (state.json); never pickle ----------------------
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (a module's state dict) as ``PREFIX.NAME`` tensors: detached CPU copies, safe to save later."""
+    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `prefixed`: the ``PREFIX.*`` tensors of `tensors` without the prefix ({} when none)."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state split for a checkpoint: (tensors, JSON part).
+
+    The tensors are named ``PREFIX.PARAM_ID.KEY`` (non-tensor values such as a step count become 0-d tensors);
+    the JSON part is ``{"param_groups": [...]}``. `load_optimizer` restores both.
+    """
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any],
+                   device: torch.device | None = None) -> None:
+    """Restore what `optimizer_tensors` saved under `prefix` into `opt`.
+
+    Only the ``PREFIX.*`` entries of `tensors` are read (others are ignored); with `device` they are moved
+    there first. `groups` is the JSON part saved with them.
+    """
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v if device is None else v.to(device)
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def rng_state(g: torch.Generator) -> str:
+    """A torch generator's state as base64 text (for state.json); `set_rng_state` restores it."""
+    return base64.b64encode(g.get_state().cpu().numpy().tobytes()).decode("ascii")
+
+
+def set_rng_state(g: torch.Generator, text: str) -> None:
+    """Restore a state saved by `rng_state` into `g`."""
+    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))

@@ -9,7 +9,15 @@ import torch
 
 from dpimages.config import MethodConfig, resolve_config
 from dpimages.errors import InputError
-from dpimages.runs import Run
+from dpimages.runs import (
+    Run,
+    load_optimizer,
+    optimizer_tensors,
+    prefixed,
+    rng_state,
+    set_rng_state,
+    unprefixed,
+)
 
 
 @dataclasses.dataclass
@@ -79,3 +87,30 @@ def test_checkpoint_roundtrip_safetensors_only(tmp_path):
     assert files == ["model-00000005.safetensors", "state.json"]
     run.log(1, noisy_grad_norm=0.5)
     assert run.read_metrics()[0]["noisy_grad_norm"] == 0.5
+
+
+def test_checkpoint_parts_roundtrip_through_safetensors_and_json(tmp_path):
+    """Module, optimizer and generator states survive save_checkpoint/load_checkpoint (no pickle)."""
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    g = torch.Generator().manual_seed(5)
+    opt_tensors, groups = optimizer_tensors("opt", opt)
+    assert sorted(opt_tensors) == [f"opt.{i}.{k}" for i in (0, 1) for k in ("exp_avg", "exp_avg_sq", "step")]
+    run = Run(tmp_path / "r")
+    run.start({"method": "x"}, resume=False)
+    run.save_checkpoint({**prefixed("net", net.state_dict()), **opt_tensors},
+                        {"step": 1, "optimizer": groups, "rng": rng_state(g)})
+    expected = torch.rand(3, generator=g)
+    tensors, state = run.load_checkpoint()
+    net2 = torch.nn.Linear(3, 2)
+    net2.load_state_dict(unprefixed("net", tensors))
+    opt2 = torch.optim.Adam(net2.parameters(), lr=1.0)
+    load_optimizer("opt", opt2, tensors, state["optimizer"], torch.device("cpu"))
+    assert torch.equal(net2.weight, net.weight) and opt2.param_groups[0]["lr"] == 1e-2
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    g2 = torch.Generator()
+    set_rng_state(g2, state["rng"])
+    assert torch.equal(torch.rand(3, generator=g2), expected)
+    assert unprefixed("other", tensors) == {}

@@ -22,7 +22,6 @@ Neighbouring relation: add or remove one image together with its label.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from dpimages.nets.features import (
 )
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 
 def _file_sha256(path: Path) -> str:
@@ -57,34 +57,6 @@ def _file_sha256(path: Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return "sha256:" + h.hexdigest()
-
-
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Adam state as flat tensors (for safetensors) plus JSON-able param groups."""
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
 
 
 @register
@@ -220,7 +192,7 @@ class DPMEPF(Synthesizer):
         for i in range(int(state.get("feature_trunks", 0))):
             t = ConvTrunk(self.image_shape[2], cfg.feature_channels, cfg.feature_kernel, cfg.feature_act,
                           cfg.feature_tap)
-            t.load_state_dict(_unprefixed(f"feat{i}", tensors))
+            t.load_state_dict(unprefixed(f"feat{i}", tensors))
             trunks.append(t)
         return trunks
 
@@ -285,12 +257,12 @@ class DPMEPF(Synthesizer):
         rng = torch.Generator().manual_seed(ctx.seed + 1)
         step, best_d, best_step, elapsed = 0, float("inf"), -1, 0.0
         if "gen.fc.weight" in tensors:
-            gen.load_state_dict(_unprefixed("gen", tensors))
-            best.load_state_dict(_unprefixed("best", tensors))
+            gen.load_state_dict(unprefixed("gen", tensors))
+            best.load_state_dict(unprefixed("best", tensors))
             if ema is not None:
-                ema.load_state_dict(_unprefixed("ema", tensors))
-            _load_optimizer(opt, tensors, state["optimizer"])
-            rng.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["train_rng"]), np.uint8).copy()))
+                ema.load_state_dict(unprefixed("ema", tensors))
+            load_optimizer("opt", opt, tensors, state["optimizer"])
+            set_rng_state(rng, state["train_rng"])
             step, best_d, best_step = int(state["step"]), float(state["best_distance"]), int(state["best_step"])
             elapsed = float(state.get("train_s", 0.0))
         else:
@@ -367,10 +339,10 @@ class DPMEPF(Synthesizer):
         *, finished: bool,
     ) -> None:
         assert ctx.run is not None and self.released is not None and self.extractor is not None
-        tensors = {**_prefixed("gen", gen.state_dict()), **_prefixed("best", best.state_dict())}
+        tensors = {**prefixed("gen", gen.state_dict()), **prefixed("best", best.state_dict())}
         if ema is not None:
-            tensors.update(_prefixed("ema", ema.state_dict()))
-        opt_tensors, opt_groups = _optimizer_tensors(opt)
+            tensors.update(prefixed("ema", ema.state_dict()))
+        opt_tensors, opt_groups = optimizer_tensors("opt", opt)
         tensors.update(opt_tensors)
         tensors["release.sum_first"] = self.released.sum_first
         tensors["release.counts"] = self.released.counts
@@ -379,13 +351,13 @@ class DPMEPF(Synthesizer):
         n_trunks = 0
         if self.config.features != "path":
             for i, t in enumerate(self.extractor.trunks):
-                tensors.update(_prefixed(f"feat{i}", t.state_dict()))
+                tensors.update(prefixed(f"feat{i}", t.state_dict()))
             n_trunks = len(self.extractor.trunks)
         sample_prefix = "best" if self.config.select_best else ("ema" if ema is not None else "gen")
         state = {
             "step": step, "finished": finished, "best_distance": best_d, "best_step": best_step,
             "train_s": round(elapsed, 2), "sample_weights": sample_prefix, "optimizer": opt_groups,
-            "train_rng": base64.b64encode(rng.get_state().numpy().tobytes()).decode("ascii"),
+            "train_rng": rng_state(rng),
             "noise_rng": ctx.noise.state(), "feature_info": self.feature_info, "feature_trunks": n_trunks,
             **self.meta(),
         }
@@ -496,12 +468,12 @@ class DPMEPF(Synthesizer):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.sample_generator is None:
             raise InputError("dp-mepf: nothing to save before fit")
-        return _prefixed("best", self.sample_generator.state_dict())
+        return prefixed("best", self.sample_generator.state_dict())
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         prefix = getattr(self, "_sample_prefix", "best")
         gen = self._new_generator()
-        weights = _unprefixed(prefix, tensors)
+        weights = unprefixed(prefix, tensors)
         if not weights:
             raise InputError(f"dp-mepf checkpoint has no '{prefix}.*' generator weights")
         gen.load_state_dict(weights)

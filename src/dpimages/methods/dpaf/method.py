@@ -70,7 +70,6 @@ phase B (``f1_steps`` f1 DP-SGD steps). A resumed run counts what the ledger alr
 
 from __future__ import annotations
 
-import base64
 import copy
 import math
 import time
@@ -95,6 +94,7 @@ from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, steps_spent
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 from dpimages.privacy.mechanisms import class_sums, clip_rows, gaussian_release, noisy_class_counts
 from dpimages.privacy.rng import NoiseSource
+from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 LABEL_COUNTS = "dpaf class counts"
 LABEL_AGG = "dpaf feature aggregation"
@@ -209,43 +209,6 @@ def release_aggregates(
     sums = class_sums(clip_rows(features, clip_norm), rows, num_rows)
     return gaussian_release(sums, sensitivity=clip_norm, noise_multiplier=noise_multiplier, ledger=ledger,
                             noise=noise, label=label, sample_rate=sample_rate)
-
-
-# -- state helpers (safetensors + JSON; no pickle) -----------------------------------------------------
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{prefix}.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                    groups: dict[str, Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
-
-
-def _rng_state(g: torch.Generator) -> str:
-    return base64.b64encode(g.get_state().cpu().numpy().tobytes()).decode("ascii")
-
-
-def _set_rng_state(g: torch.Generator, text: str) -> None:
-    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))
 
 
 @dataclass
@@ -413,16 +376,15 @@ class DPAF(Synthesizer):
         if state.get("noise") != asdict(plan):
             raise InputError("--resume: the calibrated noise multipliers differ from the checkpoint's")
         dev = self.device
-        nets.f1.load_state_dict(_unprefixed("f1", tensors))
-        nets.f2.load_state_dict(_unprefixed("f2", tensors))
-        nets.gen.load_state_dict(_unprefixed("gen", tensors))
-        nets.ema.load_state_dict(_unprefixed("ema", tensors))
-        moved = {k: v.to(dev) for k, v in tensors.items()}
-        _load_optimizer("opt_d", nets.opt_d, moved, state["opt_d"])
-        _load_optimizer("opt_g", nets.opt_g, moved, state["opt_g"])
+        nets.f1.load_state_dict(unprefixed("f1", tensors))
+        nets.f2.load_state_dict(unprefixed("f2", tensors))
+        nets.gen.load_state_dict(unprefixed("gen", tensors))
+        nets.ema.load_state_dict(unprefixed("ema", tensors))
+        load_optimizer("opt_d", nets.opt_d, tensors, state["opt_d"], dev)
+        load_optimizer("opt_g", nets.opt_g, tensors, state["opt_g"], dev)
         if nets.opt_f2 is not None:
-            _load_optimizer("opt_f2", nets.opt_f2, moved, state["opt_f2"])
-        _set_rng_state(nets.rng, state["train_rng"])
+            load_optimizer("opt_f2", nets.opt_f2, tensors, state["opt_f2"], dev)
+        set_rng_state(nets.rng, state["train_rng"])
         self.counts = tensors["counts"].double()
         self.buffer = list(tensors["buffer"].to(dev).unbind(0)) if "buffer" in tensors else []
         self.center = tensors["center"].to(dev) if "center" in tensors else None
@@ -737,8 +699,8 @@ class DPAF(Synthesizer):
         if train_s is not None:
             self.train_info["train_s"] = float(train_s)
         assert self.counts is not None
-        tensors = {**_prefixed("f1", nets.f1.state_dict()), **_prefixed("f2", nets.f2.state_dict()),
-                   **_prefixed("gen", nets.gen.state_dict()), **_prefixed("ema", nets.ema.state_dict()),
+        tensors = {**prefixed("f1", nets.f1.state_dict()), **prefixed("f2", nets.f2.state_dict()),
+                   **prefixed("gen", nets.gen.state_dict()), **prefixed("ema", nets.ema.state_dict()),
                    "counts": self.counts.clone()}
         if self.buffer:
             tensors["buffer"] = torch.stack(self.buffer).cpu()
@@ -747,12 +709,12 @@ class DPAF(Synthesizer):
         state: dict[str, Any] = {}
         for name, opt in (("opt_d", nets.opt_d), ("opt_f2", nets.opt_f2), ("opt_g", nets.opt_g)):
             if opt is not None:
-                t, groups = _optimizer_tensors(name, opt)
+                t, groups = optimizer_tensors(name, opt)
                 tensors.update(t)
                 state[name] = groups
         spent = sum(e.steps for e in ctx.ledger.events)
         self.train_info["train_s"] = round(float(self.train_info.get("train_s", 0.0)), 2)
-        state.update({"step": spent, "finished": finished, "train_rng": _rng_state(nets.rng),
+        state.update({"step": spent, "finished": finished, "train_rng": rng_state(nets.rng),
                       "noise_rng": ctx.noise.state(), "noise": self.train_info["noise"], **self.meta()})
         ctx.run.save_checkpoint(tensors, state)
 
@@ -801,10 +763,10 @@ class DPAF(Synthesizer):
         """The sampling (EMA) generator's weights, prefixed ``ema.``."""
         if self.ema_model is None:
             raise InputError("dpaf: nothing to save before fit")
-        return _prefixed("ema", self.ema_model.state_dict())
+        return prefixed("ema", self.ema_model.state_dict())
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        weights = _unprefixed("ema", tensors)
+        weights = unprefixed("ema", tensors)
         if not weights:
             raise InputError("dpaf checkpoint has no 'ema.*' weights")
         gen = self.new_generator()

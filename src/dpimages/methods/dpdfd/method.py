@@ -79,7 +79,6 @@ draws of lost steps are skipped, never reused.
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 from pathlib import Path
@@ -100,49 +99,13 @@ from dpimages.methods.dpdfd.config import DPDFDConfig
 from dpimages.nets.classifiers import SmallCNN, num_parameters
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 STUDENT_FILE = "student.safetensors"
 PUBLIC_TEST_SPEC = "fashion-mnist:test"
 _TEACHER_SEED_OFFSET = 1009  # teacher init and shuffling
 _MODEL_SEED_OFFSET = 2003  # student and generator init
 _TRAIN_SEED_OFFSET = 7919  # latent codes and labels of synthetic batches
-
-
-# -- tensor/state helpers (safetensors + JSON; no pickle) ----------------------------------------
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{prefix}.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                    groups: dict[str, Any], device: torch.device) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v.to(device)
-    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
-
-
-def _rng_state(g: torch.Generator) -> str:
-    return base64.b64encode(g.get_state().cpu().numpy().tobytes()).decode("ascii")
-
-
-def _set_rng_state(g: torch.Generator, text: str) -> None:
-    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))
 
 
 def public_test_set(private: ImageData) -> tuple[ImageData | None, str]:
@@ -249,11 +212,11 @@ class DPDFD(Synthesizer):
         if "student.head.1.weight" in tensors:
             if abs(float(state["train_info"]["noise_multiplier"]) - sigma) > 1e-12:
                 raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
-            student.load_state_dict(_unprefixed("student", tensors))
-            gen.load_state_dict(_unprefixed("gen", tensors))
-            _load_optimizer("sopt", sopt, tensors, state["sopt"], self.device)
-            _load_optimizer("gopt", gopt, tensors, state["gopt"], self.device)
-            _set_rng_state(g, state["train_rng"])
+            student.load_state_dict(unprefixed("student", tensors))
+            gen.load_state_dict(unprefixed("gen", tensors))
+            load_optimizer("sopt", sopt, tensors, state["sopt"], self.device)
+            load_optimizer("gopt", gopt, tensors, state["gopt"], self.device)
+            set_rng_state(g, state["train_rng"])
             self.train_info.update({k: state["train_info"][k] for k in ("train_s", "teacher_s", "teacher_trainings",
                                                                         "student_test_accuracy", "student_test_set")})
             ckpt_step = int(state["step"])
@@ -420,11 +383,11 @@ class DPDFD(Synthesizer):
                     g: torch.Generator, step: int, *, finished: bool) -> None:
         """Student, generator and optimiser states (never the teacher), RNG states, meta."""
         assert ctx.run is not None and self.student is not None and self.generator is not None
-        s_tensors, s_groups = _optimizer_tensors("sopt", sopt)
-        g_tensors, g_groups = _optimizer_tensors("gopt", gopt)
-        tensors = {**_prefixed("student", self.student.state_dict()), **_prefixed("gen", self.generator.state_dict()),
+        s_tensors, s_groups = optimizer_tensors("sopt", sopt)
+        g_tensors, g_groups = optimizer_tensors("gopt", gopt)
+        tensors = {**prefixed("student", self.student.state_dict()), **prefixed("gen", self.generator.state_dict()),
                    **s_tensors, **g_tensors}
-        state = {"step": step, "finished": finished, "sopt": s_groups, "gopt": g_groups, "train_rng": _rng_state(g),
+        state = {"step": step, "finished": finished, "sopt": s_groups, "gopt": g_groups, "train_rng": rng_state(g),
                  "noise_rng": ctx.noise.state(), **self.meta()}
         ctx.run.save_checkpoint(tensors, state)
 
@@ -474,10 +437,10 @@ class DPDFD(Synthesizer):
         """Generator (``gen.``) and student (``student.``) weights."""
         if self.generator is None or self.student is None:
             raise InputError("dpdfd: nothing to save before fit")
-        return {**_prefixed("gen", self.generator.state_dict()), **_prefixed("student", self.student.state_dict())}
+        return {**prefixed("gen", self.generator.state_dict()), **prefixed("student", self.student.state_dict())}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        gen_w, student_w = _unprefixed("gen", tensors), _unprefixed("student", tensors)
+        gen_w, student_w = unprefixed("gen", tensors), unprefixed("student", tensors)
         if not gen_w or not student_w:
             raise InputError("dpdfd checkpoint needs 'gen.*' and 'student.*' weights")
         gen, student = self.new_generator(), self.new_student()

@@ -35,7 +35,6 @@ processes (each stops at a step boundary after a checkpoint).
 
 from __future__ import annotations
 
-import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -54,45 +53,10 @@ from dpimages.nets.unet import UNet, num_parameters
 from dpimages.privacy import calibrate_dpsgd
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 RELEASE_LABEL = "dpdm"
 _TRAIN_SEED_OFFSET = 7919  # training randomness (diffusion noise) is seeded apart from the privacy noise
-
-
-# -- tensor/state helpers (safetensors + JSON; no pickle) ----------------------------------------
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().clone().cpu() for k, v in state.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict[str, Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
-
-
-def _rng_state(g: torch.Generator) -> str:
-    return base64.b64encode(g.get_state().cpu().numpy().tobytes()).decode("ascii")
-
-
-def _set_rng_state(g: torch.Generator, text: str) -> None:
-    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))
 
 
 def schedule(n: int, batch_size: int, epochs: float) -> tuple[float, int]:
@@ -171,11 +135,10 @@ class DPDM(Synthesizer):
         g = torch.Generator(device=self.device).manual_seed(ctx.seed + _TRAIN_SEED_OFFSET)
         tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         if "ema.net.conv_in.weight" in tensors:
-            model.load_state_dict(_unprefixed("model", tensors))
-            ema.load_state_dict(_unprefixed("ema", tensors))
-            _load_optimizer(opt, {k: v.to(self.device) for k, v in tensors.items() if k.startswith("opt.")},
-                            state["optimizer"])
-            _set_rng_state(g, state["train_rng"])
+            model.load_state_dict(unprefixed("model", tensors))
+            ema.load_state_dict(unprefixed("ema", tensors))
+            load_optimizer("opt", opt, tensors, state["optimizer"], self.device)
+            set_rng_state(g, state["train_rng"])
             self.train_info["train_s"] = float(state.get("train_s", 0.0))
             if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
                 raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
@@ -243,10 +206,10 @@ class DPDM(Synthesizer):
     def _checkpoint(self, ctx: FitContext, model: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
                     g: torch.Generator, step: int, *, finished: bool) -> None:
         assert ctx.run is not None
-        opt_tensors, opt_groups = _optimizer_tensors(opt)
-        tensors = {**_prefixed("model", model.state_dict()), **_prefixed("ema", ema.state_dict()), **opt_tensors}
+        opt_tensors, opt_groups = optimizer_tensors("opt", opt)
+        tensors = {**prefixed("model", model.state_dict()), **prefixed("ema", ema.state_dict()), **opt_tensors}
         state = {
-            "step": step, "finished": finished, "optimizer": opt_groups, "train_rng": _rng_state(g),
+            "step": step, "finished": finished, "optimizer": opt_groups, "train_rng": rng_state(g),
             "noise_rng": ctx.noise.state(), "noise_multiplier": self.train_info["noise_multiplier"],
             "train_s": round(float(self.train_info["train_s"]), 2), **self.meta(),
         }
@@ -302,10 +265,10 @@ class DPDM(Synthesizer):
         """The sampling (EMA) weights, prefixed ``ema.``."""
         if self.ema_model is None:
             raise InputError("dpdm: nothing to save before fit")
-        return _prefixed("ema", self.ema_model.state_dict())
+        return prefixed("ema", self.ema_model.state_dict())
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        weights = _unprefixed("ema", tensors)
+        weights = unprefixed("ema", tensors)
         if not weights:
             raise InputError("dpdm checkpoint has no 'ema.*' weights")
         model = self.new_model()

@@ -38,7 +38,6 @@ so later releases get the noise an uninterrupted run would have drawn).
 
 from __future__ import annotations
 
-import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -65,16 +64,9 @@ from dpimages.nets.features import (
     trunk_from_config,
 )
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+from dpimages.runs import prefixed, rng_state, set_rng_state, unprefixed
 
 _API_SEED_OFFSET = 104729  # API and resampling randomness: seeded apart from the privacy noise
-
-
-def _rng_state(g: torch.Generator) -> str:
-    return base64.b64encode(g.get_state().numpy().tobytes()).decode("ascii")
-
-
-def _set_rng_state(g: torch.Generator, text: str) -> None:
-    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), np.uint8).copy()))
 
 
 def _path_sha256(path: Path) -> str:
@@ -218,7 +210,7 @@ class PE(Synthesizer):
         tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         if state and "feature_trunk" in state:
             trunk = trunk_from_config(state["feature_trunk"], "post")
-            trunk.load_state_dict({n[len("features."):]: v for n, v in tensors.items() if n.startswith("features.")})
+            trunk.load_state_dict(unprefixed("features", tensors))
             feature_info = dict(state.get("pe", {}).get("features", {}))
         else:
             trunk, feature_info = self._build_trunk(public, ctx)
@@ -233,7 +225,7 @@ class PE(Synthesizer):
         run = ctx.run
         g = torch.Generator().manual_seed(int(ctx.seed) + _API_SEED_OFFSET)
         if "api_rng" in state:
-            _set_rng_state(g, state["api_rng"])
+            set_rng_state(g, state["api_rng"])
         self._save_index = int(state.get("step", -1)) + 1
         # 3. resume bookkeeping: the ledger says how many releases were spent
         spent = hist.releases_spent(ctx.ledger)
@@ -334,12 +326,12 @@ class PE(Synthesizer):
         if ctx.run is None:
             return
         assert self._trunk is not None
-        tensors = {**self.state_dict(), **{f"features.{n}": v for n, v in self._trunk.state_dict().items()}}
+        tensors = {**self.state_dict(), **prefixed("features", self._trunk.state_dict())}
         if histogram is not None:
             tensors["histogram"] = histogram.double().cpu()
         self.info["fit_s"] = float(fit_s or self.info.get("fit_s", 0.0))
         state = {"step": self._save_index, "finished": finished, "phase": phase, "votes_done": votes_done,
-                 "releases": releases, "api_rng": _rng_state(g), "noise_rng": ctx.noise.state(),
+                 "releases": releases, "api_rng": rng_state(g), "noise_rng": ctx.noise.state(),
                  "feature_trunk": self._trunk.config(), **self.meta()}
         ctx.run.save_checkpoint(tensors, state)
         self._save_index += 1
