@@ -116,6 +116,10 @@ class Synthesizer:
         """Markdown for report.md: what this method released and how it trained."""
         return ""
 
+    def bench_extras(self) -> dict[str, Any]:
+        """Extra JSON-serialisable numbers for the benchmark results line (e.g. a DP student's test accuracy)."""
+        return {}
+
     def to(self, device: torch.device) -> Synthesizer:
         """Move models to `device` (methods with models override this)."""
         return self

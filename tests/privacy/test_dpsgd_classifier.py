@@ -1,13 +1,10 @@
-"""The dpsgd-classifier reference row and the demo that runs it."""
+"""The dpsgd-classifier reference row."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
-from dpimages import demo
 from dpimages.bench.dpsgd_classifier import PRESETS, schedule, train_dpsgd_classifier
 from dpimages.data import ImageData, load
 from dpimages.errors import BudgetExceeded, InputError
@@ -52,21 +49,3 @@ def test_bad_input_and_budget_refused_before_private_access(digits) -> None:
     with pytest.raises(BudgetExceeded):
         train_dpsgd_classifier(private, test, preset="smoke", ledger=small, **kw)
     assert small.events == [] and noise.gaussian_draws == 0
-
-
-def test_demo_writes_privacy_json_per_run(digits, tmp_path, monkeypatch, capsys) -> None:
-    private, test = digits
-    monkeypatch.setattr(demo, "load", lambda spec: test if spec.endswith(":test") else private)
-    delta = 1e-4
-    code = demo.main(["--preset", "smoke", "--epsilons", "1,10", "--delta", str(delta), "--out", str(tmp_path),
-                      "--threads", "1", "--no-progress"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "epsilon (PLD)" in out and "epsilon (RDP)" in out and "sigma" in out and "steps" in out
-    files = sorted(tmp_path.glob("demo-eps*/privacy.json"))
-    assert len(files) == 2
-    for f in files:
-        d = json.loads(f.read_text())
-        assert d["events"] and d["events"][0]["kind"] == "subsampled_gaussian"
-        assert d["epsilon"] <= d["epsilon_budget"] + 1e-9 and d["delta"] == delta
-        assert str(f) in out

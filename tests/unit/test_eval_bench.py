@@ -108,3 +108,10 @@ def test_bench_checks_overrides_and_variant_before_any_run(tmp_path) -> None:  #
         with pytest.raises(suite.InputError, match=msg):
             suite.run_bench("fmnist", methods, [1.0], out, options=suite.BenchOptions(preset="smoke", **kw))
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_student_accuracy_gets_its_own_table() -> None:
+    md = suite.render_table([_row("dpdfd", 10, "n", 0.2, student_test_accuracy=0.345), _row("a", 10, "n", 0.5)])
+    section = md.split("## DP student classifiers")[1]
+    assert "| dpdfd | cpu | 10 | 34.5 | 20.0 |" in section and "| a |" not in section
+    assert "DP student" not in suite.render_table([_row("a", 10, "n", 0.5)])

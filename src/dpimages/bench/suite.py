@@ -232,7 +232,7 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
     return _line(suite, method, epsilon, opts, run_dir, ev, epsilon_spent=res.ledger.epsilon(),
                  epsilon_rdp=res.ledger.epsilon_rdp(), fit_s=round(fit_s, 1), sample_s=round(sample_s, 1),
                  eval_s=round(eval_s, 1), n_samples=n, public=None if public is None else public.name,
-                 overrides=list(opts.overrides)), ev
+                 overrides=list(opts.overrides), **synth.bench_extras()), ev
 
 
 def _reference_config(suite: Suite, method: str, epsilon: float, opts: BenchOptions, real) -> dict:  # noqa: ANN001
@@ -451,6 +451,14 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
             if r.get("feature_net") == net:
                 out.append(f"| {row_label(r)} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r['fid'])} | "
                            f"{_fmt(r['kid'])} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} |")
+    students = [r for r in rows if r.get("student_test_accuracy") is not None]
+    if students:
+        out += ["", "## DP student classifiers", "",
+                "Methods that also release a classifier (dpdfd's DP student): its own accuracy on the real test "
+                "images, beside the CNN trained on its synthetic images.", "",
+                "| method | preset | epsilon | student accuracy | CNN on synthetic images |", "|---|---|---|---|---|"]
+        out += [f"| {row_label(r)} | {r['preset']} | {_fmt(r['epsilon'])} | {pct(r['student_test_accuracy'])} | "
+                f"{pct(r.get('acc_cnn'))} |" for r in students]
     devices = sorted({r["device"] for r in rows if r.get("device")})
     out += ["", "Measured on: " + "; ".join(devices) if devices else ""]
     return "\n".join(out).rstrip() + "\n"
