@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpimages.api import FitContext, Synthesizer, register
+from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
+from dpimages.methods.common import MethodSynthesizer
 from dpimages.methods.dp_mepf import release as rel
 from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.nets.features import (
@@ -60,12 +61,11 @@ def _file_sha256(path: Path) -> str:
 
 
 @register
-class DPMEPF(Synthesizer):
+class DPMEPF(MethodSynthesizer):
     """DP-MEPF: match a label-conditional generator to noisy per-class feature means."""
 
     name = "dp-mepf"
     Config = DPMEPFConfig
-    needs_public = False
     description = "DP mean embeddings of (public or random) perceptual features; generator trained on them"
 
     def __init__(self, config: DPMEPFConfig) -> None:  # type: ignore[override]
@@ -77,7 +77,6 @@ class DPMEPF(Synthesizer):
         self.released: rel.Released | None = None
         self.class_proportions: list[float] = []
         self.feature_info: dict[str, Any] = {}
-        self.device = torch.device("cpu")
 
     # -- building blocks -----------------------------------------------------------------
     def _new_generator(self) -> ConditionalGenerator:
@@ -135,16 +134,12 @@ class DPMEPF(Synthesizer):
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
         """Release the noisy statistics once, then train the generator on them (see the module docstring)."""
         cfg = self.config
-        self.device = ctx.device
-        self.num_classes = private.num_classes
-        self.image_shape = private.image_shape
-        self.classes = list(private.classes)
+        tensors, state = self.begin_fit(private, ctx)
         if private.labels is None:
             raise InputError(f"{private.name}: dp-mepf needs labelled private data")
         if min(self.image_shape[:2]) < 8:
             raise InputError(f"dp-mepf needs images of at least 8x8 pixels, got {self.image_shape}")
         run = ctx.run
-        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         if "release.sum_first" in tensors:
             self._restore_release(tensors, state)
             trunks = self._restore_trunks(tensors, state)

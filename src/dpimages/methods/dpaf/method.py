@@ -82,10 +82,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, Synthesizer, register
+from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
+from dpimages.methods.common import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpaf.config import DPAFConfig, DPAFNoAggConfig
 from dpimages.nets.discriminators import BackHead, FrontFeatures, SplitDiscriminator
 from dpimages.nets.generators import ConditionalGenerator
@@ -226,20 +227,17 @@ class _Nets:
 
 
 @register
-class DPAF(Synthesizer):
+class DPAF(TrainedSynthesizer):
     """DPAF: conditional GAN with DP feature aggregation in the discriminator's forward pass."""
 
     name = "dpaf"
     Config = DPAFConfig
-    needs_public = False
     description = "conditional GAN; discriminator front trained with DP-SGD, back on noisy feature aggregates"
 
     def __init__(self, config: DPAFConfig) -> None:  # type: ignore[override]
         super().__init__(config)
         self.config: DPAFConfig = config
         self.ema_model: ConditionalGenerator | None = None
-        self.device = torch.device("cpu")
-        self.train_info: dict[str, Any] = {}
         self.counts: torch.Tensor | None = None  # released (noisy) class counts, float64 (K,)
         self.buffer: list[torch.Tensor] = []  # this phase's released real aggregates (divided), (R, d) each
         self.center: torch.Tensor | None = None  # this cycle's per-class feature reference (K, d), from fakes
@@ -283,10 +281,7 @@ class DPAF(Synthesizer):
         cfg = self.config
         if private.labels is None:
             raise InputError(f"{private.name}: dpaf needs labelled private data (class-conditional GAN)")
-        self.device = ctx.device
-        self.num_classes = private.num_classes
-        self.image_shape = private.image_shape
-        self.classes = list(private.classes)
+        tensors, state = self.begin_fit(private, ctx)
         if min(self.image_shape[:2]) < 2 ** len(cfg.d_channels) * 2:
             raise InputError(f"dpaf with d_channels of length {len(cfg.d_channels)} needs images of at least "
                              f"{2 ** len(cfg.d_channels) * 2} pixels per side, got {self.image_shape}")
@@ -330,7 +325,6 @@ class DPAF(Synthesizer):
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=betas)
         rng = torch.Generator(device="cpu").manual_seed(ctx.seed + _TRAIN_SEED_OFFSET)
         nets = _Nets(f1, f2, gen, ema, opt_d, opt_f2, opt_g, rng)
-        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         if "counts" in tensors:
             self._restore(nets, tensors, state, plan)
         self.ema_model = ema
@@ -738,26 +732,14 @@ class DPAF(Synthesizer):
         """n images from the EMA generator; labels (n,) int64, or None for balanced classes."""
         if self.ema_model is None:
             raise InputError("dpaf: fit or load the synthesizer before sampling")
-        if isinstance(n, bool) or int(n) != n or n < 1:
+        if isinstance(n, bool):
             raise InputError(f"n must be a positive integer, got {n}")
-        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise InputError(f"labels must be in [0, {self.num_classes})")
-        labels = labels.astype(np.int64)
+        labels = self.checked_labels(n, labels)
         g = torch.Generator().manual_seed(int(seed or 0))
         bs = self.config.sample_batch
         out = [to_uint8(self._generate(self.ema_model, torch.from_numpy(labels[i : i + bs]), g))
                for i in range(0, n, bs)]
         return ImageData(np.concatenate(out), labels, list(self.classes), "dpaf samples")
-
-    def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "train_info": dict(self.train_info)}
-
-    def restore_meta(self, state: dict[str, Any]) -> None:
-        super().restore_meta(state)
-        self.train_info = dict(state.get("train_info", {}))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The sampling (EMA) generator's weights, prefixed ``ema.``."""
@@ -766,13 +748,7 @@ class DPAF(Synthesizer):
         return prefixed("ema", self.ema_model.state_dict())
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        weights = unprefixed("ema", tensors)
-        if not weights:
-            raise InputError("dpaf checkpoint has no 'ema.*' weights")
-        gen = self.new_generator()
-        gen.load_state_dict(weights)
-        gen.requires_grad_(False)
-        self.ema_model = gen.to(self.device).eval()
+        self.ema_model = load_frozen(self.new_generator, "ema", tensors, "dpaf", self.device)
         if "counts" in tensors:
             self.counts = tensors["counts"].double()
 

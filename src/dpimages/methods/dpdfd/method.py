@@ -90,10 +90,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, Synthesizer, register
+from dpimages.api import FitContext, register
 from dpimages.data import ImageData, load, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
+from dpimages.methods.common import TrainedSynthesizer
 from dpimages.methods.dpdfd import release as rel
 from dpimages.methods.dpdfd.config import DPDFDConfig
 from dpimages.nets.classifiers import SmallCNN, num_parameters
@@ -142,12 +143,11 @@ def accuracy(model: torch.nn.Module, data: ImageData, device: torch.device, batc
 
 
 @register
-class DPDFD(Synthesizer):
+class DPDFD(TrainedSynthesizer):
     """DPDFD: a student distilled from a non-private teacher through normalised noisy gradients; a generator."""
 
     name = "dpdfd"
     Config = DPDFDConfig
-    needs_public = False
     description = "DP data-free distillation: DP student from normalised noisy distillation gradients; generator"
 
     def __init__(self, config: DPDFDConfig) -> None:  # type: ignore[override]
@@ -155,8 +155,6 @@ class DPDFD(Synthesizer):
         self.config: DPDFDConfig = config
         self.generator: ConditionalGenerator | None = None
         self.student: SmallCNN | None = None
-        self.device = torch.device("cpu")
-        self.train_info: dict[str, Any] = {}
 
     # -- networks (public facts only: shapes, classes, config, seeds) ---------------------------
     def new_generator(self) -> ConditionalGenerator:
@@ -185,10 +183,7 @@ class DPDFD(Synthesizer):
             raise InputError(f"dpdfd needs images of at least 16x16 pixels (SmallCNN), got {h}x{w}x{c}")
         if private.num_classes < 2:
             raise InputError(f"dpdfd needs at least 2 classes, got {private.num_classes}")
-        self.device = ctx.device
-        self.num_classes = private.num_classes
-        self.image_shape = private.image_shape
-        self.classes = list(private.classes)
+        tensors, state = self.begin_fit(private, ctx)
         # 1. schedule and noise from public choices only, before any private pixel is read
         sigma = rel.calibrate_steps(ctx.ledger.epsilon_budget, ctx.ledger.delta, cfg.steps)
         ctx.ledger.reserve(rel.planned_event(sigma, cfg.steps))
@@ -207,7 +202,6 @@ class DPDFD(Synthesizer):
             "student_test_accuracy": None, "student_test_set": None,
             "update_scale": rel.update_scale(cfg.clip_norm, sigma, num_parameters(student)),
         }
-        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         ckpt_step = 0
         if "student.head.1.weight" in tensors:
             if abs(float(state["train_info"]["noise_multiplier"]) - sigma) > 1e-12:
@@ -415,23 +409,9 @@ class DPDFD(Synthesizer):
         """n images from the generator; labels (n,) integers, or None for balanced classes."""
         if self.generator is None:
             raise InputError("dpdfd: fit or load the synthesizer before sampling")
-        if int(n) != n or n < 1:
-            raise InputError(f"n must be a positive integer, got {n}")
-        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise InputError(f"labels must be in [0, {self.num_classes})")
-        labels = labels.astype(np.int64)
+        labels = self.checked_labels(n, labels)
         images = self._generate(self.generator, labels, torch.Generator().manual_seed(int(seed or 0)))
         return ImageData(images, labels, list(self.classes), "dpdfd samples")
-
-    def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "train_info": dict(self.train_info)}
-
-    def restore_meta(self, state: dict[str, Any]) -> None:
-        super().restore_meta(state)
-        self.train_info = dict(state.get("train_info", {}))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Generator (``gen.``) and student (``student.``) weights."""

@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, Synthesizer, register
+from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
+from dpimages.methods.common import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
@@ -68,20 +69,17 @@ def schedule(n: int, batch_size: int, epochs: float) -> tuple[float, int]:
 
 
 @register
-class DPDM(Synthesizer):
+class DPDM(TrainedSynthesizer):
     """DPDM: EDM-preconditioned class-conditional U-Net trained with DP-SGD and noise multiplicity."""
 
     name = "dpdm"
     Config = DPDMConfig
-    needs_public = False
     description = "DP diffusion model (EDM U-Net) trained with DP-SGD and noise multiplicity"
 
     def __init__(self, config: DPDMConfig) -> None:  # type: ignore[override]
         super().__init__(config)
         self.config: DPDMConfig = config
         self.ema_model: EDMDenoiser | None = None
-        self.device = torch.device("cpu")
-        self.train_info: dict[str, Any] = {}
 
     # -- model ---------------------------------------------------------------------------------
     def new_model(self) -> EDMDenoiser:
@@ -113,10 +111,7 @@ class DPDM(Synthesizer):
         cfg = self.config
         if private.labels is None:
             raise InputError(f"{private.name}: dpdm needs labelled private data (class-conditional model)")
-        self.device = ctx.device
-        self.num_classes = private.num_classes
-        self.image_shape = private.image_shape
-        self.classes = list(private.classes)
+        tensors, state = self.begin_fit(private, ctx)
         n = len(private)
         # 1. the schedule and sigma, from public choices only, before any private pixel is read
         q, steps = schedule(n, cfg.batch_size, cfg.epochs)
@@ -133,7 +128,6 @@ class DPDM(Synthesizer):
         ema.requires_grad_(False)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         g = torch.Generator(device=self.device).manual_seed(ctx.seed + _TRAIN_SEED_OFFSET)
-        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         if "ema.net.conv_in.weight" in tensors:
             model.load_state_dict(unprefixed("model", tensors))
             ema.load_state_dict(unprefixed("ema", tensors))
@@ -238,14 +232,7 @@ class DPDM(Synthesizer):
         """n images from the EMA weights; labels (n,) int64, or None for balanced classes."""
         if self.ema_model is None:
             raise InputError("dpdm: fit or load the synthesizer before sampling")
-        if int(n) != n or n < 1:
-            raise InputError(f"n must be a positive integer, got {n}")
-        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise InputError(f"labels must be in [0, {self.num_classes})")
-        labels = labels.astype(np.int64)
+        labels = self.checked_labels(n, labels)
         g = torch.Generator().manual_seed(int(seed or 0))
         bs = self.config.sample_batch
         out = []
@@ -254,13 +241,6 @@ class DPDM(Synthesizer):
             out.append(to_uint8(self._generate(self.ema_model, y, g)))
         return ImageData(np.concatenate(out), labels, list(self.classes), "dpdm samples")
 
-    def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "train_info": dict(self.train_info)}
-
-    def restore_meta(self, state: dict[str, Any]) -> None:
-        super().restore_meta(state)
-        self.train_info = dict(state.get("train_info", {}))
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The sampling (EMA) weights, prefixed ``ema.``."""
         if self.ema_model is None:
@@ -268,13 +248,7 @@ class DPDM(Synthesizer):
         return prefixed("ema", self.ema_model.state_dict())
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        weights = unprefixed("ema", tensors)
-        if not weights:
-            raise InputError("dpdm checkpoint has no 'ema.*' weights")
-        model = self.new_model()
-        model.load_state_dict(weights)
-        model.requires_grad_(False)
-        self.ema_model = model.to(self.device).eval()
+        self.ema_model = load_frozen(self.new_model, "ema", tensors, "dpdm", self.device)
 
     def to(self, device: torch.device) -> DPDM:
         self.device = torch.device(device)

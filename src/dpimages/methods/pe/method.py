@@ -46,10 +46,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, Synthesizer, register
+from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8, to_unit_range
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
+from dpimages.methods.common import MethodSynthesizer
 from dpimages.methods.pe import histogram as hist
 from dpimages.methods.pe.api import ImageAPI, check_degree, file_sha256
 from dpimages.methods.pe.config import PEConfig
@@ -75,12 +76,11 @@ def _path_sha256(path: Path) -> str:
 
 
 @register
-class PE(Synthesizer):
+class PE(MethodSynthesizer):
     """Private Evolution over a generative-model API (see the module docstring)."""
 
     name = "pe"
     Config = PEConfig
-    needs_public = False
     description = "Private Evolution: noisy nearest-neighbour votes steer a public generative model (no training)"
 
     def __init__(self, config: PEConfig) -> None:  # type: ignore[override]
@@ -90,7 +90,6 @@ class PE(Synthesizer):
         self.population: np.ndarray | None = None  # uint8 (P, H, W, C)
         self.population_labels: np.ndarray | None = None  # int64 (P,)
         self.info: dict[str, Any] = {}
-        self.device = torch.device("cpu")
         self._trunk: Trunk | None = None
         self._extractor: FeatureExtractor | None = None
         self._save_index = 0
@@ -189,10 +188,7 @@ class PE(Synthesizer):
         cfg = self.config
         if private.labels is None:
             raise InputError(f"{private.name}: pe needs labelled private data (votes are cast within classes)")
-        self.device = ctx.device
-        self.num_classes = private.num_classes
-        self.image_shape = private.image_shape
-        self.classes = list(private.classes)
+        tensors, state = self.begin_fit(private, ctx)
         k, per, t_total = self.num_classes, cfg.population_per_class, cfg.iterations
         p = k * per
         degrees = cfg.degrees()
@@ -207,7 +203,6 @@ class PE(Synthesizer):
         sigma = hist.calibrate_votes(ctx.ledger.epsilon_budget, ctx.ledger.delta, t_total)
         ctx.ledger.reserve(*hist.vote_events(sigma, t_total))
         h = cfg.threshold_sigmas * sigma
-        tensors, state = ctx.resume_state if ctx.resume_state is not None else ({}, {})
         if state and "feature_trunk" in state:
             trunk = trunk_from_config(state["feature_trunk"], "post")
             trunk.load_state_dict(unprefixed("features", tensors))
@@ -347,14 +342,7 @@ class PE(Synthesizer):
         """The final population (a seeded choice of members per class); extra variations when n exceeds it."""
         if self.population is None or self.population_labels is None:
             raise InputError("pe: fit or load the synthesizer before sampling")
-        if int(n) != n or n < 1:
-            raise InputError(f"n must be a positive integer, got {n}")
-        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise InputError(f"labels must be in [0, {self.num_classes})")
-        labels = labels.astype(np.int64)
+        labels = self.checked_labels(n, labels)
         g = torch.Generator().manual_seed(int(seed or 0))
         out = np.empty((n, *self.population.shape[1:]), np.uint8)
         extra_pos, extra_parent = [], []

@@ -1,0 +1,90 @@
+"""What the methods' synthesizers share: their base classes and small helpers.
+
+`MethodSynthesizer` is the base of every method: a device, the first step of
+``fit`` (`begin_fit`) and the checks of a ``sample`` request
+(`checked_labels`). `TrainedSynthesizer` adds ``train_info``, the facts of a
+training run that are saved in the checkpoint. Nothing here reads private data
+or touches the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from dpimages.api import FitContext, Synthesizer
+from dpimages.config import MethodConfig
+from dpimages.data import ImageData
+from dpimages.errors import InputError
+from dpimages.runs import unprefixed
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+class MethodSynthesizer(Synthesizer):
+    """A `Synthesizer` with a device (CPU until `fit` or `to` sets it)."""
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self.device = torch.device("cpu")
+
+    def begin_fit(self, private: ImageData, ctx: FitContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The first step of `fit`: adopt ``ctx.device`` and the private data's public facts, find the checkpoint.
+
+        Sets `device`, `num_classes`, `image_shape` and `classes` (public facts: they are in every checkpoint's
+        meta). Returns the checkpoint to resume from, ``(tensors, state)``, or ``({}, {})`` for a new run.
+        """
+        self.device = ctx.device
+        self.num_classes = private.num_classes
+        self.image_shape = private.image_shape
+        self.classes = list(private.classes)
+        return ctx.resume_state if ctx.resume_state is not None else ({}, {})
+
+    def checked_labels(self, n: int, labels: np.ndarray | None) -> np.ndarray:
+        """The labels of a request for `n` samples, checked: int64 (n,), balanced classes when `labels` is None.
+
+        Raises InputError unless `n` is a positive integer and `labels` (when given) an integer array of
+        shape (n,) with values in [0, num_classes).
+        """
+        if int(n) != n or n < 1:
+            raise InputError(f"n must be a positive integer, got {n}")
+        labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"labels must be an integer array of shape ({n},), got {labels.dtype} {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise InputError(f"labels must be in [0, {self.num_classes})")
+        return labels.astype(np.int64)
+
+
+class TrainedSynthesizer(MethodSynthesizer):
+    """A `MethodSynthesizer` whose `train_info` (schedule, noise, times: public) is saved with its meta."""
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self.train_info: dict[str, Any] = {}
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "train_info": dict(self.train_info)}
+
+    def restore_meta(self, state: dict[str, Any]) -> None:
+        super().restore_meta(state)
+        self.train_info = dict(state.get("train_info", {}))
+
+
+def load_frozen(new: Callable[[], M], prefix: str, tensors: dict[str, torch.Tensor], method: str,
+                device: torch.device) -> M:
+    """A network for sampling: ``new()`` with the ``PREFIX.*`` weights of `tensors`, frozen, in eval mode on `device`.
+
+    Raises InputError ("METHOD checkpoint has no 'PREFIX.*' weights") before building anything when there
+    are none.
+    """
+    weights = unprefixed(prefix, tensors)
+    if not weights:
+        raise InputError(f"{method} checkpoint has no '{prefix}.*' weights")
+    net = new()
+    net.load_state_dict(weights)
+    net.requires_grad_(False)
+    return net.to(device).eval()
