@@ -448,7 +448,13 @@ class DPAF(TrainedSynthesizer):
     def _row_labels(self) -> torch.Tensor:
         return torch.arange(self.num_rows, device=self.device) // self.config.agg_groups
 
-    def _ema_update(self, nets: _Nets) -> None:
+    def _generator_step(self, nets: _Nets, g_loss: torch.Tensor) -> None:
+        """One Adam step of G on `g_loss` (gradients of G's parameters only), then the EMA update (warm-up decay)."""
+        grads = torch.autograd.grad(g_loss, list(nets.gen.parameters()))
+        for p, gr in zip(nets.gen.parameters(), grads, strict=True):
+            p.grad = gr
+        nets.opt_g.step()
+        nets.opt_g.zero_grad(set_to_none=True)
         step = int(self.train_info.get("g_updates", 0))
         decay = min(self.config.ema, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
@@ -552,12 +558,7 @@ class DPAF(TrainedSynthesizer):
                     nets.opt_f2.step()
                 logs.update(f2_loss_real=round(d_real.item(), 5), f2_loss_fake=round(d_fake.item(), 5))
             g_loss = F.softplus(-nets.f2(self._fake_aggregates(fake_f, rng), k_rows)).mean()
-            grads = torch.autograd.grad(g_loss, list(nets.gen.parameters()))
-            for p, gr in zip(nets.gen.parameters(), grads, strict=True):
-                p.grad = gr
-            nets.opt_g.step()
-            nets.opt_g.zero_grad(set_to_none=True)
-            self._ema_update(nets)
+            self._generator_step(nets, g_loss)
             logs["g_loss"] = round(g_loss.item(), 5)
         return logs
 
@@ -644,12 +645,7 @@ class DPAF(TrainedSynthesizer):
             for _ in range(cfg.g_steps):
                 score = disc(nets.gen(self._latents(y_fake.numel(), nets.rng), y_fake), y_fake)
                 g_loss = F.softplus(-score).mean()
-                grads = torch.autograd.grad(g_loss, list(nets.gen.parameters()))
-                for p, gr in zip(nets.gen.parameters(), grads, strict=True):
-                    p.grad = gr
-                nets.opt_g.step()
-                nets.opt_g.zero_grad(set_to_none=True)
-                self._ema_update(nets)
+                self._generator_step(nets, g_loss)
             bar.update(1)
             if ctx.run is not None and step % cfg.log_every == 0:
                 ctx.run.log(step, d_noisy_grad_norm=round(info.noisy_grad_norm, 6), g_loss=round(g_loss.item(), 5),
