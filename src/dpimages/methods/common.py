@@ -1,7 +1,7 @@
 """What the methods' synthesizers share: their base classes and small helpers.
 
-`MethodSynthesizer` is the base of every method: a device, the first step of
-``fit`` (`begin_fit`) and the checks of a ``sample`` request
+`MethodSynthesizer` is the base of every method: a device (`to`), the first
+step of ``fit`` (`begin_fit`) and the checks of a ``sample`` request
 (`checked_labels`). `TrainedSynthesizer` adds ``train_info``, the facts of a
 training run that are saved in the checkpoint. Nothing here reads private data
 or touches the ledger.
@@ -42,6 +42,11 @@ class MethodSynthesizer(Synthesizer):
         self.image_shape = private.image_shape
         self.classes = list(private.classes)
         return ctx.resume_state if ctx.resume_state is not None else ({}, {})
+
+    def to(self, device: torch.device) -> MethodSynthesizer:
+        """Use `device` from now on (methods with networks also move them there)."""
+        self.device = torch.device(device)
+        return self
 
     def checked_labels(self, n: int, labels: np.ndarray | None) -> np.ndarray:
         """The labels of a request for `n` samples, checked: int64 (n,), balanced classes when `labels` is None.

@@ -386,10 +386,6 @@ class PE(MethodSynthesizer):
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self._restore_population(tensors)
 
-    def to(self, device: torch.device) -> PE:
-        self.device = torch.device(device)
-        return self
-
     # -- report --------------------------------------------------------------------------------------
     def report_section(self) -> str:
         """API, public data, feature network, releases and schedule (for report.md)."""
