@@ -126,6 +126,8 @@ def test_outputs_depend_on_the_teacher_only_through_the_released_updates(tiny_np
     assert a.ledger.events == [PrivacyEvent.gaussian(sigma, SMOKE_STEPS, rel.RELEASE_LABEL)]
     assert len(released) == SMOKE_STEPS
     assert 0.99 * EPS <= a.ledger.epsilon() <= EPS * (1 + 1e-9)
+    extras = a.synthesizer.bench_extras()  # the bench line reports the student as report.md does
+    assert extras == {k: a.synthesizer.train_info[k] for k in ("student_test_accuracy", "student_test_set")}
     privacy = json.loads((tmp_path / "a" / "privacy.json").read_text())
     assert privacy["events"] == [{"kind": "gaussian", "noise_multiplier": sigma, "steps": SMOKE_STEPS,
                                   "label": rel.RELEASE_LABEL}]

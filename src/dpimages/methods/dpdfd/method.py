@@ -436,6 +436,10 @@ class DPDFD(TrainedSynthesizer):
         return self
 
     # -- report ------------------------------------------------------------------------------------
+    def bench_extras(self) -> dict[str, Any]:
+        """The DP student's own accuracy on the real test images (the student is released too)."""
+        return {k: self.train_info.get(k) for k in ("student_test_accuracy", "student_test_set")}
+
     def report_section(self) -> str:
         """The method's part of report.md: the releases, the privacy argument in brief, student, generator."""
         return getattr(self, "_report", "") or (self._report_text() if self.train_info else "")
