@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8
@@ -274,6 +275,8 @@ class DPMEPF(MethodSynthesizer):
         t0 = time.time() - elapsed
         budget_s = 60.0 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
         out_of_time = False
+        bar = tqdm(total=cfg.steps, initial=step, disable=not ctx.progress, desc="dp-mepf generator steps "
+                   "(post-processing)")
         while step < cfg.steps and not out_of_time:
             # the learning rate decays with the fraction of steps or of the time budget, whichever is further
             frac = min(1.0, max(step / max(cfg.steps - 1, 1), (time.time() - t0) / budget_s))
@@ -286,6 +289,7 @@ class DPMEPF(MethodSynthesizer):
             loss.backward()
             opt.step()
             step += 1
+            bar.update()
             out_of_time = time.time() - t0 >= budget_s
             last = step == cfg.steps or out_of_time
             if ema is not None:
@@ -310,6 +314,7 @@ class DPMEPF(MethodSynthesizer):
             if run is not None and step % cfg.checkpoint_every == 0 and not last:
                 self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, time.time() - t0,
                                  finished=False)
+        bar.close()
         elapsed = time.time() - t0
         if out_of_time and run is not None:
             run.log(step, event="time_budget_reached", max_minutes=cfg.max_minutes, planned_steps=cfg.steps)
