@@ -282,3 +282,11 @@ def test_bad_inputs_exit_2(tiny_npz, tmp_path):
     res = dpimages("fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "10", "--preset", "smoke",
                    "--run-dir", str(tmp_path / "r2"), "sampler=rk4", env_cache=cache)
     assert res.returncode == 2 and "sampler" in res.stderr
+
+
+def test_smoke_schedule_is_capped_whatever_the_data_size():
+    from dpimages.methods.dpdm.method import schedule
+
+    assert schedule(55000, 32, 1.0, max_steps=12) == (32 / 55000, 12)  # ~1,700 steps uncapped
+    assert schedule(55000, 32, 1.0) == (32 / 55000, 1719)
+    assert schedule(100, 32, 1.0, max_steps=12) == (0.32, 3)  # the cap never adds steps

@@ -65,6 +65,7 @@ class DPDMConfig(MethodConfig):
     guidance: float = 0.0
     sample_batch: int = 500
     # run control
+    max_steps: int = 0  # > 0: cap on the DP-SGD steps that `epochs` gives (planned and accounted)
     max_minutes: float = 0.0  # > 0: checkpoint and stop after this many minutes (continue with --resume)
     steps_per_run: int = 0  # > 0: checkpoint and stop after this many steps in one process (--resume goes on)
     log_every: int = 10
@@ -74,7 +75,8 @@ class DPDMConfig(MethodConfig):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {
             "channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (), "batch_size": 32,
-            "epochs": 1.0, "multiplicity": 2, "physical_batch": 16, "sample_steps": 4, "sample_batch": 64,
+            "epochs": 1.0, "max_steps": 12, "multiplicity": 2, "physical_batch": 16, "sample_steps": 4,
+            "sample_batch": 64,
             "log_every": 2, "grid_every": 3, "checkpoint_every": 2,
         },
         "cpu": {
@@ -109,6 +111,8 @@ class DPDMConfig(MethodConfig):
             raise InputError(f"ema must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise InputError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.max_steps < 0:
+            raise InputError(f"max_steps must be >= 0 (0: no cap), got {self.max_steps}")
         if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
             raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
         if self.steps_per_run < 0:

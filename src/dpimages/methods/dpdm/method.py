@@ -60,12 +60,16 @@ RELEASE_LABEL = "dpdm"
 _TRAIN_SEED_OFFSET = 7919  # training randomness (diffusion noise) is seeded apart from the privacy noise
 
 
-def schedule(n: int, batch_size: int, epochs: float) -> tuple[float, int]:
-    """(sample rate q, steps) of the DP-SGD schedule for N = n examples: public choices only."""
+def schedule(n: int, batch_size: int, epochs: float, max_steps: int = 0) -> tuple[float, int]:
+    """(sample rate q, steps) of the DP-SGD schedule for N = n examples: public choices only.
+
+    ``max_steps`` > 0 caps the steps (the smoke preset: seconds on any data set size).
+    """
     if batch_size > n:
         raise InputError(f"batch_size {batch_size} is larger than the data set ({n} images): lower batch_size")
     q = batch_size / n
-    return q, max(1, round(epochs * n / batch_size))
+    steps = max(1, round(epochs * n / batch_size))
+    return q, min(steps, max_steps) if max_steps > 0 else steps
 
 
 @register
@@ -114,7 +118,7 @@ class DPDM(TrainedSynthesizer):
         tensors, state = self.begin_fit(private, ctx)
         n = len(private)
         # 1. the schedule and sigma, from public choices only, before any private pixel is read
-        q, steps = schedule(n, cfg.batch_size, cfg.epochs)
+        q, steps = schedule(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
         sigma = calibrate_dpsgd(ctx.ledger.epsilon_budget, ctx.ledger.delta, q, steps)
         model = self.new_model().to(self.device)
         sampler = PoissonSampler.for_batch_size(n, cfg.batch_size, ctx.noise)
