@@ -6,6 +6,14 @@ A method is a `Synthesizer` subclass in ``dpimages/methods/<name>/`` with a
 release in the ledger before drawing noise. `fit_run` does what every method
 needs around that: validate inputs and budget before touching data, set up
 the run directory and ledger, resume, and write samples and the report.
+
+Several processes (torchrun): when a ``torch.distributed`` process group is
+initialised (``dpimages fit`` does it when ``WORLD_SIZE`` > 1), only methods
+with ``distributed = True`` (dpdm) run. Rank 0 is the run directory's only
+writer (config.yaml, privacy.json, metrics, checkpoints, grids, report); the
+other ranks get a `Run` with ``writer=False``, a copy of rank 0's ledger
+without a path (the same events, so the same budget checks and refusals on
+every rank) and read the checkpoint that rank 0 wrote.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dpimages.config import MethodConfig, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.errors import DPImagesError, InputError
 from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
+from dpimages.privacy.dpsgd import _comm_device, _dist
 from dpimages.report import render_report
 from dpimages.runs import Run
 
@@ -84,6 +93,8 @@ class Synthesizer:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_public: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    # True: fit works in a torch.distributed process group (one model over several processes)
+    distributed: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -136,6 +147,44 @@ class FitResult:
     config: dict[str, Any]
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
+    return _dist()
+
+
+def check_distributed(cls: type[Synthesizer], world: int) -> None:
+    """InputError unless `cls` can fit in a process group of `world` processes."""
+    if world > 1 and not cls.distributed:
+        multi = ", ".join(m for m in methods() if method_class(m).distributed)
+        raise InputError(f"method {cls.name} runs in one process only (world size {world}); run it without "
+                         f"torchrun (several processes: {multi})")
+
+
+def _rank0_first(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 alone and broadcast its result; the other ranks wait for it.
+
+    An exception on rank 0 is raised on every rank (a DPImagesError with its class and message), so all ranks
+    stop together instead of waiting for a collective that never comes.
+    """
+    rank, world = _dist()
+    if world == 1:
+        return fn()
+    box: list[Any] = [None, None]
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            box[0] = fn()
+        except Exception as e:  # every rank must hear about it
+            error = e
+            box[1] = e if isinstance(e, DPImagesError) else DPImagesError(f"rank 0 failed: {type(e).__name__}: {e}")
+    torch.distributed.broadcast_object_list(box, src=0, device=_comm_device())
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
 def _versions() -> dict[str, str]:
     import dp_accounting  # noqa: F401
 
@@ -165,9 +214,13 @@ def fit_run(
 
     Order matters: method, config and budget are checked before any data is
     loaded; the data's size is checked against delta before anything is
-    written or spent.
+    written or spent. In a torch.distributed process group every rank calls
+    this; rank 0 alone writes the run directory and runs `callbacks` (see the
+    module docstring).
     """
     cls = method_class(method)
+    rank, world = _dist()
+    check_distributed(cls, world)
     overrides = overrides if isinstance(overrides, dict) else list(overrides)
     config = resolve_config(cls.Config, preset, overrides, config_file)
     validate_budget(epsilon, delta)
@@ -179,7 +232,9 @@ def fit_run(
     validate_budget(epsilon, delta, len(private))
     public_data = public if (public is None or isinstance(public, ImageData)) else load(public, skip_bad=skip_bad)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = Run(run_dir)
+    if world > 1 and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # torchrun: cuda:LOCAL_RANK (set by the CLI)
+    run = Run(run_dir, writer=rank == 0)
     full_config = {
         "method": method,
         "preset": preset,
@@ -195,35 +250,47 @@ def fit_run(
         "config": config.to_dict(),
         "versions": _versions(),
         "device": str(dev),
+        "world_size": world,
     }
-    run.start(full_config, resume=resume)
-    if resume and run.privacy_path.exists():
-        ledger = PrivacyLedger.load(run.privacy_path)
-    else:
-        ledger = PrivacyLedger(
-            epsilon, delta, path=run.privacy_path, data_fingerprint=private.fingerprint, dataset_size=len(private)
-        )
-        ledger.write()
+
+    made: dict[str, PrivacyLedger] = {}
+
+    def start() -> dict[str, Any]:  # rank 0 (the writer) only
+        run.start(full_config, resume=resume)
+        if resume and run.privacy_path.exists():
+            ledger = PrivacyLedger.load(run.privacy_path)
+        else:
+            ledger = PrivacyLedger(
+                epsilon, delta, path=run.privacy_path, data_fingerprint=private.fingerprint, dataset_size=len(private)
+            )
+            ledger.write()
+        made["ledger"] = ledger
+        return ledger.to_json(exact=False)
+
+    ledger_json = _rank0_first(start)
+    # rank 0's ledger writes privacy.json; the others hold a copy without a path (the same events)
+    ledger = made["ledger"] if run.writer else PrivacyLedger.from_json(ledger_json)
     noise = NoiseSource(seed, secure=secure_rng)
     torch.manual_seed(seed)
     resume_state = run.load_checkpoint() if resume else None
     if resume_state is not None and not secure_rng and "noise_rng" in resume_state[1]:
         noise.load_state(resume_state[1]["noise_rng"])
-    ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress)
+    ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress and run.writer)
     synth = cls(config)
     t0 = time.time()
     try:
         synth.fit(private, public_data, ctx)
     except DPImagesError:
         # A refusal before anything was released leaves nothing behind (the same --run-dir can be reused).
-        if not resume and not ledger.events:
+        if not resume and not ledger.events and run.writer:
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    ledger.write(exact=True)
-    run.log(-1, event="fit_done", fit_s=round(time.time() - t0, 2), epsilon=ledger.epsilon())
-    run.write_report(render_report(run, synth.report_section()))
-    for cb in callbacks:
-        cb(synth)
+    if run.writer:
+        ledger.write(exact=True)
+        run.log(-1, event="fit_done", fit_s=round(time.time() - t0, 2), epsilon=ledger.epsilon())
+        run.write_report(render_report(run, synth.report_section()))
+        for cb in callbacks:
+            cb(synth)
     return FitResult(synth, ledger, run, full_config)
 
 

@@ -7,8 +7,10 @@ traceback), 3 privacy budget refused. ``--json`` prints one JSON object.
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import click
 
@@ -109,6 +111,49 @@ def account_cmd(sigma: float | None, epsilon: float | None, sample_rate: float, 
           f"epsilon {eps:.4f} (PLD)   {eps_rdp:.4f} (RDP)")
 
 
+def _world_size() -> int:
+    """WORLD_SIZE from the environment (torchrun sets it); 1 when unset."""
+    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"WORLD_SIZE must be an integer, got {text!r}") from None
+
+
+@contextmanager
+def _process_group(device: str | None) -> Iterator[str | None]:
+    """Under torchrun (WORLD_SIZE > 1): a torch.distributed process group for the block; yields the device.
+
+    nccl on cuda:LOCAL_RANK when the device is CUDA (the default when available), gloo on CPU. Without
+    WORLD_SIZE > 1 nothing happens and `device` is yielded unchanged.
+    """
+    world = _world_size()
+    if world <= 1:
+        yield device
+        return
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0").strip() or 0)
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise InputError(f"LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA device(s): start at most "
+                             "that many processes per node (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    backend = "nccl" if cuda else "gloo"
+    try:
+        torch.distributed.init_process_group(backend)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"WORLD_SIZE={world}: cannot start torch.distributed ({backend}); launch with torchrun "
+                         f"({first})") from None
+    try:
+        yield device
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @cli.command("fit", context_settings={"ignore_unknown_options": False})
 @click.argument("method")
 @click.argument("overrides", nargs=-1)
@@ -128,12 +173,19 @@ def account_cmd(sigma: float | None, epsilon: float | None, sample_rate: float, 
 def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: float, delta: float, preset: str,
             public_spec: str | None, run_dir: str, config_file: str | None, resume: bool, seed: int,
             secure_rng: bool, skip_bad: bool, device: str | None, as_json: bool) -> None:
-    """Fit METHOD on private data under (epsilon, delta); KEY=VALUE overrides the config."""
-    from dpimages.api import fit_run
+    """Fit METHOD on private data under (epsilon, delta); KEY=VALUE overrides the config.
 
-    res = fit_run(method, data_spec, epsilon=epsilon, delta=delta, run_dir=run_dir, preset=preset,
-                  public=public_spec, overrides=list(overrides), config_file=config_file, resume=resume, seed=seed,
-                  secure_rng=secure_rng, skip_bad=skip_bad, device=device, progress=not as_json)
+    Under torchrun (WORLD_SIZE > 1) the processes train one model (dpdm only); rank 0 writes the run and prints.
+    """
+    from dpimages.api import check_distributed, fit_run, method_class
+
+    check_distributed(method_class(method), _world_size())  # before waiting for other processes
+    with _process_group(device) as dev:
+        res = fit_run(method, data_spec, epsilon=epsilon, delta=delta, run_dir=run_dir, preset=preset,
+                      public=public_spec, overrides=list(overrides), config_file=config_file, resume=resume,
+                      seed=seed, secure_rng=secure_rng, skip_bad=skip_bad, device=dev, progress=not as_json)
+    if not res.run.writer:  # the other ranks of a process group: rank 0 reports
+        return
     out = {"run_dir": str(res.run.path), "epsilon": res.ledger.epsilon(), "epsilon_rdp": res.ledger.epsilon_rdp(),
            "delta": res.ledger.delta, "epsilon_budget": res.ledger.epsilon_budget}
     _emit(out, as_json, f"run {res.run.path}: epsilon {out['epsilon']:.4f} (PLD), {out['epsilon_rdp']:.4f} (RDP) "

@@ -14,6 +14,11 @@ state.json (which names that file) replaced in one step. The helpers at the
 end (`prefixed`, `optimizer_tensors`, `rng_state` and their inverses) turn
 module, optimizer and generator states into that format: named tensors for
 the safetensors file, JSON-able values for state.json.
+
+In a process group (torchrun) only rank 0 writes: the other ranks hold a
+``Run(path, writer=False)``, whose writing methods (`start`, `log`,
+`save_checkpoint`, `write_report`) do nothing; they still read (e.g.
+`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from dpimages.errors import InputError
 
 # keys of config.yaml that may differ between a run and its resumption
-RESUME_FREE_KEYS = ("created", "resumed", "versions", "device", "threads")
+RESUME_FREE_KEYS = ("created", "resumed", "versions", "device", "threads", "world_size")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -43,10 +48,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class Run:
-    """One run directory."""
+    """One run directory; ``writer=False``: read only (the other ranks of a process group)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = bool(writer)
 
     # -- paths -----------------------------------------------------------------
     @property
@@ -78,7 +84,9 @@ class Run:
         return self.config_path.exists()
 
     def start(self, config: dict[str, Any], *, resume: bool) -> None:
-        """Create the directory or, with `resume`, check it matches `config`."""
+        """Create the directory or, with `resume`, check it matches `config` (a non-writer does nothing)."""
+        if not self.writer:
+            return
         if resume:
             if not self.exists():
                 raise InputError(f"--resume: no run to resume in {self.path} (config.yaml missing)")
@@ -110,6 +118,8 @@ class Run:
     # -- metrics -----------------------------------------------------------------
     def log(self, step: int, **values: Any) -> None:
         """Append one metrics line. Only post-processing quantities belong here."""
+        if not self.writer:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
 
@@ -121,6 +131,8 @@ class Run:
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """tensors -> safetensors, state (JSON) -> state.json, atomically."""
+        if not self.writer:
+            return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         step = int(state.get("step", 0))
         name = f"model-{step:08d}.safetensors"
@@ -140,6 +152,8 @@ class Run:
         return load_file(str(self.checkpoint_dir / state["tensors"])), state
 
     def write_report(self, text: str) -> None:
+        if not self.writer:
+            return
         _atomic_write(self.report_path, text)
 
 

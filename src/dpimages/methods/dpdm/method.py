@@ -31,11 +31,23 @@ The ledger holds one event: ``subsampled_gaussian(sigma, q, steps)`` labelled
 (`DPSGD.steps_remaining`), so a crash can over-count but never under-count.
 ``max_minutes`` and ``steps_per_run`` only split the fixed schedule into several
 processes (each stops at a step boundary after a checkpoint).
+
+Several processes (torchrun, ``distributed = True``): the engine's process
+group mode. Rank 0 draws each Poisson batch and the noise; every rank clips
+its shard (the batch's positions rank, rank + world, ...) and the sums are
+all-reduced, so the schedule, sigma, ledger and noise are those of one
+process. The training draws (diffusion noise, noise levels, label dropout)
+are made for the whole batch, in the same chunks, from the same generator on
+every rank, and each rank keeps its examples' rows: the training randomness
+does not depend on the number of processes either. Rank 0 alone writes the
+run directory; sigma and the ``max_minutes`` decision are rank 0's on every
+rank, so all ranks run and stop at the same steps.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +55,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, register
+from dpimages.api import FitContext, rank_and_world, register
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
-from dpimages.methods.common import TrainedSynthesizer, load_frozen
+from dpimages.methods.common import TrainedSynthesizer, load_frozen, rank0_values, sum_over_ranks
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
@@ -79,6 +91,7 @@ class DPDM(TrainedSynthesizer):
     name = "dpdm"
     Config = DPDMConfig
     description = "DP diffusion model (EDM U-Net) trained with DP-SGD and noise multiplicity"
+    distributed = True
 
     def __init__(self, config: DPDMConfig) -> None:  # type: ignore[override]
         super().__init__(config)
@@ -109,6 +122,31 @@ class DPDM(TrainedSynthesizer):
         drop = torch.rand((b, k), generator=g, device=self.device) < self.config.label_dropout
         return sigma, noise, drop
 
+    def _shard(self, idx: torch.Tensor, g: torch.Generator, model: EDMDenoiser) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This rank's examples of one Poisson batch with their training draws: (idx, sigma, noise, drop) pieces.
+
+        `idx` is this rank's shard (the batch's positions rank, rank + world, ...; the whole batch in one
+        process). The draws are made for the whole batch in chunks of ``physical_batch`` (as in one process, from
+        the same generator on every rank) and each rank keeps its rows; pieces of about ``physical_batch``
+        examples are yielded. The batch size is summed over the ranks here but never logged or returned.
+        """
+        rank, world = rank_and_world()
+        pb = self.config.physical_batch
+        batch = sum_over_ranks(idx.numel())
+        pending: list[tuple[torch.Tensor, ...]] = []
+        have = 0
+        for start in range(0, batch, pb):
+            b = min(pb, batch - start)
+            draws = self._draws(b, g, model)
+            first = (start - rank + world - 1) // world  # this rank's first example at or after `start`
+            rows = slice(rank + first * world - start, b, world)
+            count = len(range(b)[rows])
+            pending.append((idx[first : first + count], *(d[rows] for d in draws)))
+            have += count
+            if have >= pb or start + b >= batch:
+                yield pending[0] if len(pending) == 1 else tuple(torch.cat(ts) for ts in zip(*pending, strict=True))
+                pending, have = [], 0
+
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
         """Calibrate, reserve the schedule, then train with DP-SGD (see the module docstring)."""
@@ -120,6 +158,7 @@ class DPDM(TrainedSynthesizer):
         # 1. the schedule and sigma, from public choices only, before any private pixel is read
         q, steps = schedule(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
         sigma = calibrate_dpsgd(ctx.ledger.epsilon_budget, ctx.ledger.delta, q, steps)
+        (sigma,) = rank0_values(sigma)  # a process group: every rank records rank 0's sigma
         model = self.new_model().to(self.device)
         sampler = PoissonSampler.for_batch_size(n, cfg.batch_size, ctx.noise)
         engine = DPSGD(model, self._loss_fn, sampler=sampler, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
@@ -152,6 +191,7 @@ class DPDM(TrainedSynthesizer):
                opt: torch.optim.Optimizer, g: torch.Generator, x_all: torch.Tensor, y_all: torch.Tensor) -> None:
         cfg = self.config
         run = ctx.run
+        writer = run is not None and run.writer  # in a process group: rank 0 only
         planned = int(self.train_info["steps"])
         remaining = engine.steps_remaining
         first = planned - remaining  # steps already in the ledger (a resumed run)
@@ -163,9 +203,7 @@ class DPDM(TrainedSynthesizer):
         model_params = list(model.parameters())
         while engine.steps_remaining > 0:
             idx = engine.sampler.sample().to(self.device)
-            for start in range(0, idx.numel(), cfg.physical_batch):
-                part = idx[start : start + cfg.physical_batch]
-                sigma, noise, drop = self._draws(part.numel(), g, model)
+            for part, sigma, noise, drop in self._shard(idx, g, model):
                 engine.clip_and_accumulate(x_all[part], y_all[part], sigma, noise, drop)
             info = engine.add_noise()  # ledger spend, then noise; sets .grad
             opt.step()
@@ -183,12 +221,14 @@ class DPDM(TrainedSynthesizer):
                     rate = (step - first) / max(1e-9, time.time() - t_start)
                     run.log(step, noisy_grad_norm=round(info.noisy_grad_norm, 6), ema_decay=round(decay, 6),
                             train_s=round(elapsed, 2), steps_per_s=round(rate, 4))
-                if step % cfg.grid_every == 0 and engine.steps_remaining > 0:
+                if writer and step % cfg.grid_every == 0 and engine.steps_remaining > 0:
                     self._grid(ema, run.samples_dir / f"grid-{step:07d}.png")
                 out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60.0 * cfg.max_minutes
+                if cfg.max_minutes > 0:
+                    out_of_time = bool(rank0_values(float(out_of_time))[0])  # every rank stops at rank 0's step
                 out_of_steps = cfg.steps_per_run > 0 and step - first >= cfg.steps_per_run
                 pause = (out_of_time or out_of_steps) and engine.steps_remaining > 0
-                if engine.steps_remaining > 0 and (step % cfg.checkpoint_every == 0 or pause):
+                if writer and engine.steps_remaining > 0 and (step % cfg.checkpoint_every == 0 or pause):
                     self._checkpoint(ctx, model, ema, opt, g, step, finished=False)
                 if pause:
                     reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"steps_per_run={cfg.steps_per_run}"
@@ -196,7 +236,8 @@ class DPDM(TrainedSynthesizer):
                     bar.close()
                     return
         bar.close()
-        if run is not None:
+        if writer:
+            assert run is not None
             self._checkpoint(ctx, model, ema, opt, g, step, finished=True)
             self._grid(ema, run.samples_dir / "grid-final.png")
             run.log(step, event="train_done", steps=planned, train_s=round(self.train_info["train_s"], 1))
