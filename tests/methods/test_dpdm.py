@@ -290,3 +290,116 @@ def test_smoke_schedule_is_capped_whatever_the_data_size():
     assert schedule(55000, 32, 1.0, max_steps=12) == (32 / 55000, 12)  # ~1,700 steps uncapped
     assert schedule(55000, 32, 1.0) == (32 / 55000, 1719)
     assert schedule(100, 32, 1.0, max_steps=12) == (0.32, 3)  # the cap never adds steps
+
+
+# -- several processes (torchrun) --------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_get_the_draws_of_one_process(monkeypatch, world):
+    """Each rank's examples get exactly the training draws that one process gives them (any world size)."""
+    import dpimages.methods.dpdm.method as dpdm_method
+
+    synth = create("dpdm", "smoke", physical_batch=4)
+    synth.num_classes, synth.image_shape = 10, (4, 4, 1)
+    model = synth.new_model()
+    full = torch.arange(100, 111)  # a batch of 11 examples: chunks of 4, 4, 3
+    ref = list(synth._shard(full, torch.Generator().manual_seed(3), model))
+    assert [p[0].tolist() for p in ref] == [[100, 101, 102, 103], [104, 105, 106, 107], [108, 109, 110]]
+    ref_draws = [torch.cat(ts) for ts in zip(*ref, strict=True)]
+    seen = []
+    for rank in range(world):
+        monkeypatch.setattr(dpdm_method, "rank_and_world", lambda r=rank: (r, world))
+        monkeypatch.setattr(dpdm_method, "sum_over_ranks", lambda n: full.numel())
+        pieces = list(synth._shard(full[rank::world], torch.Generator().manual_seed(3), model))
+        assert all(p[0].numel() <= 2 * 4 for p in pieces)  # pieces stay near physical_batch
+        idx, *draws = (torch.cat(ts) for ts in zip(*pieces, strict=True))
+        assert torch.equal(idx, full[rank::world])
+        for mine, whole in zip(draws, ref_draws[1:], strict=True):
+            assert torch.equal(mine, whole[rank::world])
+        seen += idx.tolist()
+    assert sorted(seen) == full.tolist()
+
+
+def test_world_size_refusals_exit_2(tiny_npz, tmp_path):
+    """WORLD_SIZE > 1: methods other than dpdm refuse (one line); dpdm outside torchrun says how to launch."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK")}
+    env.update({"WORLD_SIZE": "2", "DPIMAGES_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    for method, needle in (("dpaf", "method dpaf runs in one process only"), ("dpdm", "launch with torchrun")):
+        run = tmp_path / method
+        res = subprocess.run([sys.executable, "-m", "dpimages", "fit", method, "--data", f"npz:{tiny_npz}",
+                              "--epsilon", "10", "--preset", "smoke", "--run-dir", str(run), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 2, res.stderr
+        assert needle in res.stderr and "Traceback" not in res.stderr
+        assert len([line for line in res.stderr.splitlines() if line.startswith("dpimages: error")]) == 1
+        assert not run.exists()
+
+
+@pytest.mark.slow  # two processes under torchrun: a minute on an idle machine
+def test_torchrun_two_processes_make_one_run(tiny_npz, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): one run by rank 0 with the accounting and model of one process."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    cache = str(tmp_path / "cache")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    common = ["fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "10", "--preset", "smoke", "--json",
+              "--device", "cpu"]
+    res = dpimages(*common, "--run-dir", str(single), env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    env = {**os.environ, "DPIMAGES_CACHE": cache, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "dpimages", *common, "--run-dir", str(multi), "steps_per_run=3"]
+    outs = []
+    for extra in ([], ["--resume"]):  # the second launch resumes from rank 0's checkpoint on both ranks
+        proc = subprocess.run(launch + extra, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1, proc.stdout  # rank 0 alone reports
+        outs.append(json.loads(lines[0]))
+    ref = json.loads(res.stdout)
+    assert outs[1]["epsilon"] == ref["epsilon"] and outs[0]["epsilon"] < ref["epsilon"]
+
+    # exactly one set of files, rank 0's: the same as one process's (no stray temporary files)
+    def files(run: Path) -> list[str]:
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+
+    assert files(multi) == files(single)
+    assert not list(multi.rglob("*.tmp"))
+    metrics = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    ref_metrics = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if "noisy_grad_norm" in m]
+    assert steps == [m["step"] for m in ref_metrics if "noisy_grad_norm" in m] == [2, 4, 6]  # logged once each
+    assert [m["event"] for m in metrics if "event" in m] == ["paused", "fit_done", "train_done", "fit_done"]
+    for m, r in zip((m for m in metrics if "noisy_grad_norm" in m),
+                    (r for r in ref_metrics if "noisy_grad_norm" in r), strict=True):
+        assert m["noisy_grad_norm"] == pytest.approx(r["noisy_grad_norm"], rel=1e-4)
+
+    # the same DP run: steps, sigma, sample rate and ledger; the same model up to float summation order
+    ledger, ref_ledger = (json.loads((r / "privacy.json").read_text()) for r in (multi, single))
+    assert ledger["events"] == ref_ledger["events"] and ledger["events"][0]["steps"] == 6
+    assert ledger["epsilon"] == pytest.approx(ref_ledger["epsilon"]) and ledger["epsilon_exact"] is True
+    state, ref_state = (json.loads((r / "checkpoints" / "state.json").read_text()) for r in (multi, single))
+    assert state["finished"] and state["step"] == ref_state["step"] == 6
+    assert {k: v for k, v in state["train_info"].items() if k != "train_s"} == {
+        k: v for k, v in ref_state["train_info"].items() if k != "train_s"}
+    weights = load_file(str(multi / "checkpoints" / state["tensors"]))
+    ref_weights = load_file(str(single / "checkpoints" / ref_state["tensors"]))
+    assert weights.keys() == ref_weights.keys()
+    for k in weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5)
+    config = (multi / "config.yaml").read_text()
+    assert "world_size: 2" in config and "steps_per_run: 3" in config
+
+    # the independent epsilon check, and sampling from the run
+    root = Path(__file__).resolve().parents[2]
+    check = subprocess.run([sys.executable, str(root / "benchmarks" / "recompute_epsilon.py"), str(multi)],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
+    res = dpimages("sample", str(multi), "--n", "20", "--out", str(tmp_path / "s.npz"), env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    s = np.load(tmp_path / "s.npz")
+    assert s["images"].shape == (20, 28, 28, 1) and np.bincount(s["labels"], minlength=10).tolist() == [2] * 10

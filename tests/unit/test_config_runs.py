@@ -114,3 +114,21 @@ def test_checkpoint_parts_roundtrip_through_safetensors_and_json(tmp_path):
     set_rng_state(g2, state["rng"])
     assert torch.equal(torch.rand(3, generator=g2), expected)
     assert unprefixed("other", tensors) == {}
+
+
+def test_non_writer_run_writes_nothing_but_reads(tmp_path):
+    """The other ranks of a process group hold Run(writer=False): every write is a no-op, reads work."""
+    writer, reader = Run(tmp_path / "r"), Run(tmp_path / "r", writer=False)
+    Run(tmp_path / "other", writer=False).start({"a": 1}, resume=False)
+    assert not (tmp_path / "other").exists()
+    writer.start({"a": 1}, resume=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    reader.start({"a": 2}, resume=True)  # no check either: rank 0 checks and tells the others
+    reader.log(1, x=1.0)
+    reader.save_checkpoint({"w": torch.ones(2)}, {"step": 1})
+    reader.write_report("text")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    writer.save_checkpoint({"w": torch.ones(2)}, {"step": 1})
+    tensors, state = reader.load_checkpoint()
+    assert state["step"] == 1 and torch.equal(tensors["w"], torch.ones(2))
+    assert reader.read_config()["a"] == 1
