@@ -35,7 +35,7 @@ from dpimages.config import MethodConfig, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.errors import DPImagesError, InputError
 from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
-from dpimages.privacy.dpsgd import _comm_device, _dist
+from dpimages.privacy.dpsgd import comm_device, dist_world
 from dpimages.report import render_report
 from dpimages.runs import Run
 
@@ -149,7 +149,7 @@ class FitResult:
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
-    return _dist()
+    return dist_world()
 
 
 def check_distributed(cls: type[Synthesizer], world: int) -> None:
@@ -166,7 +166,7 @@ def _rank0_first(fn: Callable[[], Any]) -> Any:
     An exception on rank 0 is raised on every rank (a DPImagesError with its class and message), so all ranks
     stop together instead of waiting for a collective that never comes.
     """
-    rank, world = _dist()
+    rank, world = dist_world()
     if world == 1:
         return fn()
     box: list[Any] = [None, None]
@@ -177,7 +177,7 @@ def _rank0_first(fn: Callable[[], Any]) -> Any:
         except Exception as e:  # every rank must hear about it
             error = e
             box[1] = e if isinstance(e, DPImagesError) else DPImagesError(f"rank 0 failed: {type(e).__name__}: {e}")
-    torch.distributed.broadcast_object_list(box, src=0, device=_comm_device())
+    torch.distributed.broadcast_object_list(box, src=0, device=comm_device())
     if error is not None:
         raise error
     if box[1] is not None:
@@ -219,7 +219,7 @@ def fit_run(
     module docstring).
     """
     cls = method_class(method)
-    rank, world = _dist()
+    rank, world = dist_world()
     check_distributed(cls, world)
     overrides = overrides if isinstance(overrides, dict) else list(overrides)
     config = resolve_config(cls.Config, preset, overrides, config_file)

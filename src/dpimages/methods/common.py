@@ -20,7 +20,7 @@ from dpimages.api import FitContext, Synthesizer, rank_and_world
 from dpimages.config import MethodConfig
 from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.privacy.dpsgd import _comm_device
+from dpimages.privacy.dpsgd import comm_device
 from dpimages.runs import unprefixed
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -105,7 +105,7 @@ def rank0_values(*values: float) -> tuple[float, ...]:
     """
     if rank_and_world()[1] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     torch.distributed.broadcast(t, src=0)
     return tuple(float(v) for v in t.cpu().tolist())
 
@@ -114,6 +114,6 @@ def sum_over_ranks(n: int) -> int:
     """The sum of the integer `n` over the ranks of a process group (`n` without one)."""
     if rank_and_world()[1] == 1:
         return n
-    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
+    t = torch.tensor([n], dtype=torch.int64, device=comm_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return int(t.item())

@@ -58,8 +58,8 @@ construction; rank 0 draws the Poisson mask and broadcasts it, each rank gets
 its shard of the batch; each rank clips its own examples; the clipped sums
 are all-reduced; rank 0 alone draws the noise and broadcasts the noisy sum.
 Every rank records the same events in its ledger (give only rank 0's ledger
-a path; on resume, other ranks read privacy.json without a path:
-``PrivacyLedger.from_json(json.loads(path.read_text()))``). Accounting is
+a path; `dpimages fit` under torchrun has rank 0 create or load the ledger
+and broadcast it, so the other ranks hold a path-less copy). Accounting is
 therefore identical to a single process; all ranks run the same number of
 steps because their ledgers agree. Wrapping the model in
 ``DistributedDataParallel`` is not needed (the engine does the all-reduce);
@@ -90,14 +90,14 @@ __all__ = [
 
 
 # -- distributed helpers ----------------------------------------------------------
-def _dist() -> tuple[int, int]:
+def dist_world() -> tuple[int, int]:
     """(rank, world_size); (0, 1) without an initialised process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -140,10 +140,10 @@ class PoissonSampler:
 
     def sample(self) -> torch.Tensor:
         """Indices of one Poisson batch (this rank's shard in a process group)."""
-        rank, world = _dist()
+        rank, world = dist_world()
         if world == 1:
             return torch.nonzero(self.noise.bernoulli(self.n, self.sample_rate)).flatten()
-        dev = _comm_device()
+        dev = comm_device()
         if rank == 0:
             mask = self.noise.bernoulli(self.n, self.sample_rate).to(torch.uint8).to(dev)
         else:
@@ -293,11 +293,11 @@ class DPSGD:
         self.max_physical_batch = None if max_physical_batch is None else int(max_physical_batch)
         self._sum = torch.zeros(self.num_params, device=ref.device, dtype=ref.dtype)
         self._views = self._split(self._sum)
-        self._rank, self._world = _dist()
+        self._rank, self._world = dist_world()
         if self._world > 1:
             with torch.no_grad():
                 for t in [*module.parameters(), *module.buffers()]:
-                    buf = t.detach().to(_comm_device())
+                    buf = t.detach().to(comm_device())
                     torch.distributed.broadcast(buf, src=0)
                     t.copy_(buf.to(t.device))
         self._per_example = vmap(grad(self._example_loss), in_dims=(None, None, 0), randomness=randomness)
@@ -388,7 +388,7 @@ class DPSGD:
         """
         total = self._sum
         if self._world > 1:
-            dev = _comm_device()
+            dev = comm_device()
             total = total.to(dev)
             torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
         self.ledger.spend(self.event(1))
