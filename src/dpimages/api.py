@@ -85,6 +85,39 @@ class FitContext:
     resume_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     progress: bool = True
 
+    def noise_state(self) -> dict[str, Any]:
+        """The noise source's state for a checkpoint, with the ledger's step count at this save.
+
+        `fit_run` uses the count on resume: a ledger ahead of it means releases were made after the save,
+        so the saved noise state must not be replayed (see `resume_noise`).
+        """
+        return {**self.noise.state(), "ledger_steps": ledger_steps(self.ledger)}
+
+
+def ledger_steps(ledger: PrivacyLedger) -> int:
+    """Total steps of all the ledger's events (a public counter that only grows)."""
+    return sum(e.steps for e in ledger.events)
+
+
+def resume_noise(noise: NoiseSource, saved: dict[str, Any], ledger: PrivacyLedger, seed: int) -> bool:
+    """Restore a seeded noise source from a checkpoint, never reusing noise; True if it was re-keyed.
+
+    When the ledger is ahead of the checkpoint (the process released more after its last save, then
+    stopped), replaying the saved state would draw the same noise again for new releases on possibly
+    different values (another device or process count), and two releases with identical noise reveal
+    their difference. The source is then re-keyed from the seed and the ledger's step count (both
+    public), so a resumed run stays reproducible. Secure sources are never restored (fresh noise).
+    """
+    if noise.secure:
+        return False
+    spent = ledger_steps(ledger)
+    if saved.get("ledger_steps", -1) == spent:
+        noise.load_state(saved)
+        return False
+    noise.load_state({**NoiseSource(seed * 1_000_003 + spent + 1).state(), "gaussian_draws": saved.get(
+        "gaussian_draws", 0)})
+    return True
+
 
 class Synthesizer:
     """Base class: `fit` on private data under a ledger, then `sample`."""
@@ -273,8 +306,10 @@ def fit_run(
     noise = NoiseSource(seed, secure=secure_rng)
     torch.manual_seed(seed)
     resume_state = run.load_checkpoint() if resume else None
-    if resume_state is not None and not secure_rng and "noise_rng" in resume_state[1]:
-        noise.load_state(resume_state[1]["noise_rng"])
+    rekeyed = resume_state is not None and "noise_rng" in resume_state[1] and resume_noise(
+        noise, resume_state[1]["noise_rng"], ledger, seed)
+    if rekeyed:
+        run.log(ledger_steps(ledger), event="noise_rekeyed", reason="ledger ahead of the checkpoint")
     ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress and run.writer)
     synth = cls(config)
     t0 = time.time()

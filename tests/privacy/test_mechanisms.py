@@ -145,3 +145,29 @@ def test_bernoulli_inclusion_frequency_within_binomial_interval():
     secure_hits = int(NoiseSource(secure=True).bernoulli(n, q).sum())
     assert lo <= secure_hits <= hi
     assert np.abs(hits / n - 0.05) > 0.01  # a wrong rate would be caught
+
+
+def test_resume_never_replays_noise_when_the_ledger_is_ahead_of_the_checkpoint() -> None:
+    from dpimages.api import FitContext, resume_noise
+    from dpimages.privacy import PrivacyEvent
+
+    ledger = PrivacyLedger(10.0, 1e-5)
+    ledger.spend(PrivacyEvent.gaussian(5.0, 3, "test"))
+    src = NoiseSource(4)
+    saved = FitContext(ledger, src).noise_state()  # the checkpoint: 3 steps spent
+    assert saved["ledger_steps"] == 3
+    after_save = src.normal((8,), 1.0)  # what the crashed process drew after its save
+
+    clean = NoiseSource(4)
+    assert resume_noise(clean, saved, ledger, seed=4) is False  # ledger == checkpoint: an exact continuation
+    assert torch.equal(clean.normal((8,), 1.0), after_save)
+
+    ledger.spend(PrivacyEvent.gaussian(5.0, 1, "test"))  # released after the save, then the process died
+    ahead, twin = NoiseSource(4), NoiseSource(4)
+    assert resume_noise(ahead, saved, ledger, seed=4) is True and resume_noise(twin, saved, ledger, seed=4)
+    fresh = ahead.normal((8,), 1.0)
+    assert not torch.equal(fresh, after_save)  # no reuse of the released noise
+    assert torch.equal(fresh, twin.normal((8,), 1.0))  # but reproducible from (seed, ledger steps)
+
+    secure = NoiseSource(secure=True)
+    assert resume_noise(secure, saved, ledger, seed=4) is False and secure.secure

@@ -358,7 +358,7 @@ class DPMEPF(MethodSynthesizer):
             "step": step, "finished": finished, "best_distance": best_d, "best_step": best_step,
             "train_s": round(elapsed, 2), "sample_weights": sample_prefix, "optimizer": opt_groups,
             "train_rng": rng_state(rng),
-            "noise_rng": ctx.noise.state(), "feature_info": self.feature_info, "feature_trunks": n_trunks,
+            "noise_rng": ctx.noise_state(), "feature_info": self.feature_info, "feature_trunks": n_trunks,
             **self.meta(),
         }
         ctx.run.save_checkpoint(tensors, state)

@@ -330,7 +330,6 @@ class DPAF(TrainedSynthesizer):
         self.ema_model = ema
         if state.get("finished"):
             return
-        self._rekey_noise_after_crash(ctx, state)
         # 2. the class counts: released once (and checkpointed at once)
         y_all = private.label_tensor(self.device)
         counts_event = events[0]
@@ -348,23 +347,6 @@ class DPAF(TrainedSynthesizer):
             self._train_dpaf(ctx, nets, engine, plan, x_all, y_all)
         else:
             self._train_plain(ctx, nets, engine, x_all, y_all)
-
-    @staticmethod
-    def _rekey_noise_after_crash(ctx: FitContext, state: dict[str, Any]) -> None:
-        """Never reuse privacy noise: re-key a seeded noise source when the ledger is ahead of the checkpoint.
-
-        The checkpoint's noise state is the one at its last save. If the process spent (and released) more
-        steps after that save, restoring that state would draw the same noise again for new releases; two
-        releases with identical noise would reveal their difference. The new key is derived from the seed
-        and the ledger's step count (public), so a resumed run stays reproducible.
-        """
-        spent = sum(e.steps for e in ctx.ledger.events)
-        if ctx.noise.secure or spent == int(state.get("step", 0)):
-            return
-        ctx.noise.load_state({**NoiseSource(ctx.seed * 1_000_003 + spent + 1).state(),
-                              "gaussian_draws": ctx.noise.gaussian_draws})
-        if ctx.run is not None:
-            ctx.run.log(spent, event="noise_rekeyed", reason="ledger ahead of the checkpoint")
 
     def _restore(self, nets: _Nets, tensors: dict[str, torch.Tensor], state: dict[str, Any], plan: NoisePlan) -> None:
         if state.get("noise") != asdict(plan):
@@ -705,7 +687,7 @@ class DPAF(TrainedSynthesizer):
         spent = sum(e.steps for e in ctx.ledger.events)
         self.train_info["train_s"] = round(float(self.train_info.get("train_s", 0.0)), 2)
         state.update({"step": spent, "finished": finished, "train_rng": rng_state(nets.rng),
-                      "noise_rng": ctx.noise.state(), "noise": self.train_info["noise"], **self.meta()})
+                      "noise_rng": ctx.noise_state(), "noise": self.train_info["noise"], **self.meta()})
         ctx.run.save_checkpoint(tensors, state)
 
     def _grid(self, gen: ConditionalGenerator, path: Path, per_class: int = 10) -> None:

@@ -382,7 +382,7 @@ class DPDFD(TrainedSynthesizer):
         tensors = {**prefixed("student", self.student.state_dict()), **prefixed("gen", self.generator.state_dict()),
                    **s_tensors, **g_tensors}
         state = {"step": step, "finished": finished, "sopt": s_groups, "gopt": g_groups, "train_rng": rng_state(g),
-                 "noise_rng": ctx.noise.state(), **self.meta()}
+                 "noise_rng": ctx.noise_state(), **self.meta()}
         ctx.run.save_checkpoint(tensors, state)
 
     def _grid(self, gen: ConditionalGenerator, path: Path, per_class: int = 10) -> None:

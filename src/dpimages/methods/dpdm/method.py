@@ -249,7 +249,7 @@ class DPDM(TrainedSynthesizer):
         tensors = {**prefixed("model", model.state_dict()), **prefixed("ema", ema.state_dict()), **opt_tensors}
         state = {
             "step": step, "finished": finished, "optimizer": opt_groups, "train_rng": rng_state(g),
-            "noise_rng": ctx.noise.state(), "noise_multiplier": self.train_info["noise_multiplier"],
+            "noise_rng": ctx.noise_state(), "noise_multiplier": self.train_info["noise_multiplier"],
             "train_s": round(float(self.train_info["train_s"]), 2), **self.meta(),
         }
         ctx.run.save_checkpoint(tensors, state)

@@ -326,7 +326,7 @@ class PE(MethodSynthesizer):
             tensors["histogram"] = histogram.double().cpu()
         self.info["fit_s"] = float(fit_s or self.info.get("fit_s", 0.0))
         state = {"step": self._save_index, "finished": finished, "phase": phase, "votes_done": votes_done,
-                 "releases": releases, "api_rng": rng_state(g), "noise_rng": ctx.noise.state(),
+                 "releases": releases, "api_rng": rng_state(g), "noise_rng": ctx.noise_state(),
                  "feature_trunk": self._trunk.config(), **self.meta()}
         ctx.run.save_checkpoint(tensors, state)
         self._save_index += 1
