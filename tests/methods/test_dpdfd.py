@@ -64,6 +64,29 @@ def test_normalised_gradient_has_norm_c_and_neighbouring_teachers_differ_by_at_m
     assert all(p.grad is None for p in student.parameters())  # nothing un-noised left in .grad
 
 
+def test_output_gradient_release_has_norm_c_sensitivity_2c_and_backprop_is_j_transpose(tiny_npz):
+    data = load(f"npz:{tiny_npz}")
+    x, y = data.to_tensor(), data.label_tensor()
+    keep = torch.arange(len(y)) != 17
+    t1, t2 = _teacher(x, y, 0), _teacher(x[keep], y[keep], 0)
+    student = SmallCNN(1, 10, 28, (4, 8), 8)
+    synthetic = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    for clip in (0.5, 2.0):
+        for loss in ("kl", "l1"):
+            g1 = rel.normalised_output_gradient(student, t1, synthetic, clip_norm=clip, loss=loss)
+            g2 = rel.normalised_output_gradient(student, t2, synthetic, clip_norm=clip, loss=loss)
+            assert g1.shape == (16 * 10,)  # B x K entries, not one per parameter
+            assert float(g1.norm()) == pytest.approx(clip, rel=1e-5)
+            assert float((g1 - g2).norm()) <= 2 * clip * (1 + 1e-5)
+    assert all(p.grad is None for p in student.parameters())
+    # the parameter step is J^T of the released vector (checked against an explicit vector-Jacobian product)
+    released = torch.randn(160, generator=torch.Generator().manual_seed(5))
+    step = rel.backprop_released(student, synthetic, released, 1.0)
+    (student(synthetic) * released.view(16, 10)).sum().backward()
+    manual = rel.flat([p.grad for p in student.parameters()])
+    assert torch.allclose(step, manual / manual.norm(), atol=1e-6) and float(step.norm()) == pytest.approx(1.0)
+
+
 def test_release_records_a_gaussian_event_with_sensitivity_2c_before_noise():
     ledger = PrivacyLedger(EPS, 1e-5)
     noise = NoiseSource(0)

@@ -44,6 +44,9 @@ class DPDFDConfig(MethodConfig):
     # the released update: distillation gradient normalised to clip_norm, Gaussian noise
     steps: int = 2000  # student steps = Gaussian releases (sets the noise multiplier)
     clip_norm: float = 1.0
+    # "outputs": release the gradient w.r.t. the student's logits on the batch (B x K entries) and backpropagate
+    # the noisy vector; "parameters": release the gradient w.r.t. all student parameters (d entries)
+    release_space: str = "parameters"
     loss: str = "kl"  # "kl": KL(teacher || student) at `temperature`; "l1": mean |logit difference|
     temperature: float = 1.0
     batch_size: int = 64  # synthetic images per student step and per generator step
@@ -113,6 +116,8 @@ class DPDFDConfig(MethodConfig):
         if not 0.0 <= self.student_momentum < 1.0 or not 0.0 <= self.gen_beta1 < 1.0:
             raise InputError(f"student_momentum and gen_beta1 must be in [0, 1), got {self.student_momentum}, "
                              f"{self.gen_beta1}")
+        if self.release_space not in ("outputs", "parameters"):
+            raise InputError(f"release_space must be 'outputs' or 'parameters', got {self.release_space!r}")
         if self.loss not in LOSSES:
             raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.generator not in ("dcgan", "resnet"):

@@ -10,14 +10,18 @@ Steps of `DPDFD.fit`
 2. Train the teacher (a CNN) without privacy on the private images, in memory.
 3. Repeat T times: the label-conditional generator makes a synthetic batch;
    teacher and student classify it; the gradient of the distillation loss
-   (KL(teacher || student), or the L1 logit distance) with respect to all
-   student parameters is flattened and scaled to L2 norm exactly C; it is
-   released as ``g + N(0, (2 C s)^2 I)`` (`release.release_update`: one
-   Gaussian event in the ledger, written before the noise is drawn); SGD with
-   momentum steps the student with that noisy vector, rescaled by the public
-   constant ``C / sqrt(C^2 + d (2 C s)^2)`` (its expected norm is then about
-   C whatever epsilon, so ``student_lr`` means the same at every budget;
-   post-processing). Then the generator takes
+   (KL(teacher || student), or the L1 logit distance) is taken with respect to
+   all student parameters (``release_space=parameters``, default: d entries)
+   or to the student's logits on the batch (``release_space=outputs``: B x K
+   entries), flattened and scaled to L2 norm exactly C; it is released as
+   ``g + N(0, (2 C s)^2 I)`` (`release.release_update`: one Gaussian event in
+   the ledger, written before the noise is drawn). SGD with momentum steps the
+   student with the released vector, post-processed: with ``outputs``, the
+   vector-Jacobian product J^T g~ through the current student on the same
+   synthetic batch (`release.backprop_released`), scaled to norm C; with
+   ``parameters``, g~ times the public constant ``C / sqrt(C^2 + d (2 C s)^2)``
+   (expected norm about C). Either way ``student_lr`` means the same at every
+   budget. Then the generator takes
    ``gen_steps`` Adam steps against the *fixed student* (no teacher): cross-
    entropy of the student's prediction against the conditioning label, minus
    ``w_entropy`` x the student's per-image entropy (hard images near the
@@ -40,8 +44,9 @@ Neighbouring relation: add or remove one image together with its label.
   student, the generator and their optimiser states), not logged, and its
   accuracy is not reported (that number would be an unaccounted release).
 * The only channel from the teacher to anything else is the normalised
-  gradient of step t. Whatever the data set, that vector has norm at most C
-  (exactly C unless the gradient is zero), so for any two data sets D, D'
+  gradient of step t (w.r.t. the student's logits or its parameters).
+  Whatever the data set, that vector has norm at most C (exactly C unless
+  the gradient is zero), so for any two data sets D, D'
   (neighbouring or not) ``||g_t(D) - g_t(D')|| <= 2C``: L2 sensitivity 2C
   under replacement, and under add/remove too (both vectors have norm <= C).
   This is the only bound: no per-example clipping, so no subsampling
@@ -60,10 +65,12 @@ Neighbouring relation: add or remove one image together with its label.
 * Cost: the T releases together are worth one Gaussian release of a vector
   of norm <= T C with noise std 2 C T s_1, where s_1 is the single-release
   multiplier for the target epsilon (about 0.5 at epsilon 10, 3.7 at epsilon
-  1, delta 1e-5). The signal-to-noise ratio per student parameter is thus at
-  best about 1 / (2 s_1 sqrt(d)) for d student parameters, whatever T: the
-  guarantee is valid but expensive, and a student of tens of thousands of
-  parameters stays close to chance at epsilon <= 10 (docs/dpdfd.md).
+  1, delta 1e-5). The signal-to-noise ratio per released coordinate is thus
+  at best about 1 / (2 s_1 sqrt(D)) whatever T, for D released entries: d
+  student parameters (tens of thousands) or B x K logits (640 at batch 64,
+  160 at batch 16). The guarantee is valid but
+  expensive: the student stays far below a DP-SGD classifier at
+  epsilon <= 10 (docs/dpdfd.md).
 
 Resume
 ------
@@ -284,7 +291,9 @@ class DPDFD(TrainedSynthesizer):
         run = ctx.run
         s_params = [p for p in student.parameters() if p.requires_grad]
         g_params = list(gen.parameters())
-        scale = rel.update_scale(cfg.clip_norm, sigma, sum(p.numel() for p in s_params))
+        outputs = cfg.release_space == "outputs"
+        dim = cfg.batch_size * self.num_classes if outputs else sum(p.numel() for p in s_params)
+        scale = rel.update_scale(cfg.clip_norm, sigma, dim)
         step, first = spent, spent
         t_start = time.time()
         elapsed0 = float(self.train_info["train_s"])
@@ -296,12 +305,15 @@ class DPDFD(TrainedSynthesizer):
             z, y = self._draws(cfg.batch_size, g)
             with torch.no_grad():
                 x = gen(z, y)
-            update = rel.normalised_gradient(student, teacher, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
-                                             temperature=cfg.temperature)
+            gradient = rel.normalised_output_gradient if outputs else rel.normalised_gradient
+            update = gradient(student, teacher, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
+                              temperature=cfg.temperature)
             noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
                                        noise=ctx.noise)
             del update
-            rel.set_gradients(s_params, noisy * scale)
+            # post-processing: the released vector (outputs: through J^T of the public student) as the step
+            rel.set_gradients(s_params, rel.backprop_released(student, x, noisy, cfg.clip_norm) if outputs
+                              else noisy * scale)
             sopt.step()
             sopt.zero_grad(set_to_none=True)
             step += 1

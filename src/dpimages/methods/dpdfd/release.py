@@ -125,6 +125,46 @@ def normalised_gradient(
     return normalise(flat(grads).detach(), clip_norm)
 
 
+def normalised_output_gradient(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    *,
+    clip_norm: float,
+    loss: str = "kl",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Gradient of the distillation loss w.r.t. the student's logits on the batch (B x K), flattened, norm `clip_norm`.
+
+    ``release_space=outputs``: the released vector has B x K entries instead
+    of one per student parameter. Its norm is C whatever the teacher, so two
+    data sets' vectors differ by at most 2C, as for `normalised_gradient`.
+    The student's parameter update is then `backprop_released` of the noisy
+    vector: post-processing (the student and the synthetic batch are already
+    functions of earlier releases and public randomness).
+    """
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+        student_logits = student(images)
+    logits = student_logits.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(distillation_loss(logits, teacher_logits, loss, temperature), logits)
+    return normalise(grad.reshape(-1).detach(), clip_norm)
+
+
+def backprop_released(student: nn.Module, images: torch.Tensor, released: torch.Tensor,
+                      clip_norm: float) -> torch.Tensor:
+    """The student's parameter update from a released logit gradient: J^T g, flattened, scaled to norm `clip_norm`.
+
+    Uses only the student, the synthetic batch and the released (noisy)
+    vector: post-processing. The rescaling to C keeps the step size the same
+    at every budget (the direction is what the release determines).
+    """
+    params = [p for p in student.parameters() if p.requires_grad]
+    logits = student(images)
+    grads = torch.autograd.grad(logits, params, grad_outputs=released.reshape(logits.shape))
+    return normalise(flat(grads).detach(), clip_norm)
+
+
 def release_update(
     normalised: torch.Tensor,
     *,
