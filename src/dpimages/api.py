@@ -19,6 +19,7 @@ every rank) and read the checkpoint that rank 0 wrote.
 from __future__ import annotations
 
 import importlib
+import json
 import platform
 import shutil
 import time
@@ -218,6 +219,24 @@ def _rank0_first(fn: Callable[[], Any]) -> Any:
     return box[0]
 
 
+def _same_on_all_ranks(value: str, what: str) -> None:
+    """InputError on every rank unless each rank's `value` equals rank 0's (no-op without a process group).
+
+    For what each process reads on its own (the private data, the checkpoint): a rank with other images
+    or an older checkpoint would train silently on something else than rank 0's ledger describes.
+    """
+    rank, world = dist_world()
+    if world == 1:
+        return
+    box = [value if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0, device=comm_device())
+    differs = torch.tensor([int(box[0] != value)], dtype=torch.int64, device=comm_device())
+    torch.distributed.all_reduce(differs, op=torch.distributed.ReduceOp.SUM)
+    if int(differs.item()):
+        raise InputError(f"{what} differs between processes ({int(differs.item())} of {world} ranks differ from "
+                         "rank 0): every process needs the same data and a shared run directory")
+
+
 def _versions() -> dict[str, str]:
     import dp_accounting  # noqa: F401
 
@@ -306,6 +325,9 @@ def fit_run(
     noise = NoiseSource(seed, secure=secure_rng)
     torch.manual_seed(seed)
     resume_state = run.load_checkpoint() if resume else None
+    _same_on_all_ranks(private.fingerprint, "the private data")
+    _same_on_all_ranks("" if resume_state is None else json.dumps(resume_state[1], sort_keys=True, default=str),
+                       "the checkpoint read on resume")
     rekeyed = resume_state is not None and "noise_rng" in resume_state[1] and resume_noise(
         noise, resume_state[1]["noise_rng"], ledger, seed)
     if rekeyed:

@@ -132,3 +132,39 @@ def test_non_writer_run_writes_nothing_but_reads(tmp_path):
     tensors, state = reader.load_checkpoint()
     assert state["step"] == 1 and torch.equal(tensors["w"], torch.ones(2))
     assert reader.read_config()["a"] == 1
+
+
+def _agree_worker(rank: int, port: int, values: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    from dpimages import api
+    from dpimages.errors import InputError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(values))
+    try:
+        api._same_on_all_ranks(values[rank], "the private data")
+        result = "ok"
+    except InputError as e:
+        result = str(e)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(result)
+
+
+def test_every_rank_refuses_when_one_rank_reads_other_data(tmp_path) -> None:  # noqa: ANN001
+    import socket
+
+    import torch.multiprocessing as mp
+
+    for values, expect_ok in ((["fp-a", "fp-a"], True), (["fp-a", "fp-b"], False)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = str(tmp_path / f"r{expect_ok}")
+        mp.spawn(_agree_worker, args=(port, values, out), nprocs=2, join=True)
+        results = [open(f"{out}.{r}").read() for r in range(2)]
+        if expect_ok:
+            assert results == ["ok", "ok"]
+        else:  # both ranks stop with the same one-line error, none trains on its own data
+            assert results[0] == results[1] and "the private data differs between processes (1 of 2" in results[0]
