@@ -55,3 +55,22 @@ def test_load_frozen():
     assert not any(p.requires_grad for p in loaded.parameters())
     with pytest.raises(InputError, match="toy checkpoint has no 'ema.\\*' weights"):
         load_frozen(lambda: torch.nn.Linear(2, 2), "ema", prefixed("gen", net.state_dict()), "toy", torch.device("cpu"))
+
+
+def test_to_moves_the_named_sampling_networks_that_exist():
+    class Moved(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moved_to: list[torch.device] = []
+
+        def to(self, device):  # noqa: ANN001, ANN202 - records the call
+            self.moved_to.append(device)
+            return self
+
+    class Two(TrainedSynthesizer):
+        device_modules = ("ema_model", "student")
+
+    s = Two(MethodConfig())
+    s.ema_model, s.student = Moved(), None  # a network not built yet is skipped
+    assert s.to("cpu") is s and s.device == torch.device("cpu")
+    assert s.ema_model.moved_to == [torch.device("cpu")]

@@ -11,7 +11,7 @@ training run that are saved in the checkpoint. `rank0_values` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 class MethodSynthesizer(Synthesizer):
     """A `Synthesizer` with a device (CPU until `fit` or `to` sets it)."""
+
+    # attributes holding the networks used for sampling, moved by `to`
+    device_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
@@ -46,8 +49,12 @@ class MethodSynthesizer(Synthesizer):
         return ctx.resume_state if ctx.resume_state is not None else ({}, {})
 
     def to(self, device: torch.device) -> MethodSynthesizer:
-        """Use `device` from now on (methods with networks also move them there)."""
+        """Use `device` from now on and move the networks named in `device_modules` (those that exist) there."""
         self.device = torch.device(device)
+        for name in self.device_modules:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.to(self.device)
         return self
 
     def checked_labels(self, n: int, labels: np.ndarray | None) -> np.ndarray:

@@ -68,6 +68,7 @@ class DPMEPF(MethodSynthesizer):
     name = "dp-mepf"
     Config = DPMEPFConfig
     description = "DP mean embeddings of (public or random) perceptual features; generator trained on them"
+    device_modules = ("sample_generator",)
 
     def __init__(self, config: DPMEPFConfig) -> None:  # type: ignore[override]
         super().__init__(config)
@@ -478,9 +479,3 @@ class DPMEPF(MethodSynthesizer):
             raise InputError(f"dp-mepf checkpoint has no '{prefix}.*' generator weights")
         gen.load_state_dict(weights)
         self.sample_generator = gen.to(self.device)
-
-    def to(self, device: torch.device) -> DPMEPF:
-        self.device = device
-        if self.sample_generator is not None:
-            self.sample_generator.to(device)
-        return self

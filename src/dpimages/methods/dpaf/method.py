@@ -233,6 +233,7 @@ class DPAF(TrainedSynthesizer):
     name = "dpaf"
     Config = DPAFConfig
     description = "conditional GAN; discriminator front trained with DP-SGD, back on noisy feature aggregates"
+    device_modules = ("ema_model",)
 
     def __init__(self, config: DPAFConfig) -> None:  # type: ignore[override]
         super().__init__(config)
@@ -729,12 +730,6 @@ class DPAF(TrainedSynthesizer):
         self.ema_model = load_frozen(self.new_generator, "ema", tensors, "dpaf", self.device)
         if "counts" in tensors:
             self.counts = tensors["counts"].double()
-
-    def to(self, device: torch.device) -> DPAF:
-        self.device = torch.device(device)
-        if self.ema_model is not None:
-            self.ema_model.to(self.device)
-        return self
 
     # -- report ------------------------------------------------------------------------------------------
     def report_section(self) -> str:

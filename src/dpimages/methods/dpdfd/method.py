@@ -156,6 +156,7 @@ class DPDFD(TrainedSynthesizer):
     name = "dpdfd"
     Config = DPDFDConfig
     description = "DP data-free distillation: DP student from normalised noisy distillation gradients; generator"
+    device_modules = ("generator", "student")
 
     def __init__(self, config: DPDFDConfig) -> None:  # type: ignore[override]
         super().__init__(config)
@@ -439,13 +440,6 @@ class DPDFD(TrainedSynthesizer):
         gen.load_state_dict(gen_w)
         student.load_state_dict(student_w)
         self.generator, self.student = gen.to(self.device).eval(), student.to(self.device).eval()
-
-    def to(self, device: torch.device) -> DPDFD:
-        self.device = torch.device(device)
-        for m in (self.generator, self.student):
-            if m is not None:
-                m.to(self.device)
-        return self
 
     # -- report ------------------------------------------------------------------------------------
     def bench_extras(self) -> dict[str, Any]:

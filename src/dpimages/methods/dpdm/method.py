@@ -91,6 +91,7 @@ class DPDM(TrainedSynthesizer):
     name = "dpdm"
     Config = DPDMConfig
     description = "DP diffusion model (EDM U-Net) trained with DP-SGD and noise multiplicity"
+    device_modules = ("ema_model",)
     distributed = True
 
     def __init__(self, config: DPDMConfig) -> None:  # type: ignore[override]
@@ -294,12 +295,6 @@ class DPDM(TrainedSynthesizer):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.ema_model = load_frozen(self.new_model, "ema", tensors, "dpdm", self.device)
-
-    def to(self, device: torch.device) -> DPDM:
-        self.device = torch.device(device)
-        if self.ema_model is not None:
-            self.ema_model.to(self.device)
-        return self
 
     # -- report ------------------------------------------------------------------------------------
     def report_section(self) -> str:
