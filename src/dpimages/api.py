@@ -325,9 +325,10 @@ def fit_run(
     noise = NoiseSource(seed, secure=secure_rng)
     torch.manual_seed(seed)
     resume_state = run.load_checkpoint() if resume else None
-    _same_on_all_ranks(private.fingerprint, "the private data")
-    _same_on_all_ranks("" if resume_state is None else json.dumps(resume_state[1], sort_keys=True, default=str),
-                       "the checkpoint read on resume")
+    if dist_world()[1] > 1:  # each process read these itself
+        _same_on_all_ranks(private.fingerprint, "the private data")
+        _same_on_all_ranks("" if resume_state is None else json.dumps(resume_state[1], sort_keys=True, default=str),
+                           "the checkpoint read on resume")
     rekeyed = resume_state is not None and "noise_rng" in resume_state[1] and resume_noise(
         noise, resume_state[1]["noise_rng"], ledger, seed)
     if rekeyed:

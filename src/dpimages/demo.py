@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dpimages.errors import DPImagesError
+from dpimages.errors import DPImagesError, InputError
 
 DEMO_OVERRIDES = ("steps=300", "eval_every=100", "grid_every=100", "checkpoint_every=100")
 
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        from dpimages.errors import InputError
         from dpimages.eval import load_real
         from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 

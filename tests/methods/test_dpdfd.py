@@ -73,8 +73,8 @@ def test_output_gradient_release_has_norm_c_sensitivity_2c_and_backprop_is_j_tra
     synthetic = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
     for clip in (0.5, 2.0):
         for loss in ("kl", "l1"):
-            g1 = rel.normalised_output_gradient(student, t1, synthetic, clip_norm=clip, loss=loss)
-            g2 = rel.normalised_output_gradient(student, t2, synthetic, clip_norm=clip, loss=loss)
+            g1 = rel.normalised_gradient(student, t1, synthetic, clip_norm=clip, loss=loss, space="outputs")
+            g2 = rel.normalised_gradient(student, t2, synthetic, clip_norm=clip, loss=loss, space="outputs")
             assert g1.shape == (16 * 10,)  # B x K entries, not one per parameter
             assert float(g1.norm()) == pytest.approx(clip, rel=1e-5)
             assert float((g1 - g2).norm()) <= 2 * clip * (1 + 1e-5)

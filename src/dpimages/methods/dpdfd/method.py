@@ -293,8 +293,7 @@ class DPDFD(TrainedSynthesizer):
         s_params = [p for p in student.parameters() if p.requires_grad]
         g_params = list(gen.parameters())
         outputs = cfg.release_space == "outputs"
-        dim = cfg.batch_size * self.num_classes if outputs else sum(p.numel() for p in s_params)
-        scale = rel.update_scale(cfg.clip_norm, sigma, dim)
+        scale = rel.update_scale(cfg.clip_norm, sigma, sum(p.numel() for p in s_params))  # parameters only
         step, first = spent, spent
         t_start = time.time()
         elapsed0 = float(self.train_info["train_s"])
@@ -306,9 +305,8 @@ class DPDFD(TrainedSynthesizer):
             z, y = self._draws(cfg.batch_size, g)
             with torch.no_grad():
                 x = gen(z, y)
-            gradient = rel.normalised_output_gradient if outputs else rel.normalised_gradient
-            update = gradient(student, teacher, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
-                              temperature=cfg.temperature)
+            update = rel.normalised_gradient(student, teacher, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
+                                             temperature=cfg.temperature, space=cfg.release_space)
             noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
                                        noise=ctx.noise)
             del update

@@ -5,7 +5,7 @@
   logged, reported or written; it only enters `normalised_gradient`.
 * `normalised_gradient` computes the student's distillation gradient on one
   synthetic batch and scales it to L2 norm exactly ``clip_norm`` (flattened
-  over all student parameters). Whatever the teacher, hence whatever the
+  over all student parameters, or over the student's logits on the batch). Whatever the teacher, hence whatever the
   private data, the result lies in the ball of radius C: two data sets' vectors
   differ by at most 2C. It returns a vector only (``torch.autograd.grad``):
   nothing un-noised is left in the student's ``.grad``.
@@ -111,44 +111,29 @@ def normalised_gradient(
     clip_norm: float,
     loss: str = "kl",
     temperature: float = 1.0,
+    space: str = "parameters",
 ) -> torch.Tensor:
-    """Gradient of the distillation loss w.r.t. all student parameters, flattened, scaled to norm `clip_norm`.
+    """Gradient of the distillation loss, flattened and scaled to norm `clip_norm`: the vector to release.
 
     `images` is a synthetic batch (generator output: no private data). The
-    teacher's outputs are its only data-dependent input.
+    teacher's outputs are its only data-dependent input. ``space`` says what
+    the gradient is taken with respect to: ``parameters`` (all student
+    parameters, d entries) or ``outputs`` (the student's logits on the batch,
+    B x K entries; the parameter update is then `backprop_released` of the
+    noisy vector, post-processing). Either way the norm is C whatever the
+    teacher, so two data sets' vectors differ by at most 2C.
     """
-    params = [p for p in student.parameters() if p.requires_grad]
     with torch.no_grad():
         teacher_logits = teacher(images)
-    value = distillation_loss(student(images), teacher_logits, loss, temperature)
-    grads = torch.autograd.grad(value, params)
+    if space == "outputs":
+        with torch.no_grad():
+            logits = student(images)
+        wrt = [logits.requires_grad_(True)]
+    else:
+        logits = student(images)
+        wrt = [p for p in student.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(distillation_loss(logits, teacher_logits, loss, temperature), wrt)
     return normalise(flat(grads).detach(), clip_norm)
-
-
-def normalised_output_gradient(
-    student: nn.Module,
-    teacher: nn.Module,
-    images: torch.Tensor,
-    *,
-    clip_norm: float,
-    loss: str = "kl",
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Gradient of the distillation loss w.r.t. the student's logits on the batch (B x K), flattened, norm `clip_norm`.
-
-    ``release_space=outputs``: the released vector has B x K entries instead
-    of one per student parameter. Its norm is C whatever the teacher, so two
-    data sets' vectors differ by at most 2C, as for `normalised_gradient`.
-    The student's parameter update is then `backprop_released` of the noisy
-    vector: post-processing (the student and the synthetic batch are already
-    functions of earlier releases and public randomness).
-    """
-    with torch.no_grad():
-        teacher_logits = teacher(images)
-        student_logits = student(images)
-    logits = student_logits.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(distillation_loss(logits, teacher_logits, loss, temperature), logits)
-    return normalise(grad.reshape(-1).detach(), clip_norm)
 
 
 def backprop_released(student: nn.Module, images: torch.Tensor, released: torch.Tensor,
