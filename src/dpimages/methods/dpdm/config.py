@@ -5,8 +5,8 @@ Presets change sizes only (never code paths):
 * ``smoke``: a tiny U-Net and a handful of steps; for tests, no quality claim.
 * ``cpu``: the whole fit within 60 minutes on 2 CPU cores (Fashion-MNIST, 55,000
   images). Sized from a measured throughput (benchmarks/dpdm_throughput.py):
-  a ~0.1 M-parameter U-Net without attention in the residual levels, K = 4,
-  expected batch 512, 4 epochs.
+  a ~0.18 M-parameter U-Net (channels 8, multipliers 1,2,4, attention at
+  7x7), K = 2, expected batch 512, 7 epochs (~750 steps).
 * ``gpu``: the DPDM paper's (F)MNIST setting: ~1.75 M-parameter U-Net
   (channels 32, multipliers 1,2,2, attention at 7x7), expected batch 4,096
   (virtual batches), K = 32, 300 epochs; resumable.
