@@ -6,7 +6,9 @@ Presets change sizes only (never code paths):
 * ``cpu``: the whole fit within 60 minutes on 2 CPU cores (Fashion-MNIST, 55,000
   images). Sized from a measured throughput (benchmarks/dpdm_throughput.py):
   a ~0.18 M-parameter U-Net (channels 8, multipliers 1,2,4, attention at
-  7x7), K = 2, expected batch 512, 7 epochs (~750 steps).
+  7x7), K = 2, expected batch 512, 7 epochs (~750 steps), Adam lr 1e-3
+  (3e-4 left the denoiser grainy at 750 steps: 68.3% against 73.2% CNN at
+  epsilon 10, benchmarks/results/fmnist.md).
 * ``gpu``: the DPDM paper's (F)MNIST setting: ~1.75 M-parameter U-Net
   (channels 32, multipliers 1,2,2, attention at 7x7), expected batch 4,096
   (virtual batches), K = 32, 300 epochs; resumable.
@@ -81,7 +83,7 @@ class DPDMConfig(MethodConfig):
         },
         "cpu": {
             "channels": 8, "channel_mult": (1, 2, 4), "num_res_blocks": 1, "attn_resolutions": (7,),
-            "batch_size": 512, "epochs": 7.0, "multiplicity": 2, "physical_batch": 64, "sample_steps": 8,
+            "batch_size": 512, "epochs": 7.0, "multiplicity": 2, "physical_batch": 64, "sample_steps": 8, "lr": 1e-3,
             "log_every": 10, "grid_every": 100, "checkpoint_every": 50,
         },
         "gpu": {**PAPER_UNET, "batch_size": 4096, "epochs": 300.0, "multiplicity": 32, "physical_batch": 256,
