@@ -17,7 +17,6 @@ costs about twice the network evaluations of ``guidance=0``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -42,8 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     val = load("fashion-mnist:val")
     for scale in (float(s) for s in args.scales.split(",")):
-        synth = load_synthesizer(args.run_dir, "cpu")
-        synth.config = dataclasses.replace(synth.config, guidance=scale)
+        synth = load_synthesizer(args.run_dir, "cpu", [f"guidance={scale}"])
         t0 = time.time()
         samples = synth.sample(args.n, synth.balanced_labels(args.n), seed=args.seed)
         sample_s = time.time() - t0

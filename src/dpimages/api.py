@@ -352,12 +352,32 @@ def fit_run(
     return FitResult(synth, ledger, run, full_config)
 
 
-def load_synthesizer(run_dir: str | Path, device: str | None = None) -> Synthesizer:
-    """Rebuild a fitted synthesizer from its run directory (config + last checkpoint)."""
+def load_synthesizer(
+    run_dir: str | Path, device: str | None = None, sampling: list[str] | None = None
+) -> Synthesizer:
+    """Rebuild a fitted synthesizer from its run directory (config + last checkpoint).
+
+    `sampling`: KEY=VALUE overrides of the method's `sampling_keys` only
+    (e.g. dpdm's ``guidance=1``): they change how the released model is
+    sampled, post-processing with no privacy cost; the run directory is not
+    changed. Any other key is refused (exit 2), since it would describe a
+    model that was not fitted.
+    """
     run = Run(run_dir)
     cfg = run.read_config()
     cls = method_class(cfg.get("method", ""))
-    synth = cls(resolve_config(cls.Config, None, cfg.get("config", {})))
+    values = dict(cfg.get("config", {}))
+    for item in sampling or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise InputError(f"override must look like key=value, got {item!r}")
+        if key not in cls.Config.sampling_keys:
+            allowed = ", ".join(cls.Config.sampling_keys) or "none"
+            raise InputError(f"{key!r} cannot be changed when sampling a fitted {cls.name} run; "
+                             f"sampling keys: {allowed}")
+        values[key] = value
+    synth = cls(resolve_config(cls.Config, None, values))
     ckpt = run.load_checkpoint()
     if ckpt is None or not ckpt[1].get("finished", False):
         raise InputError(f"{run.path}: no finished checkpoint to sample from (fit it first, or --resume it)")

@@ -198,8 +198,13 @@ def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: floa
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
-def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None) -> None:
-    """Draw N synthetic images from a fitted run into an .npz (images, labels, classes)."""
+@click.argument("overrides", nargs=-1)
+def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, overrides: tuple[str, ...]) -> None:
+    """Draw N synthetic images from a fitted run into an .npz (images, labels, classes).
+
+    KEY=VALUE arguments change the method's sampling settings only (post-processing, no privacy cost; e.g. dpdm
+    `guidance=1 sample_steps=18`); the run directory is left as it is.
+    """
     import numpy as np
 
     from dpimages.api import load_synthesizer
@@ -208,7 +213,7 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None) ->
         raise InputError(f"--n must be >= 1, got {n}")
     if not out.endswith(".npz"):
         raise InputError(f"--out must end in .npz, got {out}")
-    synth = load_synthesizer(run_dir, device)
+    synth = load_synthesizer(run_dir, device, list(overrides))
     data = synth.sample(n, synth.balanced_labels(n), seed=seed)
     np.savez_compressed(out, images=data.images, labels=data.labels, classes=np.array(data.classes))
     click.echo(f"wrote {n} images to {out}")

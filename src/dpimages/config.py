@@ -25,6 +25,8 @@ class MethodConfig:
     """Base of every method's config."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # keys that only steer sampling from a fitted model (post-processing): `dpimages sample` may override them
+    sampling_keys: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -273,6 +273,20 @@ def test_fit_resume_sample_cli(tiny_npz, tmp_path):
     s = np.load(tmp_path / "s.npz")
     assert s["images"].shape == (50, 28, 28, 1) and s["images"].dtype == np.uint8
     assert np.bincount(s["labels"], minlength=10).tolist() == [5] * 10
+    # sampling settings may change at sampling time (post-processing); the same seed then gives other images
+    res = dpimages("sample", str(run), "--n", "50", "--out", str(tmp_path / "g.npz"), "guidance=1",
+                   "sample_steps=3", env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    guided = np.load(tmp_path / "g.npz")
+    assert guided["images"].shape == s["images"].shape and not np.array_equal(guided["images"], s["images"])
+    assert (guided["labels"] == s["labels"]).all()
+    config_before = (run / "config.yaml").read_text()
+    for bad, says in (("lr=1", "cannot be changed when sampling"), ("guidance=abc", "guidance"),
+                      ("sampler=rk4", "sampler"), ("nokey", "key=value")):
+        res = dpimages("sample", str(run), "--n", "5", "--out", str(tmp_path / "bad.npz"), bad, env_cache=cache)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, (bad, res.stderr)
+        assert not (tmp_path / "bad.npz").exists()
+    assert (run / "config.yaml").read_text() == config_before
 
 
 def test_bad_inputs_exit_2(tiny_npz, tmp_path):

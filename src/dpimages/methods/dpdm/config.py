@@ -74,6 +74,9 @@ class DPDMConfig(MethodConfig):
     grid_every: int = 500
     checkpoint_every: int = 200
 
+    sampling_keys: ClassVar[tuple[str, ...]] = (
+        "sampler", "sample_steps", "sigma_min", "sigma_max", "rho", "guidance", "sample_batch",
+    )
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {
             "channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (), "batch_size": 32,
