@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dpimages import __version__
-from dpimages.config import MethodConfig, resolve_config
+from dpimages.config import MethodConfig, parse_overrides, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.errors import DPImagesError, InputError
 from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
@@ -367,16 +367,13 @@ def load_synthesizer(
     cfg = run.read_config()
     cls = method_class(cfg.get("method", ""))
     values = dict(cfg.get("config", {}))
-    for item in sampling or []:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise InputError(f"override must look like key=value, got {item!r}")
+    changes = parse_overrides(sampling or [])
+    for key in changes:
         if key not in cls.Config.sampling_keys:
             allowed = ", ".join(cls.Config.sampling_keys) or "none"
             raise InputError(f"{key!r} cannot be changed when sampling a fitted {cls.name} run; "
                              f"sampling keys: {allowed}")
-        values[key] = value
+    values.update(changes)
     synth = cls(resolve_config(cls.Config, None, values))
     ckpt = run.load_checkpoint()
     if ckpt is None or not ckpt[1].get("finished", False):

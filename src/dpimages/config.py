@@ -78,6 +78,17 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE strings to {key: value} (dashes in keys read as underscores); malformed items exit 2."""
+    values: dict[str, str] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"override must look like key=value, got {item!r}")
+        values[key.strip().replace("-", "_")] = val
+    return values
+
+
 def resolve_config(
     config_cls: type[MethodConfig],
     preset: str | None = None,
@@ -104,14 +115,7 @@ def resolve_config(
         if not isinstance(loaded, dict):
             raise InputError(f"{yaml_path}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded)
-    if isinstance(overrides, dict):
-        values.update(overrides)
-    else:
-        for item in overrides or []:
-            key, sep, val = item.partition("=")
-            if not sep or not key:
-                raise InputError(f"override must look like key=value, got {item!r}")
-            values[key.strip().replace("-", "_")] = val
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
