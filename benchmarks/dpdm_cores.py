@@ -1,0 +1,79 @@
+"""DPDM fit speed on the cores of this machine: one process with 1 or 2 threads, or torchrun processes.
+
+Runs the real `dpimages fit dpdm` on Fashion-MNIST (the preset's schedule,
+calibrated sigma, ledger and all) for ``--steps`` DP steps in each
+configuration, reads the last ``steps_per_s`` the run logged to
+metrics.jsonl, and extrapolates the preset's whole fit. Run it on an idle
+machine: other jobs on the same cores distort every number.
+
+    python benchmarks/dpdm_cores.py --preset cpu --steps 40 --out benchmarks/results/dpdm_cores.json
+
+Each configuration is a separate run directory under a temporary folder
+(removed afterwards); its ledger spends a fraction of a budget on data that
+is only read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {  # name: (processes, threads per process)
+    "1 process x 1 thread": (1, 1),
+    "1 process x 2 threads": (1, 2),
+    "torchrun 2 processes x 1 thread": (2, 1),
+}
+
+
+def run_config(processes: int, threads: int, preset: str, steps: int, overrides: list[str], run_dir: Path) -> dict:
+    fit = ["fit", "dpdm", "--data", "fashion-mnist", "--epsilon", "10", "--preset", preset, "--device", "cpu",
+           "--run-dir", str(run_dir), f"steps_per_run={steps}", f"log_every={max(1, min(10, steps // 2))}", *overrides]
+    if processes == 1:
+        cmd = [sys.executable, "-m", "dpimages", *fit]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "dpimages", *fit]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t = time.time()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.time() - t
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [m["steps_per_s"] for m in metrics if "steps_per_s" in m]
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+    total = ledger["events"][0]["steps"]
+    return {"processes": processes, "threads": threads, "steps_run": steps, "wall_s": round(wall, 1),
+            "steps_per_s": rates[-1], "preset_steps": total, "fit_min_extrapolated": round(total / rates[-1] / 60, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--out", default=None)
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (e.g. batch_size=2048 epochs=28)")
+    args = p.parse_args()
+    load_before = os.getloadavg()[0]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (procs, threads) in CONFIGS.items():
+            run_dir = Path(tmp) / name.replace(" ", "_")
+            rows[name] = run_config(procs, threads, args.preset, args.steps, args.overrides, run_dir)
+            print(f"{name:34s} {rows[name]['steps_per_s']:.3f} DP steps/s -> preset fit "
+                  f"{rows[name]['fit_min_extrapolated']} min ({rows[name]['preset_steps']} steps)", flush=True)
+    result = {"preset": args.preset, "overrides": args.overrides, "cpus": os.cpu_count(),
+              "cpu": platform.processor() or platform.machine(), "load_before": load_before,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "configs": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
