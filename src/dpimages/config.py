@@ -78,6 +78,19 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+FEATURE_SOURCES = ("random", "public", "path")
+
+
+def check_feature_source(features: str, feature_path: str | None) -> None:
+    """Validate a method's `features` / `feature_path` pair (dp-mepf's and pe's feature networks); exit 2 if not."""
+    if features not in FEATURE_SOURCES:
+        raise InputError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {features!r}")
+    if features == "path" and not feature_path:
+        raise InputError("features=path needs feature_path=DIR_OR_FILE")
+    if features != "path" and feature_path:
+        raise InputError(f"feature_path is only used with features=path, got features={features}")
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """KEY=VALUE strings to {key: value} (dashes in keys read as underscores); malformed items exit 2."""
     values: dict[str, str] = {}

@@ -60,6 +60,22 @@ def test_config_errors(tmp_path, preset, overrides, yaml_text, needle):
         resolve_config(ToyConfig, preset, overrides, y)
 
 
+@pytest.mark.parametrize("method", ["dp-mepf", "pe"])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["features=imagenet"], "features must be one of random, public, path"),
+        (["features=path"], "features=path needs feature_path"),
+        (["features=random", "feature_path=w.safetensors"], "feature_path is only used with features=path"),
+    ],
+)
+def test_feature_source_errors_are_shared_by_the_methods_that_take_features(method, overrides, needle):
+    from dpimages.api import create
+
+    with pytest.raises(InputError, match=needle):
+        create(method, "smoke", **dict(o.split("=", 1) for o in overrides))
+
+
 def test_run_refuses_reuse_and_changed_resume(tmp_path):
     run = Run(tmp_path / "r")
     cfg = {"method": "x", "data_fingerprint": "sha256:a", "config": {"steps": 1}}

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import MethodConfig
+from dpimages.config import MethodConfig, check_feature_source
 from dpimages.errors import InputError
-
-FEATURE_SOURCES = ("random", "public", "path")
 
 
 @dataclass
@@ -85,12 +83,7 @@ class DPMEPFConfig(MethodConfig):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
 
     def __post_init__(self) -> None:
-        if self.features not in FEATURE_SOURCES:
-            raise InputError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {self.features!r}")
-        if self.features == "path" and not self.feature_path:
-            raise InputError("features=path needs feature_path=DIR_OR_FILE")
-        if self.features != "path" and self.feature_path:
-            raise InputError(f"feature_path is only used with features=path, got features={self.features}")
+        check_feature_source(self.features, self.feature_path)
         if self.feature_tap not in ("pre", "post"):
             raise InputError(f"feature_tap must be 'pre' or 'post', got {self.feature_tap!r}")
         if self.feature_act not in ("relu", "tanh", "lrelu"):

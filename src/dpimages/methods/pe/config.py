@@ -21,12 +21,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import MethodConfig
+from dpimages.config import MethodConfig, check_feature_source
 from dpimages.errors import InputError
 from dpimages.nets.edm import SAMPLERS
 
 APIS = ("diffusion", "diffusers")
-FEATURE_SOURCES = ("public", "path", "random")
 NN_BACKENDS = ("torch", "faiss")
 
 
@@ -115,12 +114,7 @@ class PEConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.api not in APIS:
             raise InputError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
-        if self.features not in FEATURE_SOURCES:
-            raise InputError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {self.features!r}")
-        if self.features == "path" and not self.feature_path:
-            raise InputError("features=path needs feature_path=DIR_OR_FILE")
-        if self.features != "path" and self.feature_path:
-            raise InputError(f"feature_path is only used with features=path, got features={self.features}")
+        check_feature_source(self.features, self.feature_path)
         if self.nn_backend not in NN_BACKENDS:
             raise InputError(f"nn_backend must be one of {', '.join(NN_BACKENDS)}, got {self.nn_backend!r}")
         if self.sampler not in SAMPLERS:
