@@ -25,6 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from dpimages.api import create
+from dpimages.config import parse_overrides
+from dpimages.methods.dpdm.method import schedule
+
 CONFIGS = {  # name: (processes, threads per process)
     "1 process x 1 thread": (1, 1),
     "1 process x 2 threads": (1, 2),
@@ -47,7 +51,8 @@ def run_config(processes: int, threads: int, preset: str, steps: int, overrides:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [m["steps_per_s"] for m in metrics if "steps_per_s" in m]
     ledger = json.loads((run_dir / "privacy.json").read_text())
-    total = ledger["events"][0]["steps"]
+    cfg = create("dpdm", preset, **parse_overrides(overrides)).config
+    _, total = schedule(ledger["dataset_size"], cfg.batch_size, cfg.epochs, cfg.max_steps)
     return {"processes": processes, "threads": threads, "steps_run": steps, "wall_s": round(wall, 1),
             "steps_per_s": rates[-1], "preset_steps": total, "fit_min_extrapolated": round(total / rates[-1] / 60, 1)}
 

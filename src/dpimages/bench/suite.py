@@ -472,9 +472,12 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = latest_rows(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     series = sorted({(row_label(r), r["preset"]) for r in rows})
-    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}  # one colour per line in every panel
+    legend_rows = math.ceil(len(series) / 4)
+    height = 4.0 + 0.22 * legend_rows  # room under the panels for the legend, so it never covers the axis labels
+    fig, axes = plt.subplots(1, 3, figsize=(13, height), sharey=True)
+    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    colours = {s: cmap(i % cmap.N) for i, s in enumerate(series)}  # one colour per line in every panel
     panels = (("acc_cnn", "CNN"), ("acc_mlp", "MLP"), ("acc_logreg", "logistic regression"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for method in sorted({row_label(r) for r in rows}):
@@ -498,7 +501,7 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
             seen.setdefault(lab, h)
     labels, handles = list(seen), list(seen.values())
     fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, (0.15 + 0.22 * legend_rows) / height, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
