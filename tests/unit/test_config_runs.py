@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dpimages.config import MethodConfig, resolve_config
+from dpimages.config import MethodConfig, parse_overrides, resolve_config
 from dpimages.errors import InputError
 from dpimages.runs import (
     Run,
@@ -73,7 +73,7 @@ def test_feature_source_errors_are_shared_by_the_methods_that_take_features(meth
     from dpimages.api import create
 
     with pytest.raises(InputError, match=needle):
-        create(method, "smoke", **dict(o.split("=", 1) for o in overrides))
+        create(method, "smoke", **parse_overrides(overrides))
 
 
 def test_run_refuses_reuse_and_changed_resume(tmp_path):
