@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpimages.api import FitContext, create, fit_run
+from dpimages.api import FitContext, create, fit_run, load_synthesizer
 from dpimages.cli import main
 from dpimages.data import ImageData, load
 from dpimages.errors import BudgetExceeded, InputError
@@ -105,6 +105,68 @@ def test_released_means_projection_only_moves_towards_the_feasible_set():
     m, _ = r.means(project=True, nonneg_first=True)
     assert torch.allclose(m, torch.tensor([[1.0, 0.0], [0.1, 0.2]]))  # clamped, unit ball; count floored at 1
     assert r.proportions() == [1.0, 0.0]
+
+
+
+def test_cells_split_each_class_by_sign_patterns_and_keep_sensitivity_one():
+    ext = FeatureExtractor([random_conv_trunk(3, 1, (8, 16))], (), (2,))
+    x, y = _images(60), torch.arange(60) % 3
+    f, _ = ext(x)
+    centres = torch.stack([f[y == c].mean(0) for c in range(3)]).double()
+    proj = rel.cell_projections(f.shape[1], 2, seed=5)
+    assert torch.equal(proj, rel.cell_projections(f.shape[1], 2, seed=5))  # public seed: reproducible
+
+    def row_index(g: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return labels * 4 + rel.cell_index(g, centres[labels], proj)
+
+    s1, _, rows = rel._chunked_sums(ext, x, y, 12, 16, row_index)
+    # the row is the class times 4 plus the sign pattern, computed independently here
+    signs = ((f.double() - centres[y]) @ proj) > 0
+    assert torch.equal(rows, y * 4 + signs[:, 0].long() + 2 * signs[:, 1].long())
+    assert len(set(rows.tolist())) > 6  # the cells really split the classes
+    assert torch.allclose(s1.view(3, 4, -1).sum(1), rel._chunked_class_sums(ext, x, y, 3, chunk=16)[0])
+    for i in range(60):  # remove image i: exactly one row moves, by <= 1; its count by 1
+        keep = torch.arange(60) != i
+        t1, _, r2 = rel._chunked_sums(ext, x[keep], y[keep], 12, 16, row_index)
+        moved = (s1 - t1).norm(dim=1)
+        assert int((moved > 1e-9).sum()) == 1 and float(moved.max()) <= rel.CLIP_NORM + 1e-9
+        n1, n2 = torch.bincount(rows, minlength=12), torch.bincount(r2, minlength=12)
+        assert int((n1 - n2).abs().sum()) == 1
+
+
+def test_release_with_cells_spends_centres_first_and_meets_the_target():
+    ext = FeatureExtractor([random_conv_trunk(3, 1, (8, 16))], (), (2,))
+    x, y = _images(60), torch.arange(60) % 3
+    ledger, noise = PrivacyLedger(2.0, 1e-5), NoiseSource(0)
+    w = rel.weights(False, 1.0, 1.0, 0.05, cell_bits=2, w_centres=0.25)
+    assert sum(w) + w[2] == pytest.approx(1.0)  # counts are released twice
+    scale, plan = rel.calibrate_plan(2.0, 1e-5, w, cells=4)
+    released = rel.release(ext, x, y, 3, plan, ledger=ledger, noise=noise, cell_seed=5)
+    suffix = rel.CELL_SUFFIX
+    assert [e.label for e in ledger.events] == [rel.LABEL_CENTRES, rel.LABEL_CENTRE_COUNTS, rel.LABEL_FIRST + suffix,
+                                                rel.LABEL_COUNTS + suffix]
+    assert sum(1 / e.noise_multiplier**2 for e in ledger.events) == pytest.approx(1 / scale**2)
+    assert 1.95 < ledger.epsilon() <= 2.0 + 1e-9
+    assert released.sum_first.shape[0] == 12 and released.counts.shape == (12,) and released.cells == 4
+    p = released.cell_proportions()
+    assert p.shape == (3, 4) and torch.allclose(p.sum(1), torch.ones(3, dtype=p.dtype))
+    with pytest.raises(ValueError):
+        rel.calibrate_plan(2.0, 1e-5, w, cells=1)  # a centres weight without cells is a programming error
+
+
+def test_fit_with_cells_trains_and_samples_each_class(tiny_npz, tmp_path):
+    data = load(f"npz:{tiny_npz}")
+    res = fit_run("dp-mepf", data, epsilon=10.0, run_dir=tmp_path / "run", preset="smoke",
+                  overrides=["cell_bits=1"], seed=0, progress=False)
+    labels = [e.label for e in res.ledger.events]
+    assert labels[:2] == [rel.LABEL_CENTRES, rel.LABEL_CENTRE_COUNTS]
+    assert res.synthesizer.sample_generator.embed.num_embeddings == 20  # 10 classes x 2 cells
+    out = res.synthesizer.sample(40, np.arange(40) % 10, seed=3)
+    assert out.labels.tolist() == (np.arange(40) % 10).tolist()
+    reloaded = load_synthesizer(tmp_path / "run").sample(40, np.arange(40) % 10, seed=3)  # cell proportions saved
+    assert np.array_equal(reloaded.images, out.images)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "per-(class, cell)" in report and "cell centres" in report
 
 
 # -- generator training ------------------------------------------------------------------

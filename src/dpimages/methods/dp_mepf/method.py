@@ -78,13 +78,27 @@ class DPMEPF(MethodSynthesizer):
         self.extractor: FeatureExtractor | None = None
         self.released: rel.Released | None = None
         self.class_proportions: list[float] = []
+        self.cell_proportions: list[list[float]] = []
         self.feature_info: dict[str, Any] = {}
 
     # -- building blocks -----------------------------------------------------------------
     def _new_generator(self) -> ConditionalGenerator:
         h, w, c = self.image_shape
         cfg = self.config
-        return ConditionalGenerator((c, h, w), self.num_classes, cfg.z_dim, cfg.gen_channels, cfg.generator)
+        return ConditionalGenerator((c, h, w), self.num_classes * self.cells, cfg.z_dim, cfg.gen_channels,
+                                    cfg.generator)
+
+    @property
+    def cells(self) -> int:
+        """Cells per class (1 without ``cell_bits``): the generator is conditioned on (class, cell) rows."""
+        return 2 ** self.config.cell_bits
+
+    def _rows(self, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Generator rows for class labels: a cell per image drawn from its class's noisy cell proportions."""
+        if self.cells == 1:
+            return labels
+        p = torch.tensor(self.cell_proportions, dtype=torch.float32)[labels.cpu()]
+        return labels * self.cells + torch.multinomial(p, 1, generator=g).squeeze(1).to(labels.device)
 
     def _trunks(self, public: ImageData | None, seed: int, ctx: FitContext | None) -> list[Trunk]:
         """Feature trunks from public information only (random seeds, public data, a weights file)."""
@@ -150,15 +164,18 @@ class DPMEPF(MethodSynthesizer):
         extractor = self._extractor(trunks).to(self.device)
         self.extractor = extractor
         dims = extractor.dims((self.image_shape[2], *self.image_shape[:2]))
-        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts)
-        scale, plan = rel.calibrate_plan(ctx.ledger.epsilon_budget, ctx.ledger.delta, w)
+        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, cfg.cell_bits,
+                        cfg.weight_centres)
+        scale, plan = rel.calibrate_plan(ctx.ledger.epsilon_budget, ctx.ledger.delta, w, self.cells)
         if self.released is None:
             t0 = time.time()
             self.released = rel.release(
                 extractor, private.to_tensor(self.device), private.label_tensor(self.device), self.num_classes, plan,
-                ledger=ctx.ledger, noise=ctx.noise, chunk=cfg.embed_chunk,
+                ledger=ctx.ledger, noise=ctx.noise, chunk=cfg.embed_chunk, cell_seed=cfg.feature_seed,
+                nonneg_first=self._nonneg_first(),
             )
             self.class_proportions = self.released.proportions()
+            self.cell_proportions = self.released.cell_proportions().tolist()
             if run is not None:
                 run.log(0, event="release", release_s=round(time.time() - t0, 2), dims_first=dims[0],
                         dims_second=dims[1], noise_scale=scale, noise_first=plan.noise_first,
@@ -172,8 +189,10 @@ class DPMEPF(MethodSynthesizer):
             tensors["release.sum_first"].double(),
             tensors["release.sum_second"].double() if "release.sum_second" in tensors else None,
             tensors["release.counts"].double(),
+            self.cells,
         )
         self.class_proportions = self.released.proportions()
+        self.cell_proportions = self.released.cell_proportions().tolist()
         self.feature_info = dict(state.get("feature_info", {}))
 
     def _restore_trunks(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> list[Trunk]:
@@ -210,7 +229,7 @@ class DPMEPF(MethodSynthesizer):
         for f, m in ((f1, m1), (f2, m2)):
             if f is None or m is None:
                 continue
-            k = self.num_classes
+            k = m.shape[0]
             sums = torch.zeros(k, f.shape[1], device=f.device, dtype=f.dtype).index_add(0, y, f)
             n = torch.bincount(y, minlength=k).to(f.dtype)
             present = n > 0
@@ -232,8 +251,9 @@ class DPMEPF(MethodSynthesizer):
         less diverse sample is not preferred for its smaller batch variance.
         """
         g = torch.Generator().manual_seed(12345)
+        rows = m1.shape[0]
         n = self.config.eval_per_class * self.num_classes
-        y = torch.arange(n) % self.num_classes
+        y = torch.arange(n) % rows
         z = torch.randn(n, self.config.z_dim, generator=g)
         was = gen.training
         gen.eval()
@@ -283,7 +303,7 @@ class DPMEPF(MethodSynthesizer):
             frac = min(1.0, max(step / max(cfg.steps - 1, 1), (time.time() - t0) / budget_s))
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * (1.0 - (1.0 - cfg.lr_final) * frac)
-            y = torch.randint(self.num_classes, (cfg.batch_size,), generator=rng).to(self.device)
+            y = torch.randint(m1.shape[0], (cfg.batch_size,), generator=rng).to(self.device)
             z = torch.randn(cfg.batch_size, cfg.z_dim, generator=rng).to(self.device)
             loss = self._batch_loss(gen, z, y, m1, m2, cfg.unbiased)
             opt.zero_grad(set_to_none=True)
@@ -329,8 +349,9 @@ class DPMEPF(MethodSynthesizer):
         gen.eval()
         g = torch.Generator().manual_seed(7)
         y = torch.arange(self.num_classes * per_class) // per_class
+        rows = y * self.cells + torch.arange(len(y)) % self.cells  # each class's cells in turn
         with torch.no_grad():
-            x = gen(torch.randn(len(y), self.config.z_dim, generator=g).to(self.device), y.to(self.device))
+            x = gen(torch.randn(len(y), self.config.z_dim, generator=g).to(self.device), rows.to(self.device))
         gen.train(was)
         save_grid(path, to_uint8(x), y.numpy(), self.num_classes, per_class)
 
@@ -399,24 +420,34 @@ class DPMEPF(MethodSynthesizer):
         if info is not None:
             d1, d2 = info["dims"]
             plan = info["plan"]
-            lines.append(f"- per-class sums of unit-norm first-moment feature vectors: a {k} x {d1} matrix, noise "
+            c = self.cells
+            per, rows = ("per-class", f"{k}") if c == 1 else ("per-(class, cell)", f"{k * c} ({k} classes x {c} cells)")
+            if plan.noise_centres is not None:
+                lines += [
+                    f"- cell centres: per-class sums of unit-norm first-moment feature vectors, a {k} x {d1} matrix, "
+                    f"noise multiplier {plan.noise_centres:.5g}, and per-class image counts, noise multiplier "
+                    f"{plan.noise_counts:.5g}; an image's cell is the sign pattern of {cfg.cell_bits} random "
+                    f"projections (public seed {cfg.feature_seed}) of its feature vector minus its class's noisy "
+                    "centre, a function of the image and of released values only;",
+                ]
+            lines.append(f"- {per} sums of unit-norm first-moment feature vectors: a {rows} x {d1} matrix, noise "
                          f"multiplier {plan.noise_first:.5g};")
             if plan.noise_second is not None:
-                lines.append(f"- per-class sums of unit-norm second-moment feature vectors: a {k} x {d2} matrix, "
+                lines.append(f"- {per} sums of unit-norm second-moment feature vectors: a {rows} x {d2} matrix, "
                              f"noise multiplier {plan.noise_second:.5g};")
             lines += [
-                f"- per-class image counts ({k} numbers), noise multiplier {plan.noise_counts:.5g}.",
+                f"- {per} image counts ({rows} numbers), noise multiplier {plan.noise_counts:.5g}.",
                 "",
-                f"Budget weights (share of 1/sigma^2) first/second/counts: "
-                f"{info['weights'][0]:.3f}/{info['weights'][1]:.3f}/{info['weights'][2]:.3f}; common scale "
-                f"{info['scale']:.5g} (calibrated with dp-accounting PLD for the target epsilon).",
+                "Budget weights (share of 1/sigma^2) first/second/counts/centres: "
+                + "/".join(f"{v:.3f}" for v in info["weights"])
+                + f"; common scale {info['scale']:.5g} (calibrated with dp-accounting PLD for the target epsilon).",
             ]
         lines += [
             "",
-            "Sensitivity: each image's feature vector has norm 1 (clipped to 1); classes are disjoint, so adding "
-            "or removing one image moves each stacked per-class sum by at most 1 and the counts by 1. Everything "
-            "after the release (means = noisy sums / noisy counts, projection onto the set of possible means, "
-            "generator training, model selection on the released means only) is post-processing.",
+            "Sensitivity: each image's feature vector has norm 1 (clipped to 1); classes (and cells) are "
+            "disjoint, so adding or removing one image moves each stacked sum by at most 1 and the counts by 1. "
+            "Everything after the release (means = noisy sums / noisy counts, projection onto the set of possible "
+            "means, generator training, model selection on the released means only) is post-processing.",
             "", "### Features", "",
             f"- source: {self.feature_info.get('source')}"
             + (f" ({self.feature_info.get('public')}, public validation accuracy "
@@ -453,17 +484,19 @@ class DPMEPF(MethodSynthesizer):
         out = []
         with torch.no_grad():
             for i in range(0, n, 1000):
-                y = torch.from_numpy(labels[i : i + 1000]).to(self.device)
+                y = self._rows(torch.from_numpy(labels[i : i + 1000]), g).to(self.device)
                 z = torch.randn(len(y), self.config.z_dim, generator=g).to(self.device)
                 out.append(to_uint8(gen(z, y)))
         return ImageData(np.concatenate(out), labels, list(self.classes), "dp-mepf samples")
 
     def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "class_proportions": list(self.class_proportions)}
+        return {**super().meta(), "class_proportions": list(self.class_proportions),
+                "cell_proportions": [list(p) for p in self.cell_proportions]}
 
     def restore_meta(self, state: dict[str, Any]) -> None:
         super().restore_meta(state)
         self.class_proportions = [float(v) for v in state.get("class_proportions", [])]
+        self.cell_proportions = [[float(v) for v in p] for p in state.get("cell_proportions", [])]
         self._sample_prefix = state.get("sample_weights", "best")
 
     def state_dict(self) -> dict[str, torch.Tensor]:

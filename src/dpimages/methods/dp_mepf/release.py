@@ -18,6 +18,19 @@ with its label):
 * The per-class means (noisy sum / noisy count, projected onto the set the
   true mean lies in) and everything after them are post-processing.
 
+Optional cells (``cell_bits = b > 0``, an extension of the published
+method): each class is split into ``2**b`` cells, and the sums and counts
+above are released per (class, cell) instead of per class. The cells come
+from a first release: (0a) the per-class sums of first-moment vectors and
+(0b) the class counts, whose noisy means are the class centres; an image's
+cell is then the sign pattern of ``b`` fixed random projections (a public
+seed) of its first-moment vector minus its class's noisy centre. Cells are
+disjoint and depend on the image and on released values only, so each of
+(1)-(3) still has L2 sensitivity 1; (0a) and (0b) are two more Gaussian
+mechanisms of sensitivity 1 in the same calibrated plan. A generator
+conditioned on (class, cell) then matches several means per class, one per
+part of the class, instead of one: a finer statistic of the same budget.
+
 The per-class sums are accumulated in chunks (so that high-dimensional
 features of large data sets fit in memory) with the mechanisms' own
 `clip_rows` and `class_sums`, and released with `gaussian_release` at
@@ -27,6 +40,7 @@ sensitivity 1: the same computation as `clipped_gaussian_class_sums`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,55 +53,93 @@ from dpimages.privacy.rng import NoiseSource
 LABEL_FIRST = "dp-mepf per-class sums of unit-norm first-moment features"
 LABEL_SECOND = "dp-mepf per-class sums of unit-norm second-moment features"
 LABEL_COUNTS = "dp-mepf class counts"
+LABEL_CENTRES = "dp-mepf per-class sums of unit-norm first-moment features (cell centres)"
+LABEL_CENTRE_COUNTS = "dp-mepf class counts (cell centres)"
 CLIP_NORM = 1.0  # per-image feature vectors have unit norm; clipping to 1 enforces it
+
+
+CELL_SUFFIX = " per (class, cell)"
 
 
 @dataclass(frozen=True)
 class ReleasePlan:
-    """Noise multipliers of the planned releases (None: not released)."""
+    """Noise multipliers of the planned releases (None: not released) and the cells per class."""
 
     noise_first: float
     noise_second: float | None
     noise_counts: float
+    noise_centres: float | None = None
+    cells: int = 1
 
     def events(self) -> list[PrivacyEvent]:
-        out = [PrivacyEvent.gaussian(self.noise_first, 1, LABEL_FIRST)]
+        """The planned events in the order they are spent (cell centres first when there are cells)."""
+        out = []
+        if self.noise_centres is not None:
+            out += [PrivacyEvent.gaussian(self.noise_centres, 1, LABEL_CENTRES),
+                    PrivacyEvent.gaussian(self.noise_counts, 1, LABEL_CENTRE_COUNTS)]
+        suffix = CELL_SUFFIX if self.cells > 1 else ""
+        out.append(PrivacyEvent.gaussian(self.noise_first, 1, LABEL_FIRST + suffix))
         if self.noise_second is not None:
-            out.append(PrivacyEvent.gaussian(self.noise_second, 1, LABEL_SECOND))
-        out.append(PrivacyEvent.gaussian(self.noise_counts, 1, LABEL_COUNTS))
+            out.append(PrivacyEvent.gaussian(self.noise_second, 1, LABEL_SECOND + suffix))
+        out.append(PrivacyEvent.gaussian(self.noise_counts, 1, LABEL_COUNTS + suffix))
         return out
 
 
-def weights(second_moment: bool, w_first: float, w_second: float, w_counts: float) -> tuple[float, float, float]:
-    """Normalised budget weights (first, second, counts); second is 0 when not released."""
-    ws = (w_first, w_second if second_moment else 0.0, w_counts)
-    total = sum(ws)
-    return ws[0] / total, ws[1] / total, ws[2] / total
+Weights = tuple[float, float, float, float]
 
 
-def plan_for(scale: float, w: tuple[float, float, float]) -> ReleasePlan:
+def weights(
+    second_moment: bool, w_first: float, w_second: float, w_counts: float, cell_bits: int = 0, w_centres: float = 0.0
+) -> Weights:
+    """Normalised budget weights (first, second, counts, centres): shares of the total precision 1/s^2.
+
+    Counts are released twice with cells (for the centres and per cell),
+    each with weight ``w_counts``; second / centres are 0 when not released.
+    """
+    cells = cell_bits > 0
+    ws = (w_first, w_second if second_moment else 0.0, w_counts, w_centres if cells else 0.0)
+    total = ws[0] + ws[1] + ws[2] * (2 if cells else 1) + ws[3]
+    return ws[0] / total, ws[1] / total, ws[2] / total, ws[3] / total
+
+
+def plan_for(scale: float, w: Weights, cells: int = 1) -> ReleasePlan:
     """Noise multiplier s / sqrt(w_i) per release: their composition is one Gaussian with multiplier s."""
     return ReleasePlan(
-        scale / math.sqrt(w[0]), None if w[1] == 0 else scale / math.sqrt(w[1]), scale / math.sqrt(w[2])
+        scale / math.sqrt(w[0]), None if w[1] == 0 else scale / math.sqrt(w[1]), scale / math.sqrt(w[2]),
+        None if w[3] == 0 else scale / math.sqrt(w[3]), cells,
     )
 
 
-def calibrate_plan(epsilon: float, delta: float, w: tuple[float, float, float]) -> tuple[float, ReleasePlan]:
+def calibrate_plan(epsilon: float, delta: float, w: Weights, cells: int = 1) -> tuple[float, ReleasePlan]:
     """The smallest common scale s whose planned events meet (epsilon, delta); runs before data is read."""
-    scale = calibrate(lambda s: plan_for(s, w).events(), epsilon, delta)
-    return scale, plan_for(scale, w)
+    if (cells > 1) != (w[3] > 0):
+        raise ValueError("cells per class > 1 needs a centres weight > 0, and only then")
+    scale = calibrate(lambda s: plan_for(s, w, cells).events(), epsilon, delta)
+    return scale, plan_for(scale, w, cells)
+
+
+def _project(m: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    """Projection onto the set a mean of unit vectors lies in: the unit ball (and the non-negative orthant)."""
+    if nonneg:
+        m = m.clamp_min(0.0)
+    return m / m.norm(dim=1, keepdim=True).clamp_min(1.0)
 
 
 @dataclass
 class Released:
-    """The released (noisy) quantities; everything else is derived from them."""
+    """The released (noisy) quantities; everything else is derived from them.
 
-    sum_first: torch.Tensor  # (K, D1) float64
-    sum_second: torch.Tensor | None  # (K, D2) float64
-    counts: torch.Tensor  # (K,) float64
+    Rows are classes, or (class, cell) pairs in class-major order (row
+    ``class * cells + cell``) when ``cells > 1``.
+    """
+
+    sum_first: torch.Tensor  # (K * cells, D1) float64
+    sum_second: torch.Tensor | None  # (K * cells, D2) float64
+    counts: torch.Tensor  # (K * cells,) float64
+    cells: int = 1
 
     def means(self, project: bool, nonneg_first: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Noisy per-class means (post-processing), float32.
+        """Noisy per-row means (post-processing), float32.
 
         Counts are floored at 1. With `project`, each mean is projected onto
         the convex set the true mean of unit vectors lies in (the unit ball,
@@ -97,40 +149,72 @@ class Released:
         n = self.counts.clamp_min(1.0).unsqueeze(1)
 
         def proj(m: torch.Tensor, nonneg: bool) -> torch.Tensor:
-            if not project:
-                return m
-            if nonneg:
-                m = m.clamp_min(0.0)
-            return m / m.norm(dim=1, keepdim=True).clamp_min(1.0)
+            return _project(m, nonneg) if project else m
 
         first = proj(self.sum_first / n, nonneg_first).float()
         second = None if self.sum_second is None else proj(self.sum_second / n, True).float()
         return first, second
 
     def proportions(self) -> list[float]:
-        """Noisy class proportions (counts floored at 0), for unlabelled sampling."""
-        c = self.counts.clamp_min(0.0)
+        """Noisy class proportions (counts floored at 0, summed over cells), for unlabelled sampling."""
+        c = self.counts.clamp_min(0.0).view(-1, self.cells).sum(1)
         total = float(c.sum())
         k = c.numel()
         return [1.0 / k] * k if total <= 0 else [float(v) / total for v in c]
+
+    def cell_proportions(self) -> torch.Tensor:
+        """(K, cells) noisy proportions of each cell within its class (uniform where the counts are all <= 0)."""
+        c = self.counts.clamp_min(0.0).view(-1, self.cells)
+        total = c.sum(1, keepdim=True)
+        return torch.where(total > 0, c / total.clamp_min(1e-12), torch.full_like(c, 1.0 / self.cells))
+
+
+def cell_projections(dims: int, cell_bits: int, seed: int) -> torch.Tensor:
+    """(dims, cell_bits) fixed Gaussian directions from a public seed (no data)."""
+    return torch.randn(dims, cell_bits, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+
+
+def cell_index(first: torch.Tensor, centres: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    """Cell of each row: the sign pattern of ``(first - centre) @ projections`` read as a binary number."""
+    bits = ((first.double() - centres.double()) @ projections) > 0
+    return (bits.long() * (2 ** torch.arange(projections.shape[1], device=bits.device))).sum(1)
+
+
+RowIndex = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _chunked_sums(
+    extractor: FeatureExtractor, images: torch.Tensor, labels: torch.Tensor, rows: int, chunk: int,
+    row_index: RowIndex | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-row sums of clipped unit-norm features and each image's row (no noise: internal, released right after).
+
+    The row of an image is its label, or ``row_index(first_moment, label)``.
+    """
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    index = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], chunk):
+            f, g = extractor(images[i : i + chunk])
+            f = clip_rows(f.double(), CLIP_NORM)
+            y = labels[i : i + chunk]
+            r = y if row_index is None else row_index(f, y)
+            index.append(r)
+            part1 = class_sums(f, r, rows)
+            s1 = part1 if s1 is None else s1 + part1
+            if g is not None:
+                part2 = class_sums(clip_rows(g.double(), CLIP_NORM), r, rows)
+                s2 = part2 if s2 is None else s2 + part2
+    assert s1 is not None
+    return s1, s2, torch.cat(index)
 
 
 def _chunked_class_sums(
     extractor: FeatureExtractor, images: torch.Tensor, labels: torch.Tensor, num_classes: int, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-class sums of clipped unit-norm features (no noise: internal, released right after)."""
-    s1: torch.Tensor | None = None
-    s2: torch.Tensor | None = None
-    with torch.no_grad():
-        for i in range(0, images.shape[0], chunk):
-            f, g = extractor(images[i : i + chunk])
-            y = labels[i : i + chunk]
-            part1 = class_sums(clip_rows(f.double(), CLIP_NORM), y, num_classes)
-            s1 = part1 if s1 is None else s1 + part1
-            if g is not None:
-                part2 = class_sums(clip_rows(g.double(), CLIP_NORM), y, num_classes)
-                s2 = part2 if s2 is None else s2 + part2
-    assert s1 is not None
+    s1, s2, _ = _chunked_sums(extractor, images, labels, num_classes, chunk)
     return s1, s2
 
 
@@ -144,22 +228,43 @@ def release(
     ledger: PrivacyLedger,
     noise: NoiseSource,
     chunk: int = 500,
+    cell_seed: int = 0,
+    nonneg_first: bool = True,
 ) -> Released:
     """The one and only access to private data: returns the noisy sums and counts.
 
     `ledger.reserve` checks the whole plan before anything is computed; each
-    mechanism then records its event before its noise is drawn.
+    mechanism then records its event before its noise is drawn. With cells,
+    the class centres are released first and define each image's cell.
     """
-    ledger.reserve(*plan.events())
-    s1, s2 = _chunked_class_sums(extractor, images, labels, num_classes, chunk)
+    events = plan.events()
+    ledger.reserve(*events)
+    labels_by_event = iter(e.label for e in events)
+    row_index: RowIndex | None = None
+    if plan.cells > 1:
+        assert plan.noise_centres is not None
+        c1, _ = _chunked_class_sums(extractor, images, labels, num_classes, chunk)
+        noisy_c = gaussian_release(c1, sensitivity=CLIP_NORM, noise_multiplier=plan.noise_centres, ledger=ledger,
+                                   noise=noise, label=next(labels_by_event))
+        noisy_n = noisy_class_counts(labels, num_classes, noise_multiplier=plan.noise_counts, ledger=ledger,
+                                     noise=noise, label=next(labels_by_event))
+        centres = _project(noisy_c / noisy_n.clamp_min(1.0).unsqueeze(1), nonneg_first)
+        projections = cell_projections(c1.shape[1], plan.cells.bit_length() - 1, cell_seed).to(images.device)
+        cells = plan.cells
+
+        def row_index(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return y * cells + cell_index(f, centres[y], projections)
+
+    rows = num_classes * plan.cells
+    s1, s2, index = _chunked_sums(extractor, images, labels, rows, chunk, row_index)
     if (s2 is None) != (plan.noise_second is None):
         raise RuntimeError("feature extractor and release plan disagree about the second moment")
     noisy1 = gaussian_release(s1, sensitivity=CLIP_NORM, noise_multiplier=plan.noise_first, ledger=ledger,
-                              noise=noise, label=LABEL_FIRST)
+                              noise=noise, label=next(labels_by_event))
     noisy2 = None
     if s2 is not None and plan.noise_second is not None:
         noisy2 = gaussian_release(s2, sensitivity=CLIP_NORM, noise_multiplier=plan.noise_second, ledger=ledger,
-                                  noise=noise, label=LABEL_SECOND)
-    counts = noisy_class_counts(labels, num_classes, noise_multiplier=plan.noise_counts, ledger=ledger, noise=noise,
-                                label=LABEL_COUNTS)
-    return Released(noisy1, noisy2, counts)
+                                  noise=noise, label=next(labels_by_event))
+    counts = noisy_class_counts(index, rows, noise_multiplier=plan.noise_counts, ledger=ledger, noise=noise,
+                                label=next(labels_by_event))
+    return Released(noisy1, noisy2, counts, plan.cells)
