@@ -154,6 +154,20 @@ def test_release_with_cells_spends_centres_first_and_meets_the_target():
         rel.calibrate_plan(2.0, 1e-5, w, cells=1)  # a centres weight without cells is a programming error
 
 
+
+def test_auto_cells_keep_the_expected_noise_of_a_cell_mean_under_the_limit():
+    # noise norm of a cell mean ~ noise * sqrt(D) * cells / images per class
+    assert rel.auto_cell_bits(0.5, 10_000, 5_000, 0.2) == 4  # 0.5 * 100 * 16 / 5000 = 0.16; 32 cells: 0.32
+    assert rel.auto_cell_bits(0.5, 10_000, 5_000, 0.1) == 3
+    assert rel.auto_cell_bits(6.0, 10_000, 5_000, 0.2) == 0  # too noisy for even two cells: the published method
+    assert rel.auto_cell_bits(1e-6, 10, 5_000, 0.2) == 6  # at most 64 cells
+    synth = create("dp-mepf", "smoke")
+    synth.num_classes = 10
+    assert synth._resolve_cell_bits(60_000, 10_976, 10.0, 1e-5) > synth._resolve_cell_bits(60_000, 10_976, 1.0, 1e-5)
+    assert synth._resolve_cell_bits(100, 10_976, 10.0, 1e-5) == 0
+    assert create("dp-mepf", "smoke", cell_bits=2)._resolve_cell_bits(100, 10_976, 10.0, 1e-5) == 2
+
+
 def test_fit_with_cells_trains_and_samples_each_class(tiny_npz, tmp_path):
     data = load(f"npz:{tiny_npz}")
     res = fit_run("dp-mepf", data, epsilon=10.0, run_dir=tmp_path / "run", preset="smoke",

@@ -21,7 +21,9 @@ class DPMEPFConfig(MethodConfig):
     sums, the second-moment sums and the class counts. ``cell_bits = b > 0``
     (our extension) splits each class into ``2**b`` cells by random
     hyperplanes through noisy class centres (released first, weight
-    ``weight_centres``) and releases the sums and counts per (class, cell). ``max_minutes`` (0:
+    ``weight_centres``) and releases the sums and counts per (class, cell);
+    ``-1`` (default) takes the most cells whose means have an expected
+    noise norm <= ``cell_noise``, ``0`` is the published method. ``max_minutes`` (0:
     off) caps the generator training time: the learning rate then decays
     with the elapsed share of that time when it is ahead of the step count,
     and training stops when it is spent (post-processing only; no privacy
@@ -48,7 +50,8 @@ class DPMEPFConfig(MethodConfig):
     weight_second: float = 1.0
     weight_counts: float = 0.05
     project_means: bool = True
-    cell_bits: int = 0
+    cell_bits: int = -1
+    cell_noise: float = 0.2
     weight_centres: float = 0.25
     # generator and its training (post-processing)
     generator: str = "dcgan"
@@ -99,10 +102,11 @@ class DPMEPFConfig(MethodConfig):
                      "eval_per_class", "log_every", "grid_every", "checkpoint_every", "embed_chunk"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.cell_bits <= 6:
-            raise InputError(f"cell_bits must be in 0..6 (1 to 64 cells per class), got {self.cell_bits}")
-        if self.cell_bits and not self.weight_centres > 0:
-            raise InputError(f"weight_centres must be > 0 with cell_bits > 0, got {self.weight_centres}")
+        if not -1 <= self.cell_bits <= 6:
+            raise InputError(f"cell_bits must be -1 (auto) or 0..6 (1 to 64 cells per class), got {self.cell_bits}")
+        if self.cell_bits and not (self.weight_centres > 0 and self.cell_noise > 0):
+            raise InputError(f"weight_centres and cell_noise must be > 0 unless cell_bits=0, got "
+                             f"{self.weight_centres}, {self.cell_noise}")
         if self.public_epochs < 0 or self.vgg_resize < 0:
             raise InputError(f"public_epochs and vgg_resize must be >= 0, got {self.public_epochs}, {self.vgg_resize}")
         if any(c < 1 for c in self.feature_channels) or not self.feature_channels:

@@ -79,6 +79,7 @@ class DPMEPF(MethodSynthesizer):
         self.released: rel.Released | None = None
         self.class_proportions: list[float] = []
         self.cell_proportions: list[list[float]] = []
+        self.cell_bits = max(config.cell_bits, 0)
         self.feature_info: dict[str, Any] = {}
 
     # -- building blocks -----------------------------------------------------------------
@@ -90,8 +91,23 @@ class DPMEPF(MethodSynthesizer):
 
     @property
     def cells(self) -> int:
-        """Cells per class (1 without ``cell_bits``): the generator is conditioned on (class, cell) rows."""
-        return 2 ** self.config.cell_bits
+        """Cells per class (1 without cells): the generator is conditioned on (class, cell) rows."""
+        return 2**self.cell_bits
+
+    def _resolve_cell_bits(self, n_images: int, dims_first: int, epsilon: float, delta: float) -> int:
+        """``cell_bits``, or with -1 the most cells whose per-cell means keep the expected noise norm small.
+
+        Uses only the planned noise, the feature dimension and the data set
+        size N (treated as public throughout dpimages, as in the DP-SGD
+        sampling rate), never the class counts.
+        """
+        cfg = self.config
+        if cfg.cell_bits >= 0:
+            return cfg.cell_bits
+        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, 1,
+                        cfg.weight_centres)
+        _, plan = rel.calibrate_plan(epsilon, delta, w, 2)
+        return rel.auto_cell_bits(plan.noise_first, dims_first, n_images / self.num_classes, cfg.cell_noise)
 
     def _rows(self, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Generator rows for class labels: a cell per image drawn from its class's noisy cell proportions."""
@@ -164,7 +180,10 @@ class DPMEPF(MethodSynthesizer):
         extractor = self._extractor(trunks).to(self.device)
         self.extractor = extractor
         dims = extractor.dims((self.image_shape[2], *self.image_shape[:2]))
-        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, cfg.cell_bits,
+        if self.released is None:
+            self.cell_bits = self._resolve_cell_bits(private.images.shape[0], dims[0], ctx.ledger.epsilon_budget,
+                                                     ctx.ledger.delta)
+        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, self.cell_bits,
                         cfg.weight_centres)
         scale, plan = rel.calibrate_plan(ctx.ledger.epsilon_budget, ctx.ledger.delta, w, self.cells)
         if self.released is None:
@@ -185,6 +204,7 @@ class DPMEPF(MethodSynthesizer):
         self._train(ctx, tensors, state)
 
     def _restore_release(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.cell_bits = (tensors["release.counts"].numel() // self.num_classes).bit_length() - 1
         self.released = rel.Released(
             tensors["release.sum_first"].double(),
             tensors["release.sum_second"].double() if "release.sum_second" in tensors else None,
@@ -426,7 +446,7 @@ class DPMEPF(MethodSynthesizer):
                 lines += [
                     f"- cell centres: per-class sums of unit-norm first-moment feature vectors, a {k} x {d1} matrix, "
                     f"noise multiplier {plan.noise_centres:.5g}, and per-class image counts, noise multiplier "
-                    f"{plan.noise_counts:.5g}; an image's cell is the sign pattern of {cfg.cell_bits} random "
+                    f"{plan.noise_counts:.5g}; an image's cell is the sign pattern of {self.cell_bits} random "
                     f"projections (public seed {cfg.feature_seed}) of its feature vector minus its class's noisy "
                     "centre, a function of the image and of released values only;",
                 ]
@@ -491,12 +511,13 @@ class DPMEPF(MethodSynthesizer):
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "class_proportions": list(self.class_proportions),
-                "cell_proportions": [list(p) for p in self.cell_proportions]}
+                "cell_bits": self.cell_bits, "cell_proportions": [list(p) for p in self.cell_proportions]}
 
     def restore_meta(self, state: dict[str, Any]) -> None:
         super().restore_meta(state)
         self.class_proportions = [float(v) for v in state.get("class_proportions", [])]
         self.cell_proportions = [[float(v) for v in p] for p in state.get("cell_proportions", [])]
+        self.cell_bits = int(state.get("cell_bits", 0))
         self._sample_prefix = state.get("sample_weights", "best")
 
     def state_dict(self) -> dict[str, torch.Tensor]:

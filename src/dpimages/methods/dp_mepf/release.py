@@ -169,6 +169,19 @@ class Released:
         return torch.where(total > 0, c / total.clamp_min(1e-12), torch.full_like(c, 1.0 / self.cells))
 
 
+def auto_cell_bits(noise_first: float, dims_first: int, images_per_class: float, max_noise: float) -> int:
+    """The most cell bits (0..6) whose per-cell mean has expected noise norm <= `max_noise`.
+
+    With ``2**b`` cells of ``images_per_class / 2**b`` images each, the noise
+    norm of a cell mean is about ``noise_first * sqrt(dims_first) * 2**b /
+    images_per_class`` (unit-norm features: sensitivity 1).
+    """
+    bits = 0
+    while bits < 6 and noise_first * math.sqrt(dims_first) * 2 ** (bits + 1) / images_per_class <= max_noise:
+        bits += 1
+    return bits
+
+
 def cell_projections(dims: int, cell_bits: int, seed: int) -> torch.Tensor:
     """(dims, cell_bits) fixed Gaussian directions from a public seed (no data)."""
     return torch.randn(dims, cell_bits, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
