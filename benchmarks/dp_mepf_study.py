@@ -122,7 +122,8 @@ def main() -> None:
     row = {
         "name": args.name, "epsilon": args.epsilon, "epsilon_spent": res.ledger.epsilon(), "preset": args.preset,
         "public": args.public, "overrides": args.overrides, "dims_first": release.get("dims_first"),
-        "dims_second": release.get("dims_second"), "best_step": done.get("best_step"),
+        "dims_second": release.get("dims_second"), "cells": release.get("cells"),
+        "best_step": done.get("best_step"),
         "best_released_distance": done.get("best_released_distance"), "fit_s": round(fit_s, 1),
         "eval_s": round(eval_s, 1), "n_synth": args.n_synth, "eval_epochs": args.eval_epochs,
         "threads": args.threads, **{f"acc_{k}": round(v, 4) for k, v in acc.items()},

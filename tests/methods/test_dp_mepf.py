@@ -155,6 +155,21 @@ def test_release_with_cells_spends_centres_first_and_meets_the_target():
 
 
 
+
+def test_neighbour_directions_point_to_the_nearest_other_centres():
+    centres = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 3.0, 0.0]], dtype=torch.float64)
+    p = rel.neighbour_projections(centres, 3, seed=0)
+    assert p.shape == (3, 3, 3)
+    assert torch.allclose(p[0, :, 0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))  # nearest: class 1
+    assert torch.allclose(p[0, :, 1], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))  # then class 2
+    assert torch.equal(p[0, :, 2], rel.cell_projections(3, 3, seed=0)[:, 2])  # only 2 other classes: random
+    # per-row directions: a point of class 0 on the side of class 1 (from its centre) gets bit 0 set
+    f = torch.tensor([[0.6, 0.0, 0.0], [-0.6, 0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0])
+    cells = rel.cell_index(f, centres[y], p[y])
+    assert int(cells[0]) % 2 == 1 and int(cells[1]) % 2 == 0
+
+
 def test_auto_cells_keep_the_expected_noise_of_a_cell_mean_under_the_limit():
     # noise norm of a cell mean ~ noise * sqrt(D) * cells / images per class
     assert rel.auto_cell_bits(0.5, 10_000, 5_000, 0.2) == 4  # 0.5 * 100 * 16 / 5000 = 0.16; 32 cells: 0.32

@@ -52,6 +52,7 @@ class DPMEPFConfig(MethodConfig):
     project_means: bool = True
     cell_bits: int = -1
     cell_noise: float = 0.15
+    cell_directions: str = "random"
     weight_centres: float = 0.25
     # generator and its training (post-processing)
     generator: str = "dcgan"
@@ -102,6 +103,8 @@ class DPMEPFConfig(MethodConfig):
                      "eval_per_class", "log_every", "grid_every", "checkpoint_every", "embed_chunk"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cell_directions not in ("random", "neighbours"):
+            raise InputError(f"cell_directions must be 'random' or 'neighbours', got {self.cell_directions!r}")
         if not -1 <= self.cell_bits <= 6:
             raise InputError(f"cell_bits must be -1 (auto) or 0..6 (1 to 64 cells per class), got {self.cell_bits}")
         if self.cell_bits and not (self.weight_centres > 0 and self.cell_noise > 0):

@@ -191,12 +191,12 @@ class DPMEPF(MethodSynthesizer):
             self.released = rel.release(
                 extractor, private.to_tensor(self.device), private.label_tensor(self.device), self.num_classes, plan,
                 ledger=ctx.ledger, noise=ctx.noise, chunk=cfg.embed_chunk, cell_seed=cfg.feature_seed,
-                nonneg_first=self._nonneg_first(),
+                nonneg_first=self._nonneg_first(), cell_directions=cfg.cell_directions,
             )
             self.class_proportions = self.released.proportions()
             self.cell_proportions = self.released.cell_proportions().tolist()
             if run is not None:
-                run.log(0, event="release", release_s=round(time.time() - t0, 2), dims_first=dims[0],
+                run.log(0, event="release", release_s=round(time.time() - t0, 2), cells=self.cells, dims_first=dims[0],
                         dims_second=dims[1], noise_scale=scale, noise_first=plan.noise_first,
                         noise_second=plan.noise_second, noise_counts=plan.noise_counts,
                         noisy_counts=[round(float(v), 1) for v in self.released.counts])

@@ -187,10 +187,32 @@ def cell_projections(dims: int, cell_bits: int, seed: int) -> torch.Tensor:
     return torch.randn(dims, cell_bits, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
 
 
+def neighbour_projections(centres: torch.Tensor, cell_bits: int, seed: int) -> torch.Tensor:
+    """(K, dims, cell_bits) directions per class: towards its nearest other (noisy) class centres.
+
+    Unit vectors from a class's centre to each of its ``cell_bits`` nearest
+    other centres (post-processing of the released centres); random
+    directions (`cell_projections`) fill in where there are fewer classes.
+    """
+    k, dims = centres.shape
+    out = cell_projections(dims, cell_bits, seed).unsqueeze(0).repeat(k, 1, 1)
+    dist = torch.cdist(centres.double(), centres.double()) + torch.diag(torch.full((k,), float("inf"))).to(centres)
+    n = min(cell_bits, k - 1)
+    nearest = dist.topk(n, dim=1, largest=False).indices  # (K, n)
+    diff = centres.double()[nearest] - centres.double().unsqueeze(1)  # (K, n, dims)
+    out[:, :, :n] = (diff / diff.norm(dim=2, keepdim=True).clamp_min(1e-12)).transpose(1, 2)
+    return out
+
+
 def cell_index(first: torch.Tensor, centres: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
-    """Cell of each row: the sign pattern of ``(first - centre) @ projections`` read as a binary number."""
-    bits = ((first.double() - centres.double()) @ projections) > 0
-    return (bits.long() * (2 ** torch.arange(projections.shape[1], device=bits.device))).sum(1)
+    """Cell of each row: the sign pattern of ``(first - centre) @ projection`` read as a binary number.
+
+    `projections`: (dims, bits) shared by all rows, or (rows, dims, bits) per row.
+    """
+    diff = first.double() - centres.double()
+    proj = torch.einsum("nd,ndb->nb", diff, projections) if projections.ndim == 3 else diff @ projections
+    bits = proj > 0
+    return (bits.long() * (2 ** torch.arange(projections.shape[-1], device=bits.device))).sum(1)
 
 
 RowIndex = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -243,6 +265,7 @@ def release(
     chunk: int = 500,
     cell_seed: int = 0,
     nonneg_first: bool = True,
+    cell_directions: str = "random",
 ) -> Released:
     """The one and only access to private data: returns the noisy sums and counts.
 
@@ -262,11 +285,16 @@ def release(
         noisy_n = noisy_class_counts(labels, num_classes, noise_multiplier=plan.noise_counts, ledger=ledger,
                                      noise=noise, label=next(labels_by_event))
         centres = _project(noisy_c / noisy_n.clamp_min(1.0).unsqueeze(1), nonneg_first)
-        projections = cell_projections(c1.shape[1], plan.cells.bit_length() - 1, cell_seed).to(images.device)
+        bits = plan.cells.bit_length() - 1
+        if cell_directions == "neighbours":
+            per_class = neighbour_projections(centres, bits, cell_seed).to(images.device)
+        else:
+            shared = cell_projections(c1.shape[1], bits, cell_seed).to(images.device)
         cells = plan.cells
 
         def row_index(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return y * cells + cell_index(f, centres[y], projections)
+            proj = per_class[y] if cell_directions == "neighbours" else shared
+            return y * cells + cell_index(f, centres[y], proj)
 
     rows = num_classes * plan.cells
     s1, s2, index = _chunked_sums(extractor, images, labels, rows, chunk, row_index)
