@@ -71,12 +71,12 @@ def train_eval_cnn(train: ImageData, evals: dict[str, ImageData], epochs: int, s
 
 def render_table(rows: list[dict]) -> str:
     """Markdown table of study rows (one line per variant, in the order they were run)."""
-    out = ["| variant | epsilon | public | overrides | feature dims (1st / 2nd moment) | best step | val acc % "
-           "| fit s |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| variant | epsilon | public | overrides | feature dims (1st / 2nd moment) | cells per class | best step "
+           "| val acc % | fit s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dims = f"{r['dims_first']}" + (f" / {r['dims_second']}" if r.get("dims_second") else "")
         out.append(f"| {r['name']} | {r['epsilon']:g} | {r['public'] or '-'} | {' '.join(r['overrides'])} | {dims} "
-                   f"| {r['best_step']} | {100 * r['acc_val']:.1f} | {r['fit_s']:.0f} |")
+                   f"| {r.get('cells') or 1} | {r['best_step']} | {100 * r['acc_val']:.1f} | {r['fit_s']:.0f} |")
     return "\n".join(out) + "\n"
 
 
