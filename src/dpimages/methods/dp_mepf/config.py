@@ -52,7 +52,7 @@ class DPMEPFConfig(MethodConfig):
     project_means: bool = True
     cell_bits: int = -1
     cell_noise: float = 0.15
-    cell_directions: str = "random"
+    cell_directions: str = "neighbours"
     weight_centres: float = 0.25
     # generator and its training (post-processing)
     generator: str = "dcgan"
