@@ -8,10 +8,12 @@ Steps of `DPMEPF.fit`:
    e.g. a torchvision-style VGG-19 state dict).
 2. Calibrate the noise for the target (epsilon, delta) and release, once,
    the per-class sums of unit-norm feature vectors and the class counts
-   (`release.release`; privacy contract there). This is the only access to
-   private data.
-3. Post-processing: train a label-conditional generator so that its
-   per-class mean features match the released means (batch ``batch_size``,
+   (`release.release`; privacy contract there). With cells (``cell_bits``;
+   -1 picks their number from the planned noise) noisy class centres are
+   released first and the sums and counts are released per (class, cell).
+   These planned releases are the only access to private data.
+3. Post-processing: train a generator conditioned on the class (or the
+   (class, cell) pair) so that its mean features match the released means (batch ``batch_size``,
    Adam ``lr``/``beta1``, learning rate decayed linearly to ``lr_final``).
    Model selection uses only the released means: every ``eval_every`` steps
    the distance of a fixed-noise sample's class means to the released means
