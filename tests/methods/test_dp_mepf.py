@@ -134,14 +134,15 @@ def test_cells_split_each_class_by_sign_patterns_and_keep_sensitivity_one():
         assert int((n1 - n2).abs().sum()) == 1
 
 
-def test_release_with_cells_spends_centres_first_and_meets_the_target():
+@pytest.mark.parametrize("directions", ["neighbours", "random"])
+def test_release_with_cells_spends_centres_first_and_meets_the_target(directions):
     ext = FeatureExtractor([random_conv_trunk(3, 1, (8, 16))], (), (2,))
     x, y = _images(60), torch.arange(60) % 3
     ledger, noise = PrivacyLedger(2.0, 1e-5), NoiseSource(0)
     w = rel.weights(False, 1.0, 1.0, 0.05, cell_bits=2, w_centres=0.25)
     assert sum(w) + w[2] == pytest.approx(1.0)  # counts are released twice
     scale, plan = rel.calibrate_plan(2.0, 1e-5, w, cells=4)
-    released = rel.release(ext, x, y, 3, plan, ledger=ledger, noise=noise, cell_seed=5)
+    released = rel.release(ext, x, y, 3, plan, ledger=ledger, noise=noise, cell_seed=5, cell_directions=directions)
     suffix = rel.CELL_SUFFIX
     assert [e.label for e in ledger.events] == [rel.LABEL_CENTRES, rel.LABEL_CENTRE_COUNTS, rel.LABEL_FIRST + suffix,
                                                 rel.LABEL_COUNTS + suffix]
@@ -288,6 +289,14 @@ def test_bad_feature_weights_are_input_errors(tmp_path):
         load_trunk(tmp_path / "nobias.pth")
     with pytest.raises(InputError, match="feature_path"):
         create("dp-mepf", "smoke", features="path")
+
+
+@pytest.mark.parametrize("key,value", [("cell_bits", 7), ("cell_bits", -2), ("cell_directions", "nearest"),
+                                       ("cell_noise", 0.0), ("weight_centres", -1.0)])
+def test_bad_cell_settings_are_input_errors(key, value):
+    with pytest.raises(InputError, match=key):
+        create("dp-mepf", "smoke", **{key: value})
+    create("dp-mepf", "smoke", cell_bits=0, **({key: value} if key in ("cell_noise", "weight_centres") else {}))
 
 
 # -- end to end through the command line -------------------------------------------------

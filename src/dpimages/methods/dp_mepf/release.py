@@ -265,7 +265,7 @@ def release(
     chunk: int = 500,
     cell_seed: int = 0,
     nonneg_first: bool = True,
-    cell_directions: str = "random",
+    cell_directions: str = "neighbours",
 ) -> Released:
     """The one and only access to private data: returns the noisy sums and counts.
 
