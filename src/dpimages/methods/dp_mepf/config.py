@@ -51,7 +51,7 @@ class DPMEPFConfig(MethodConfig):
     weight_counts: float = 0.05
     project_means: bool = True
     cell_bits: int = -1
-    cell_noise: float = 0.15
+    cell_noise: float = 0.2
     cell_directions: str = "neighbours"
     weight_centres: float = 0.25
     # generator and its training (post-processing)
