@@ -196,7 +196,7 @@ def test_fit_with_cells_trains_and_samples_each_class(tiny_npz, tmp_path):
     reloaded = load_synthesizer(tmp_path / "run").sample(40, np.arange(40) % 10, seed=3)  # cell proportions saved
     assert np.array_equal(reloaded.images, out.images)
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "per-(class, cell)" in report and "cell centres" in report
+    assert "per-(class, cell)" in report and "cell centres" in report and "nearest other noisy centres" in report
 
 
 # -- generator training ------------------------------------------------------------------

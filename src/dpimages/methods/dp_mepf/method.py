@@ -13,8 +13,9 @@ Steps of `DPMEPF.fit`:
    released first and the sums and counts are released per (class, cell).
    These planned releases are the only access to private data.
 3. Post-processing: train a generator conditioned on the class (or the
-   (class, cell) pair) so that its mean features match the released means (batch ``batch_size``,
-   Adam ``lr``/``beta1``, learning rate decayed linearly to ``lr_final``).
+   (class, cell) pair) so that its mean features match the released means
+   (batch ``batch_size``, Adam ``lr``/``beta1``, learning rate decayed
+   linearly to ``lr_final``).
    Model selection uses only the released means: every ``eval_every`` steps
    the distance of a fixed-noise sample's class means to the released means
    is measured, and the closest weights are kept.
@@ -436,8 +437,9 @@ class DPMEPF(MethodSynthesizer):
             "unit-norm features.", "",
             "### What was released",
             "",
-            f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released once (the only access to private "
-            "data), each by a Gaussian mechanism with L2 sensitivity 1:",
+            f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released once each, by Gaussian "
+            "mechanisms with L2 sensitivity 1 calibrated together (these releases are the only access to private "
+            "data):",
         ]
         if info is not None:
             d1, d2 = info["dims"]
@@ -448,9 +450,12 @@ class DPMEPF(MethodSynthesizer):
                 lines += [
                     f"- cell centres: per-class sums of unit-norm first-moment feature vectors, a {k} x {d1} matrix, "
                     f"noise multiplier {plan.noise_centres:.5g}, and per-class image counts, noise multiplier "
-                    f"{plan.noise_counts:.5g}; an image's cell is the sign pattern of {self.cell_bits} random "
-                    f"projections (public seed {cfg.feature_seed}) of its feature vector minus its class's noisy "
-                    "centre, a function of the image and of released values only;",
+                    f"{plan.noise_counts:.5g}; an image's cell is the sign pattern of the projections of its feature "
+                    f"vector minus its class's noisy centre onto {self.cell_bits} direction"
+                    f"{'s' if self.cell_bits > 1 else ''} ("
+                    + ("towards the class's nearest other noisy centres" if cfg.cell_directions == "neighbours"
+                       else f"random, public seed {cfg.feature_seed}")
+                    + "), a function of the image and of released values only;",
                 ]
             lines.append(f"- {per} sums of unit-norm first-moment feature vectors: a {rows} x {d1} matrix, noise "
                          f"multiplier {plan.noise_first:.5g};")
@@ -462,6 +467,7 @@ class DPMEPF(MethodSynthesizer):
                 "",
                 "Budget weights (share of 1/sigma^2) first/second/counts/centres: "
                 + "/".join(f"{v:.3f}" for v in info["weights"])
+                + (" (the counts twice)" if plan.noise_centres is not None else "")
                 + f"; common scale {info['scale']:.5g} (calibrated with dp-accounting PLD for the target epsilon).",
             ]
         lines += [
