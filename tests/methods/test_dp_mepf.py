@@ -157,6 +157,42 @@ def test_release_with_cells_spends_centres_first_and_meets_the_target(directions
 
 
 
+
+def test_cells_are_assigned_from_the_noisy_centres_only(monkeypatch):
+    """The cells must come from the released (noisy) centres: recomputed here from the captured releases."""
+    ext = FeatureExtractor([random_conv_trunk(3, 1, (8, 16))], (), (2,))
+    x, y = _images(60), torch.arange(60) % 3
+    released_values, count_inputs = [], []
+    real_gaussian, real_counts = rel.gaussian_release, rel.noisy_class_counts
+
+    def gaussian(value, **kw):
+        out = real_gaussian(value, **kw)
+        released_values.append(out)
+        return out
+
+    def counts(labels, num_classes, **kw):
+        out = real_counts(labels, num_classes, **kw)
+        count_inputs.append(labels)
+        released_values.append(out)
+        return out
+
+    monkeypatch.setattr(rel, "gaussian_release", gaussian)
+    monkeypatch.setattr(rel, "noisy_class_counts", counts)
+    w = rel.weights(False, 1.0, 1.0, 0.05, cell_bits=2, w_centres=0.25)
+    _, plan = rel.calibrate_plan(0.5, 1e-5, w, cells=4)  # noisy: centres far from the true ones
+    rel.release(ext, x, y, 3, plan, ledger=PrivacyLedger(0.5, 1e-5), noise=NoiseSource(0), cell_seed=5)
+    noisy_sum, noisy_n = released_values[0], released_values[1]
+    centres = (noisy_sum / noisy_n.clamp_min(1.0).unsqueeze(1)).clamp_min(0.0)
+    centres = centres / centres.norm(dim=1, keepdim=True).clamp_min(1.0)
+    f, _ = ext(x)
+    proj = rel.neighbour_projections(centres, 2, seed=5)
+    expected = y * 4 + rel.cell_index(f, centres[y], proj[y])
+    assert torch.equal(count_inputs[-1], expected)
+    true_centres = torch.stack([f[y == c].mean(0) for c in range(3)]).double()
+    from_truth = y * 4 + rel.cell_index(f, true_centres[y], rel.neighbour_projections(true_centres, 2, seed=5)[y])
+    assert not torch.equal(count_inputs[-1], from_truth)  # the check above can tell the two apart
+
+
 def test_neighbour_directions_point_to_the_nearest_other_centres():
     centres = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 3.0, 0.0]], dtype=torch.float64)
     p = rel.neighbour_projections(centres, 3, seed=0)
@@ -348,9 +384,11 @@ def test_cli_fit_crash_resume_sample(tiny_npz, tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not empty" in err
 
 
-def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides", [[], ["cell_bits=2"]])
+def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch, overrides):
     data = load(f"npz:{tiny_npz}")
-    straight = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "a", preset="smoke", progress=False)
+    straight = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "a", preset="smoke", overrides=overrides,
+                       progress=False)
     original_grid = DPMEPF._grid
 
     def crashing_grid(self, gen, path, per_class=10):
@@ -360,10 +398,13 @@ def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DPMEPF, "_grid", crashing_grid)
     with pytest.raises(_Crash):
-        fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", progress=False)
+        fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", overrides=overrides,
+                progress=False)
     monkeypatch.setattr(DPMEPF, "_grid", original_grid)
-    resumed = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", resume=True,
-                      progress=False)
+    resumed = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", overrides=overrides,
+                      resume=True, progress=False)
+    assert resumed.synthesizer.cells == straight.synthesizer.cells == (4 if overrides else 1)
+    assert [e.label for e in resumed.ledger.events] == [e.label for e in straight.ledger.events]
     a, b = straight.synthesizer.state_dict(), resumed.synthesizer.state_dict()
     assert a.keys() == b.keys()
     for k in a:

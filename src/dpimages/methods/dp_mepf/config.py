@@ -19,14 +19,17 @@ class DPMEPFConfig(MethodConfig):
     or a torchvision-style VGG state dict). Budget weights split the
     precision (1/sigma^2) of the one-shot release between the first-moment
     sums, the second-moment sums and the class counts. ``cell_bits = b > 0``
-    (our extension) splits each class into ``2**b`` cells by random
-    hyperplanes through noisy class centres (released first, weight
-    ``weight_centres``) and releases the sums and counts per (class, cell);
-    ``-1`` (default) takes the most cells whose means have an expected
-    noise norm <= ``cell_noise``, ``0`` is the published method. ``max_minutes`` (0:
-    off) caps the generator training time: the learning rate then decays
-    with the elapsed share of that time when it is ahead of the step count,
-    and training stops when it is spent (post-processing only; no privacy
+    (our extension) splits each class into ``2**b`` cells by hyperplanes
+    through noisy class centres (released first, weight ``weight_centres``),
+    oriented towards the nearest other centres (``cell_directions``
+    ``neighbours``) or at random, and releases the sums and counts per
+    (class, cell); ``-1`` (default) takes the most cells whose means have an
+    expected noise norm <= ``cell_noise`` (from the planned noise, the
+    feature dimension and the data set size N, which dpimages treats as
+    public), ``0`` is the published method. ``max_minutes`` (0: off) caps
+    the generator training time: the learning rate then decays with the
+    elapsed share of that time when it is ahead of the step count, and
+    training stops when it is spent (post-processing only; no privacy
     effect).
     """
 

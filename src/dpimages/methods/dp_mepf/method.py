@@ -455,7 +455,10 @@ class DPMEPF(MethodSynthesizer):
                     f"{'s' if self.cell_bits > 1 else ''} ("
                     + ("towards the class's nearest other noisy centres" if cfg.cell_directions == "neighbours"
                        else f"random, public seed {cfg.feature_seed}")
-                    + "), a function of the image and of released values only;",
+                    + "), a function of the image and of released values only"
+                    + ("; the number of cells was chosen from the planned noise, the feature dimension and the "
+                       "data set size N (treated as public)" if cfg.cell_bits < 0 else "")
+                    + ";",
                 ]
             lines.append(f"- {per} sums of unit-norm first-moment feature vectors: a {rows} x {d1} matrix, noise "
                          f"multiplier {plan.noise_first:.5g};")

@@ -23,8 +23,10 @@ method): each class is split into ``2**b`` cells, and the sums and counts
 above are released per (class, cell) instead of per class. The cells come
 from a first release: (0a) the per-class sums of first-moment vectors and
 (0b) the class counts, whose noisy means are the class centres; an image's
-cell is then the sign pattern of ``b`` fixed random projections (a public
-seed) of its first-moment vector minus its class's noisy centre. Cells are
+cell is then the sign pattern of the projections of its first-moment vector
+minus its class's noisy centre onto ``b`` directions: towards the class's
+nearest other noisy centres (``neighbours``) or fixed random ones (a public
+seed). Cells are
 disjoint and depend on the image and on released values only, so each of
 (1)-(3) still has L2 sensitivity 1; (0a) and (0b) are two more Gaussian
 mechanisms of sensitivity 1 in the same calibrated plan. A generator
