@@ -229,8 +229,10 @@ def test_fit_with_cells_trains_and_samples_each_class(tiny_npz, tmp_path):
     assert res.synthesizer.sample_generator.embed.num_embeddings == 20  # 10 classes x 2 cells
     out = res.synthesizer.sample(40, np.arange(40) % 10, seed=3)
     assert out.labels.tolist() == (np.arange(40) % 10).tolist()
-    reloaded = load_synthesizer(tmp_path / "run").sample(40, np.arange(40) % 10, seed=3)  # cell proportions saved
+    loaded = load_synthesizer(tmp_path / "run")
+    reloaded = loaded.sample(40, np.arange(40) % 10, seed=3)  # cell proportions saved
     assert np.array_equal(reloaded.images, out.images)
+    assert loaded.report_section() == res.synthesizer.report_section() != ""  # `dpimages report` can rebuild it
     report = (tmp_path / "run" / "report.md").read_text()
     assert "per-(class, cell)" in report and "cell centres" in report and "nearest other noisy centres" in report
 

@@ -363,6 +363,7 @@ class DPMEPF(MethodSynthesizer):
         if out_of_time and run is not None:
             run.log(step, event="time_budget_reached", max_minutes=cfg.max_minutes, planned_steps=cfg.steps)
         self.sample_generator = best if cfg.select_best else (ema or gen)
+        self._report = self._report_text(ctx, step, best_step, best_d, elapsed)  # saved with the checkpoint
         if run is not None:
             self._checkpoint(ctx, gen, ema, best, opt, rng, step, best_d, best_step, elapsed, finished=True)
         self._finish(ctx, step, best_step, best_d, elapsed, write=True)
@@ -522,13 +523,15 @@ class DPMEPF(MethodSynthesizer):
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "class_proportions": list(self.class_proportions),
-                "cell_bits": self.cell_bits, "cell_proportions": [list(p) for p in self.cell_proportions]}
+                "cell_bits": self.cell_bits, "cell_proportions": [list(p) for p in self.cell_proportions],
+                "report_section": getattr(self, "_report", "")}
 
     def restore_meta(self, state: dict[str, Any]) -> None:
         super().restore_meta(state)
         self.class_proportions = [float(v) for v in state.get("class_proportions", [])]
         self.cell_proportions = [[float(v) for v in p] for p in state.get("cell_proportions", [])]
         self.cell_bits = int(state.get("cell_bits", 0))
+        self._report = str(state.get("report_section", ""))  # `dpimages report` rebuilds report.md from it
         self._sample_prefix = state.get("sample_weights", "best")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
