@@ -24,5 +24,5 @@ def tiny_npz(tmp_path):
         images[i, 2 + 2 * y : 6 + 2 * y, 4:24, 0] = 200
         images[i] = np.clip(images[i].astype(int) + rng.integers(0, 30, (28, 28, 1)), 0, 255)
     path = tmp_path / "tiny.npz"
-    np.savez(path, images=images, labels=labels.astype(np.int64))
+    np.savez(path, images=images, labels=labels.astype(np.int64), classes=np.array([str(c) for c in range(10)]))
     return path

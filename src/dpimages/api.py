@@ -120,6 +120,22 @@ def resume_noise(noise: NoiseSource, saved: dict[str, Any], ledger: PrivacyLedge
     return True
 
 
+def check_checkpoint_against_ledger(run: Run, ledger: PrivacyLedger) -> None:
+    """InputError when the checkpoint records more ledger steps than the ledger holds.
+
+    A checkpoint saves the ledger's step count at the save (`FitContext.noise_state`). The ledger only grows
+    and is written before each release, so a ledger behind its checkpoint was replaced or edited: resuming
+    would under-count what was already spent.
+    """
+    state_path = run.checkpoint_dir / "state.json"
+    if not state_path.exists():
+        return
+    saved = json.loads(state_path.read_text()).get("noise_rng", {}).get("ledger_steps")
+    if saved is not None and int(saved) > ledger_steps(ledger):
+        raise InputError(f"--resume: the checkpoint records {int(saved)} ledger steps but {run.privacy_path} holds "
+                         f"{ledger_steps(ledger)}: the ledger was replaced or edited, so the spent budget is unknown")
+
+
 class Synthesizer:
     """Base class: `fit` on private data under a ledger, then `sample`."""
 
@@ -256,7 +272,8 @@ def fit_run(
     config_file: str | None = None,
     resume: bool = False,
     seed: int = 0,
-    secure_rng: bool = False,
+    insecure_seeded_noise: bool = False,
+    num_classes: int | None = None,
     skip_bad: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -269,6 +286,15 @@ def fit_run(
     written or spent. In a torch.distributed process group every rank calls
     this; rank 0 alone writes the run directory and runs `callbacks` (see the
     module docstring).
+
+    Privacy noise and Poisson sampling come from the OS CSPRNG; `seed` seeds
+    everything else (initialisation, training draws, generator sampling).
+    ``insecure_seeded_noise=True`` draws the noise from `seed` too: a
+    reproducible run for tests, NOT private for anyone who knows the seed (the
+    ledger says ``noise_source: seeded-insecure`` and the report opens with a
+    warning). `num_classes`: the class count of labelled data whose class
+    names are not given (an npz without ``classes``); never derived from the
+    private labels.
     """
     cls = method_class(method)
     rank, world = dist_world()
@@ -278,27 +304,30 @@ def fit_run(
     validate_budget(epsilon, delta)
     if cls.needs_public and public is None:
         raise InputError(f"method {method} needs public data: pass --public SPEC (e.g. mnist-5k)")
-    private = data if isinstance(data, ImageData) else load(data, skip_bad=skip_bad)
+    private = data if isinstance(data, ImageData) else load(data, skip_bad=skip_bad, num_classes=num_classes)
     if private.labels is None:
         raise InputError(f"{private.name}: private data needs labels (class-conditional synthesis)")
+    if private.notes.get("classes_from_labels"):
+        raise InputError(f"{private.name}: the number of classes is not given (an npz without a 'classes' array): "
+                         "add 'classes' to the file or pass --num-classes K; it is not read from the private labels")
     validate_budget(epsilon, delta, len(private))
     public_data = public if (public is None or isinstance(public, ImageData)) else load(public, skip_bad=skip_bad)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # torchrun: cuda:LOCAL_RANK (set by the CLI)
     run = Run(run_dir, writer=rank == 0)
+    noise = NoiseSource(int(seed) if insecure_seeded_noise else None)
     full_config = {
         "method": method,
         "preset": preset,
         "data": private.name,
-        "data_fingerprint": private.fingerprint,
         "dataset_size": len(private),
         "public": None if public_data is None else public_data.name,
-        "public_fingerprint": None if public_data is None else public_data.fingerprint,
+        "public_id": None if public_data is None else public_data.public_id,
         "epsilon": float(epsilon),
         "delta": float(delta),
         "seed": int(seed),
-        "secure_rng": bool(secure_rng),
+        "noise_source": noise.kind,
         "config": config.to_dict(),
         "versions": _versions(),
         "device": str(dev),
@@ -308,13 +337,15 @@ def fit_run(
     made: dict[str, PrivacyLedger] = {}
 
     def start() -> dict[str, Any]:  # rank 0 (the writer) only
-        run.start(full_config, resume=resume)
-        if resume and run.privacy_path.exists():
+        run.start(full_config, resume=resume)  # on resume: refuses another config or a missing privacy.json
+        if resume:
+            run.verify_data_check(private.keyed_digest)
             ledger = PrivacyLedger.load(run.privacy_path)
+            check_checkpoint_against_ledger(run, ledger)
         else:
-            ledger = PrivacyLedger(
-                epsilon, delta, path=run.privacy_path, data_fingerprint=private.fingerprint, dataset_size=len(private)
-            )
+            run.write_data_check(private.keyed_digest)
+            ledger = PrivacyLedger(epsilon, delta, path=run.privacy_path, dataset_size=len(private),
+                                   noise_source=noise.kind)
             ledger.write()
         made["ledger"] = ledger
         return ledger.to_json(exact=False)
@@ -322,7 +353,6 @@ def fit_run(
     ledger_json = _rank0_first(start)
     # rank 0's ledger writes privacy.json; the others hold a copy without a path (the same events)
     ledger = made["ledger"] if run.writer else PrivacyLedger.from_json(ledger_json)
-    noise = NoiseSource(seed, secure=secure_rng)
     torch.manual_seed(seed)
     resume_state = run.load_checkpoint() if resume else None
     if dist_world()[1] > 1:  # each process read these itself

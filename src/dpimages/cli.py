@@ -165,14 +165,20 @@ def _process_group(device: str | None) -> Iterator[str | None]:
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--config", "config_file", default=None, help="YAML file of config keys.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--secure-rng", is_flag=True, help="Draw privacy noise from a cryptographically secure source.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds initialisation, data split and generator sampling; never the privacy noise.")
+@click.option("--insecure-seeded-noise", is_flag=True,
+              help="TESTS ONLY: draw privacy noise and Poisson sampling from --seed (reproducible). Not private for "
+              "anyone who knows the seed; the run is marked seeded-insecure and cannot be exported.")
+@click.option("--num-classes", type=int, default=None,
+              help="Class count of an npz without a 'classes' array (never read from the private labels).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images in a folder data set.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--json", "as_json", is_flag=True)
 def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: float, delta: float, preset: str,
             public_spec: str | None, run_dir: str, config_file: str | None, resume: bool, seed: int,
-            secure_rng: bool, skip_bad: bool, device: str | None, as_json: bool) -> None:
+            insecure_seeded_noise: bool, num_classes: int | None, skip_bad: bool, device: str | None,
+            as_json: bool) -> None:
     """Fit METHOD on private data under (epsilon, delta); KEY=VALUE overrides the config.
 
     Under torchrun (WORLD_SIZE > 1) the processes train one model (dpdm only); rank 0 writes the run and prints.
@@ -183,13 +189,17 @@ def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: floa
     with _process_group(device) as dev:
         res = fit_run(method, data_spec, epsilon=epsilon, delta=delta, run_dir=run_dir, preset=preset,
                       public=public_spec, overrides=list(overrides), config_file=config_file, resume=resume,
-                      seed=seed, secure_rng=secure_rng, skip_bad=skip_bad, device=dev, progress=not as_json)
+                      seed=seed, insecure_seeded_noise=insecure_seeded_noise, num_classes=num_classes,
+                      skip_bad=skip_bad, device=dev, progress=not as_json)
     if not res.run.writer:  # the other ranks of a process group: rank 0 reports
         return
     out = {"run_dir": str(res.run.path), "epsilon": res.ledger.epsilon(), "epsilon_rdp": res.ledger.epsilon_rdp(),
            "delta": res.ledger.delta, "epsilon_budget": res.ledger.epsilon_budget}
+    out["noise_source"] = res.ledger.noise_source
+    warning = "" if res.ledger.noise_source == "os-csprng" else (
+        "\nWARNING: seeded-insecure noise (--insecure-seeded-noise): not private for anyone who knows the seed")
     _emit(out, as_json, f"run {res.run.path}: epsilon {out['epsilon']:.4f} (PLD), {out['epsilon_rdp']:.4f} (RDP) "
-          f"at delta {out['delta']:g}; report {res.run.report_path}")
+          f"at delta {out['delta']:g}; report {res.run.report_path}{warning}")
 
 
 @cli.command("sample")
@@ -219,13 +229,29 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, ov
     click.echo(f"wrote {n} images to {out}")
 
 
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def export_cmd(run_dir: str, out_dir: str) -> None:
+    """Copy what may be shared of a finished run (samples, grids, report, ledger, DP weights) to OUT_DIR.
+
+    OUT_DIR/MANIFEST lists each file and why it may be shared. checkpoints/ and private-eval/ are never
+    copied; a run with --insecure-seeded-noise is refused.
+    """
+    from dpimages.export import export_run
+
+    written = export_run(run_dir, out_dir)
+    click.echo(f"exported {len(written)} files to {out_dir} (see {out_dir}/MANIFEST)")
+
+
 @cli.command("evaluate")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--real", "real_spec", required=True, help="The real training data SPEC, e.g. fashion-mnist.")
 @click.option("--test", "test_spec", default=None, 
               help="Real test SPEC (needed unless --real is fashion-mnist or cifar10).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results to FILE.json "
-              "(and FILE.grid.png, FILE.closest_pairs.png beside it).")
+              "(and FILE.grid.png, FILE.closest_pairs.png beside it). These use the real data without noise "
+              "(closest pairs shows private images): for the data owner only, do not share.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--classifiers", default="default", show_default=True,
               help="default (CNN, MLP, logistic regression) or wrn (adds WRN-40-4 and ResNet; for GPUs).")
@@ -332,7 +358,7 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
         raise InputError(f"{public.name}: pre-training needs labels")
     trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes, channels=chans,
                                     kernel=kernel, act=act, epochs=epochs, seed=seed)
-    meta = {"trained_on": public.name, "public_fingerprint": public.fingerprint, "seed": seed, **facts}
+    meta = {"trained_on": public.name, "public_fingerprint": public.public_id, "seed": seed, **facts}
     path = save_feature_net(out, trunk, meta)
     info = {"out": str(path), **meta}
     _emit(info, as_json, f"wrote {path} (trained on {public.name}, public validation accuracy "
@@ -353,7 +379,14 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
 @click.option("--n-samples", type=int, default=None, help="Synthetic images per run (default 60,000; smoke 2,000).")
 @click.option("--classifiers", default=None, help="default or wrn (default: wrn on gpu presets).")
 @click.option("--fid-weights", default=None, help="pytorch-fid Inception-v3 weights file: Inception features.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the first fit of each cell (repeat k uses seed + k); never the privacy noise.")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Fits per (method, epsilon): one results line with the mean and sd of each accuracy and FID "
+              "(the noise is secret, so two fits differ). Run directories get -r1..-rR when R > 1.")
+@click.option("--insecure-seeded-noise", is_flag=True,
+              help="TESTS ONLY: draw privacy noise from each fit's seed (reproducible, not private); lines record "
+              "noise_source seeded-insecure and the table marks them seeded.")
 @click.option("--device", default=None)
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (1 is fastest on a shared machine; 2 on a dedicated one).")
@@ -362,12 +395,14 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
               help="Name for a non-default configuration: rows and run directories read METHOD+VARIANT.")
 def bench_cmd(overrides: tuple[str, ...], suite_name: str, methods: str | None, epsilons: str, preset: str,
               out_dir: str, runs_dir: str | None, table: bool, n_samples: int | None, classifiers: str | None,
-              fid_weights: str | None, seed: int, device: str | None, threads: int, public: str | None,
-              variant: str | None) -> None:
-    """Fit, sample and evaluate each method at each epsilon; append one JSON line per run.
+              fid_weights: str | None, seed: int, repeats: int, insecure_seeded_noise: bool, device: str | None,
+              threads: int, public: str | None, variant: str | None) -> None:
+    """Fit, sample and evaluate each method at each epsilon (--repeats times); append one JSON line per cell.
 
     KEY=VALUE arguments override the preset's settings for every method
-    (e.g. `features=public`); give such a run a --variant name.
+    (e.g. `features=public`); give such a run a --variant name. Privacy
+    noise comes from the OS CSPRNG, so a cell's line is the mean (and sd)
+    of its --repeats fits, fit k with seed --seed + k.
     """
     from dpimages.bench.suite import BenchOptions, parse_list, run_bench, write_table
 
@@ -379,12 +414,17 @@ def bench_cmd(overrides: tuple[str, ...], suite_name: str, methods: str | None, 
         raise InputError("--methods is required (e.g. --methods dpdm,real), or use --table")
     if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
+    if repeats < 1:
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
     opts = BenchOptions(preset=preset, seed=seed, device=device, n_samples=n_samples, classifiers=classifiers,
                         fid_weights=fid_weights, threads=threads, public=public, overrides=overrides,
-                        variant=variant)
+                        variant=variant, repeats=repeats, insecure_seeded_noise=insecure_seeded_noise)
     lines = run_bench(suite_name, parse_list(methods, "methods"), parse_list(epsilons, "epsilons", float), out_dir,
                       runs_dir, opts)
-    click.echo(f"{len(lines)} results lines appended to {out_dir}; render them with `dpimages bench --table`")
+    warning = ("\nWARNING: seeded-insecure noise (--insecure-seeded-noise): these runs are not private for anyone "
+               "who knows the seed" if insecure_seeded_noise else "")
+    click.echo(f"{len(lines)} results lines ({repeats} fit{'s' if repeats > 1 else ''} each) appended to {out_dir}; "
+               f"render them with `dpimages bench --table`{warning}")
 
 
 @cli.group("public-model")
@@ -441,7 +481,7 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
     t0 = time.time()
     model, facts = train_public_model(public, cfg, device=dev, log=log)
     meta = {"arch": model_arch(cfg), "image_shape": list(public.image_shape), "trained_on": public.name,
-            "public_fingerprint": public.fingerprint, "public_size": len(public), "preset": preset,
+            "public_fingerprint": public.public_id, "public_size": len(public), "preset": preset,
             "config": cfg.to_dict(), **facts, "wall_s": round(time.time() - t0, 1)}
     path = save_public_model(out, model.cpu(), meta)
     save_grid(path / "samples.png", sample_grid(model.cpu(), public.image_shape, cfg.grid_samples, cfg.grid_steps),

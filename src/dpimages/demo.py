@@ -47,13 +47,14 @@ def run_one(real, epsilon: float, delta: float, preset: str, out: Path, n_sample
     npz = run_dir / "samples" / "demo.npz"
     np.savez_compressed(npz, images=samples.images, labels=samples.labels, classes=np.array(samples.classes))
     t = time.time()
-    ev = evaluate(samples, real, artifacts=run_dir / "samples" / "eval",
-                  options=EvalOptions(smoke=True, seed=seed))
+    ev = evaluate(samples, real, artifacts=res.run.private_eval_prefix(), options=EvalOptions(smoke=True, seed=seed))
+    grids = sorted((run_dir / "samples").glob("*.png"))
     return {"epsilon_target": epsilon, "epsilon": res.ledger.epsilon(), "epsilon_rdp": res.ledger.epsilon_rdp(),
             "delta": delta, "events": [(e.label, e.noise_multiplier) for e in res.ledger.events],
             "acc_cnn": ev.get("acc_cnn"), "fid": ev.get("fid"), "feature_net": ev.get("feature_net"),
             "fit_s": fit_s, "eval_s": time.time() - t, "run_dir": str(run_dir), "npz": str(npz),
-            "grid": ev.get("grid_png")}
+            "grid": str(grids[-1]) if grids else None, "private_eval": str(res.run.private_eval_dir),
+            "noise_source": res.ledger.noise_source}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"fit {r['fit_s']:.0f} s, evaluation {r['eval_s']:.0f} s")
         print("\nwhere things are:")
         for r in rows:
-            print(f"  epsilon {r['epsilon_target']:g}: run {r['run_dir']}/ (report.md, privacy.json)")
+            print(f"  epsilon {r['epsilon_target']:g}: run {r['run_dir']}/ (report.md, privacy.json; "
+                  f"noise from {r['noise_source']})")
             print(f"    images {r['npz']}, grid {r['grid']}")
+            print(f"    share: dpimages export {r['run_dir']} OUT_DIR  (copies only the DP outputs)")
+            print(f"    owner only, do not share: {r['private_eval']}/ (evaluation against the private data)")
             print(f"    check the ledger: python benchmarks/recompute_epsilon.py {r['run_dir']}")
     except DPImagesError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,13 +1,24 @@
 """Run directories: config, ledger, metrics, checkpoints, samples, report.
 
-Layout::
+Layout (SHAREABLE: nothing in it is derived from private data without noise;
+`dpimages export` copies exactly the shareable part)::
 
-    RUN/config.yaml      resolved config, seed, versions, data fingerprint
-    RUN/privacy.json     the ledger (written before each release's noise)
-    RUN/metrics.jsonl    one JSON object per logged step
-    RUN/checkpoints/     model.safetensors + state.json (never pickle)
-    RUN/samples/         grid PNGs; final samples .npz
-    RUN/report.md        what was trained, privacy spent, metrics, grids
+    RUN/config.yaml      resolved config, seed, versions, N            SHAREABLE
+    RUN/privacy.json     the ledger (written before each release's noise) SHAREABLE
+    RUN/metrics.jsonl    one JSON object per logged step (noisy or public values,
+                         no per-step timing)                             SHAREABLE
+    RUN/samples/         grid PNGs; final samples                        SHAREABLE
+    RUN/report.md        what was trained, privacy spent, metrics, grids  SHAREABLE
+    RUN/checkpoints/     model.safetensors + state.json (never pickle) and
+                         data-check.json (keyed hash of the private data
+                         with its random key): owner only
+    RUN/private-eval/    evaluation against the private data without noise
+                         (closest pairs, FID reference): owner only
+
+The data check: a run stores an HMAC-SHA256 of its private data under a
+random 32-byte key from the OS, both only under ``checkpoints/``, so
+``--resume`` can refuse other data while no shareable file carries an
+unkeyed fingerprint that a holder of a candidate data set could confirm.
 
 Checkpoints are written atomically: tensors first to a new file, then
 state.json (which names that file) replaced in one step. The helpers at the
@@ -24,9 +35,11 @@ In a process group (torchrun) only rank 0 writes: the other ranks hold a
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +49,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dpimages.errors import InputError
+
+PRIVATE_EVAL_README = """Owner only: do not share this folder.
+
+These files are evaluations against the PRIVATE data without any privacy noise
+(closest private image to each synthetic one, FID against private features,
+memorization figures). They are for the data owner's own quality checks and
+are not covered by the run's differential-privacy guarantee. `dpimages export`
+never copies them.
+"""
 
 # keys of config.yaml that may differ between a run and its resumption
 RESUME_FREE_KEYS = ("created", "resumed", "versions", "device", "threads", "world_size")
@@ -79,6 +101,43 @@ class Run:
     def report_path(self) -> Path:
         return self.path / "report.md"
 
+    @property
+    def private_eval_dir(self) -> Path:
+        """Evaluations against private data without noise: for the data owner only, never exported."""
+        return self.path / "private-eval"
+
+    def private_eval_prefix(self, name: str = "eval") -> Path:
+        """A file prefix under `private_eval_dir`, created with its owner-only README (writer or not)."""
+        self.private_eval_dir.mkdir(parents=True, exist_ok=True)
+        readme = self.private_eval_dir / "README.txt"
+        if not readme.exists():
+            readme.write_text(PRIVATE_EVAL_README)
+        return self.private_eval_dir / name
+
+    @property
+    def data_check_path(self) -> Path:
+        return self.checkpoint_dir / "data-check.json"
+
+    # -- the keyed data check (owner only) -----------------------------------------
+    def write_data_check(self, digest: Callable[[bytes], str]) -> None:
+        """Store ``digest(key)`` (an HMAC of the private data) with a fresh random key, under checkpoints/."""
+        if not self.writer:
+            return
+        key = os.urandom(32)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.data_check_path, json.dumps({"key": key.hex(), "hmac": digest(key)}))
+
+    def verify_data_check(self, digest: Callable[[bytes], str]) -> None:
+        """InputError unless the stored keyed hash matches ``digest(stored key)`` (resume on the same data)."""
+        try:
+            stored = json.loads(self.data_check_path.read_text())
+            key, expected = bytes.fromhex(stored["key"]), str(stored["hmac"])
+        except (FileNotFoundError, KeyError, ValueError):
+            raise InputError(f"--resume: {self.data_check_path} is missing or unreadable: cannot check that the "
+                             "private data is the run's") from None
+        if not hmac.compare_digest(digest(key), expected):
+            raise InputError(f"--resume: {self.path} was started with a different data set")
+
     # -- lifecycle ---------------------------------------------------------------
     def exists(self) -> bool:
         return self.config_path.exists()
@@ -95,10 +154,10 @@ class Run:
                 k for k in set(old) | set(config) if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k)
             )
             if diffs:
-                raise InputError(
-                    f"--resume: {self.path} was started with a different "
-                    + ("data set" if "data_fingerprint" in diffs else f"config ({', '.join(diffs)})")
-                )
+                raise InputError(f"--resume: {self.path} was started with a different config ({', '.join(diffs)})")
+            if not self.privacy_path.exists():
+                raise InputError(f"--resume: {self.privacy_path} is missing: a run cannot resume without its "
+                                 "ledger (what was already spent would go uncounted)")
             return
         if self.path.exists() and any(self.path.iterdir()):
             raise InputError(f"run directory {self.path} is not empty: use --resume or a new --run-dir")
@@ -117,11 +176,15 @@ class Run:
 
     # -- metrics -----------------------------------------------------------------
     def log(self, step: int, **values: Any) -> None:
-        """Append one metrics line. Only post-processing quantities belong here."""
+        """Append one metrics line. Only noisy or public quantities belong here.
+
+        No timestamp per line: the time of a private step depends on its private batch size, so timing is
+        logged only as aggregates over a whole run or stage (``fit_s``, ``train_s`` in the done events).
+        """
         if not self.writer:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+            f.write(json.dumps({"step": step, **values}) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

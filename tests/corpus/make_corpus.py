@@ -59,11 +59,14 @@ def main() -> None:
     np.savez_compressed(HERE / "nan-labels.npz", images=bars(4), labels=np.array([0.0, np.nan, 1.0, 0.0]))
     np.savez_compressed(HERE / "zero-images.npz", images=np.zeros((0, 28, 28, 1), np.uint8),
                         labels=np.zeros(0, np.int64))
-    np.savez_compressed(HERE / "one-class.npz", images=bars(40), labels=np.zeros(40, np.int64))
-    np.savez_compressed(HERE / "small-valid.npz", images=bars(40), labels=np.arange(40) % 2)
+    np.savez_compressed(HERE / "one-class.npz", images=bars(40), labels=np.zeros(40, np.int64),
+                        classes=np.array(["0"]))
+    np.savez_compressed(HERE / "small-valid.npz", images=bars(40), labels=np.arange(40) % 2,
+                        classes=np.array(["0", "1"]))
     np.savez_compressed(HERE / "one-by-one.npz", images=rng.integers(0, 255, (10, 1, 1, 1), dtype=np.uint8),
-                        labels=np.arange(10) % 2)
-    np.savez_compressed(HERE / "huge-dims.npz", images=np.zeros((2, 2000, 2000, 1), np.uint8), labels=np.arange(2))
+                        labels=np.arange(10) % 2, classes=np.array(["0", "1"]))
+    np.savez_compressed(HERE / "huge-dims.npz", images=np.zeros((2, 2000, 2000, 1), np.uint8), labels=np.arange(2),
+                        classes=np.array(["0", "1"]))
 
     d = HERE / "folder-non-image"
     for c in ("a", "b"):

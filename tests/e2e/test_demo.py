@@ -15,7 +15,7 @@ def test_demo_fits_dp_mepf_and_prints_where_everything_is(tmp_path, capsys) -> N
     order = np.random.default_rng(0).permutation(len(d))
     for name, idx in (("train", order[:1200]), ("test", order[1200:])):
         part = d.subset(idx, name)
-        np.savez(tmp_path / f"{name}.npz", images=part.images, labels=part.labels)
+        np.savez(tmp_path / f"{name}.npz", images=part.images, labels=part.labels, classes=np.array(part.classes))
     code = demo.main(["--data", f"npz:{tmp_path / 'train.npz'}", "--test-data", f"npz:{tmp_path / 'test.npz'}",
                       "--preset", "smoke", "--epsilons", "1,10", "--delta", "1e-4", "--n-samples", "500",
                       "--out", str(tmp_path / "runs"), "--threads", "1", "--no-progress"])

@@ -263,7 +263,8 @@ def test_bad_inputs_and_presets(tmp_path, capsys):
         with pytest.raises(InputError):
             create("dpdfd", "smoke", **bad)
     small = tmp_path / "small.npz"
-    np.savez(small, images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 2)
+    np.savez(small, images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 2,
+             classes=np.array(["a", "b"]))
     code, _, err = cli(capsys, "fit", "dpdfd", "--data", f"npz:{small}", "--epsilon", "1", "--preset", "smoke",
                        "--run-dir", str(tmp_path / "r"))
     assert code == 2 and "16x16" in err and len(err.strip().splitlines()) == 1

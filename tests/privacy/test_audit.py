@@ -7,12 +7,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from dpimages.audit import METHOD_TARGETS, TARGETS, VARIANTS, audit_once, epsilon_lower_bound, p_value, run_audit
-from dpimages.audit.one_run import count_correct, resolve_target
+from dpimages.audit.one_run import _DrawOrder, count_correct, replay_noise, resolve_target
 from dpimages.cli import main
 from dpimages.errors import InputError
-from dpimages.privacy import mechanisms
+from dpimages.privacy import NoiseSource, PrivacyLedger, mechanisms
 
 
 # -- the bound --------------------------------------------------------------------------------
@@ -67,6 +68,41 @@ def test_honest_passes_and_every_broken_variant_is_flagged(target: str) -> None:
         assert r.violation == r.variant.startswith("broken-"), r
         assert r.violation == (r.epsilon_lower_bound > r.claimed_epsilon)
     assert mechanisms.clip_rows.__module__ == "dpimages.privacy.mechanisms"  # the patch is gone
+
+
+def test_public_seed_replay_recomputes_the_noise() -> None:
+    # The run's source draws as NoiseSource.seeded; replaying the seed in the recorded order gives its exact noise.
+    run, plain = _DrawOrder.seeded(11), NoiseSource.seeded(11)
+    value = torch.arange(6, dtype=torch.float64)
+    ledger = PrivacyLedger(10.0, 1e-5)
+    released = []
+    for source in (run, plain):
+        source.bernoulli(50, 0.3)  # a Poisson sampling decision between releases
+        source.standard_normal((2,))  # a bare draw
+        released.append(mechanisms.gaussian_release(value, sensitivity=1.0, noise_multiplier=1.0, ledger=ledger,
+                                                     noise=source, label="t"))
+    assert torch.equal(released[0], released[1])
+    assert [d.kind for d in run.draws] == ["bernoulli", "normal", "normal"] and run.gaussian_draws == 2
+    bare, noise = replay_noise(11, run.draws)
+    assert bare.shape == (2,) and torch.allclose(released[0] - noise, value, atol=1e-12)
+    assert not torch.allclose(released[0] - replay_noise(12, run.draws)[1], value, atol=0.1)  # needs the seed
+
+
+@pytest.mark.parametrize("method", [*METHOD_TARGETS, *TARGETS])
+def test_public_seed_is_flagged_and_honest_is_not(method: str) -> None:
+    # Same mechanisms, same seeded noise: knowing the seed alone turns an honest run into a violation.
+    honest, public = (audit_once(method, var, epsilon=1.0, seed=1) for var in ("honest", "broken-public-seed"))
+    assert honest.target == public.target == resolve_target(method)
+    assert not honest.violation and honest.epsilon_lower_bound < 1.0
+    assert public.violation and public.epsilon_lower_bound > public.claimed_epsilon
+    assert public.claimed_epsilon == pytest.approx(honest.claimed_epsilon)  # the ledger sees the same run
+
+
+def test_public_seed_needs_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Control: an attacker replaying a wrong seed is back to chance (the violation comes from the seed alone).
+    monkeypatch.setattr("dpimages.audit.one_run.replay_noise", lambda seed, draws: replay_noise(seed + 1, draws))
+    for target in TARGETS:
+        assert not audit_once(target, "broken-public-seed", seed=1).violation
 
 
 def test_honest_gaussian_sum_other_seed_not_flagged() -> None:

@@ -61,15 +61,22 @@ def test_epsilon_monotone_in_steps_and_inverse_sigma():
 
 
 def test_ledger_json_recomputes_independently(tmp_path):
-    ledger = PrivacyLedger(10.0, 1e-5, path=tmp_path / "privacy.json", data_fingerprint="sha256:x", dataset_size=1000)
+    ledger = PrivacyLedger(10.0, 1e-5, path=tmp_path / "privacy.json", dataset_size=1000)
     for _ in range(8):
         ledger.spend(PrivacyEvent.subsampled_gaussian(1.2, 0.05, 1, "dp-sgd"))
     ledger.spend(PrivacyEvent.gaussian(20.0, 1, "class counts"))
     ledger.write()
     d = json.loads((tmp_path / "privacy.json").read_text())
-    for key in ("epsilon_budget", "delta", "epsilon", "epsilon_rdp", "neighbouring", "data_fingerprint", "events"):
+    for key in ("epsilon_budget", "delta", "epsilon", "epsilon_rdp", "neighbouring", "noise_source", "events"):
         assert key in d
-    assert d["neighbouring"] == "add-remove"
+    assert d["neighbouring"] == "add-remove" and "N is treated as public" in d["assumptions"]
+    assert d["noise_source"] == "os-csprng" and d["private"] is True
+    assert not any("fingerprint" in k for k in d)
+    seeded = PrivacyLedger(10.0, 1e-5, noise_source="seeded-insecure").to_json()
+    assert seeded["noise_source"] == "seeded-insecure" and seeded["private"] is False
+    assert PrivacyLedger.from_json(seeded).noise_source == "seeded-insecure"
+    with pytest.raises(InputError, match="noise_source"):
+        PrivacyLedger(10.0, 1e-5, noise_source="numpy")
     assert [e["steps"] for e in d["events"]] == [8, 1]
     assert d["events"][0]["sample_rate"] == 0.05 and "sample_rate" not in d["events"][1]
     assert d["epsilon"] == pytest.approx(independent_pld_epsilon(d["events"], d["delta"]), rel=1e-6)

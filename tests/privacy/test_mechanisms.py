@@ -82,7 +82,7 @@ def test_histogram_sensitivity_one():
 @pytest.mark.parametrize("secure", [False, True])
 def test_noise_passes_ks_test(secure):
     sigma, clip = 1.7, 0.6
-    noise = NoiseSource(3, secure=secure)
+    noise = NoiseSource() if secure else NoiseSource.seeded(3)
     rows = torch.zeros(4, 20000)
     out = clipped_gaussian_sum(rows, clip_norm=clip, noise_multiplier=sigma, ledger=ledger(), noise=noise, label="k")
     assert stats.kstest(out.double().numpy(), "norm", args=(0, sigma * clip)).pvalue > 1e-3
@@ -90,11 +90,23 @@ def test_noise_passes_ks_test(secure):
 
 
 def test_seeded_noise_reproducible_and_secure_not():
-    a = NoiseSource(7).normal((100,), 1.0)
-    b = NoiseSource(7).normal((100,), 1.0)
+    a = NoiseSource.seeded(7).normal((100,), 1.0)
+    b = NoiseSource.seeded(7).normal((100,), 1.0)
     assert torch.equal(a, b)
-    s1, s2 = NoiseSource(secure=True).normal((100,), 1.0), NoiseSource(secure=True).normal((100,), 1.0)
+    s1, s2 = NoiseSource().normal((100,), 1.0), NoiseSource().normal((100,), 1.0)
     assert not torch.equal(s1, s2)
+    assert NoiseSource().kind == "os-csprng" and NoiseSource.seeded(7).kind == "seeded-insecure"
+
+
+def test_default_noise_source_is_secure_and_ignores_the_torch_seed():
+    """The default draws from os.urandom: seeding torch (what --seed does) cannot reproduce it."""
+    assert NoiseSource().secure and NoiseSource().state() == {"secure": True, "gaussian_draws": 0}
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        src = NoiseSource()
+        draws.append((src.normal((50,), 1.0), src.bernoulli(1000, 0.5)))
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
 
 
 def test_noise_state_roundtrip():
@@ -142,7 +154,7 @@ def test_bernoulli_inclusion_frequency_within_binomial_interval():
     hits = int(NoiseSource(5).bernoulli(n, q).sum())
     lo, hi = stats.binom.ppf([0.0005, 0.9995], n, q)
     assert lo <= hits <= hi
-    secure_hits = int(NoiseSource(secure=True).bernoulli(n, q).sum())
+    secure_hits = int(NoiseSource().bernoulli(n, q).sum())
     assert lo <= secure_hits <= hi
     assert np.abs(hits / n - 0.05) > 0.01  # a wrong rate would be caught
 
@@ -169,5 +181,5 @@ def test_resume_never_replays_noise_when_the_ledger_is_ahead_of_the_checkpoint()
     assert not torch.equal(fresh, after_save)  # no reuse of the released noise
     assert torch.equal(fresh, twin.normal((8,), 1.0))  # but reproducible from (seed, ledger steps)
 
-    secure = NoiseSource(secure=True)
+    secure = NoiseSource()
     assert resume_noise(secure, saved, ledger, seed=4) is False and secure.secure

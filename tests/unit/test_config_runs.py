@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,17 +80,43 @@ def test_feature_source_errors_are_shared_by_the_methods_that_take_features(meth
 
 def test_run_refuses_reuse_and_changed_resume(tmp_path):
     run = Run(tmp_path / "r")
-    cfg = {"method": "x", "data_fingerprint": "sha256:a", "config": {"steps": 1}}
+    cfg = {"method": "x", "config": {"steps": 1}}
     run.start(cfg, resume=False)
     with pytest.raises(InputError, match="not empty"):
         Run(tmp_path / "r").start(cfg, resume=False)
+    with pytest.raises(InputError, match="privacy.json is missing"):  # no ledger: what was spent is unknown
+        Run(tmp_path / "r").start(cfg, resume=True)
+    run.privacy_path.write_text("{}")
     Run(tmp_path / "r").start(cfg, resume=True)
-    with pytest.raises(InputError, match="data set"):
-        Run(tmp_path / "r").start({**cfg, "data_fingerprint": "sha256:b"}, resume=True)
     with pytest.raises(InputError, match="config"):
         Run(tmp_path / "r").start({**cfg, "config": {"steps": 2}}, resume=True)
     with pytest.raises(InputError, match="no run to resume"):
         Run(tmp_path / "other").start(cfg, resume=True)
+
+
+def test_keyed_data_check_refuses_other_data_and_has_no_unkeyed_fingerprint(tmp_path):
+    """The data check is an HMAC under a random key kept in checkpoints/; another data set is refused."""
+    from dpimages.data import ImageData
+
+    images = np.zeros((6, 8, 8, 1), np.uint8)
+    data = ImageData(images, np.arange(6) % 2, ["a", "b"], "d")
+    other = ImageData(images, (np.arange(6) + 1) % 2, ["a", "b"], "d")  # same pixels, other labels
+    run = Run(tmp_path / "r")
+    run.start({"method": "x"}, resume=False)
+    run.write_data_check(data.keyed_digest)
+    run.verify_data_check(data.keyed_digest)
+    with pytest.raises(InputError, match="different data set"):
+        run.verify_data_check(other.keyed_digest)
+    stored = json.loads(run.data_check_path.read_text())
+    assert run.data_check_path.parent == run.checkpoint_dir
+    assert data.fingerprint.removeprefix("sha256:") not in json.dumps(stored)
+    again = Run(tmp_path / "r2")
+    again.start({"method": "x"}, resume=False)
+    again.write_data_check(data.keyed_digest)  # a fresh key per run: the two checks differ
+    assert json.loads(again.data_check_path.read_text())["hmac"] != stored["hmac"]
+    run.data_check_path.unlink()
+    with pytest.raises(InputError, match="data-check.json is missing"):
+        run.verify_data_check(data.keyed_digest)
 
 
 def test_checkpoint_roundtrip_safetensors_only(tmp_path):

@@ -87,6 +87,27 @@ def test_npz_valid_and_grayscale_promoted(tmp_path):
     np.savez(p, images=np.zeros((30, 16, 16), np.uint8), labels=np.arange(30) % 3)
     d = load(f"npz:{p}")
     assert d.images.shape == (30, 16, 16, 1) and d.num_classes == 3
+    assert d.notes.get("classes_from_labels")  # a fit refuses this as private data (see below)
+
+
+def test_npz_without_classes_needs_num_classes_for_a_fit(tmp_path, capsys):
+    """The class count must not come from the private labels silently: `classes` or --num-classes."""
+    from dpimages.cli import main
+
+    p = tmp_path / "a.npz"
+    np.savez(p, images=np.zeros((30, 16, 16), np.uint8), labels=np.arange(30) % 3)
+    d = load(f"npz:{p}", num_classes=5)
+    assert d.num_classes == 5 and not d.notes.get("classes_from_labels")
+    with pytest.raises(InputError, match="labels must be in"):
+        load(f"npz:{p}", num_classes=2)
+    with pytest.raises(InputError, match="npz data only"):
+        load("digits", num_classes=10)
+    argv = ["fit", "dp-mepf", "--data", f"npz:{p}", "--epsilon", "1", "--delta", "1e-3", "--preset", "smoke",
+            "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--num-classes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 
 from dpimages import api
 from dpimages.bench import suite
+from dpimages.cli import main
 from dpimages.config import PRESETS, MethodConfig
 from dpimages.data import ImageData
 
@@ -48,26 +49,113 @@ def test_bench_smoke_run_writes_lines_reports_and_table(tmp_path, monkeypatch) -
         assert set(suite.RESULT_KEYS) <= set(line)
         assert line["run_dir"] == str(tmp_path / "runs" / f"{line['method']}-eps1-smoke")
         assert line["eval_mode"] == "smoke" and line["peak_mem_mb"] > 0 and line["date"].endswith("Z")
+        assert line["fits"] == 1 and line["run_dirs"] == [line["run_dir"]] and line["seeds"] == [0]
+        assert line["acc_cnn_sd"] is None and line["fid_sd"] is None
     noise, real = saved
+    assert noise["noise_source"] == "os-csprng" and real["noise_source"] == "none"
     assert noise["epsilon_spent"] == 0.0 and noise["n_samples"] == 1000  # spent nothing: never read private data
     assert noise["fid"] > 10 * real["fid"] and noise["acc_cnn"] < 0.3 < real["acc_cnn"]
     assert real["epsilon_spent"] is None and real["memorization"]["flagged"] is True
     run = tmp_path / "runs" / "test-noise-eps1-smoke"
     assert {"privacy.json", "config.yaml", "report.md"} <= {p.name for p in run.iterdir()}
     assert "## Benchmark evaluation" in (run / "report.md").read_text()
-    assert (run / "samples" / "eval.grid.png").exists()
+    assert (run / "private-eval" / "eval.grid.png").exists()
 
     md, md_path, png = suite.write_table(out)
     assert md_path.read_text().startswith("# Benchmark results: fmnist") and png.exists()
     assert "| test-noise (smoke eval) | smoke | 1 | 0 |" in md
+    assert "(seeded)" not in md and " ± " not in md  # secret noise, one fit each: plain numbers
+
+
+def test_bench_repeats_write_one_line_with_mean_and_sd(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    monkeypatch.setitem(api.METHOD_MODULES, "test-noise", __name__)
+    monkeypatch.setitem(api._REGISTRY, "test-noise", _NoiseSynth)
+    out = tmp_path / "results"
+    args = ["bench", "--methods", "test-noise", "--epsilons", "1", "--preset", "smoke", "--n-samples", "200",
+            "--out", str(out), "--seed", "5"]
+    assert main([*args, "--repeats", "2"]) == 0
+    assert "1 results lines (2 fits each)" in capsys.readouterr().out
+    (line,) = [json.loads(t) for t in (out / "fmnist.jsonl").read_text().splitlines()]
+    runs = [str(tmp_path / "runs" / f"test-noise-eps1-smoke-r{k}") for k in (1, 2)]
+    assert line["fits"] == 2 and line["run_dirs"] == runs and line["run_dir"] == runs[0]
+    assert line["seeds"] == [5, 6] and line["seed"] == 5 and line["noise_source"] == "os-csprng"
+    for key in ("acc_cnn", "acc_mlp", "acc_logreg", "fid"):
+        assert line[key] is not None and line[key + "_sd"] is not None and line[key + "_sd"] >= 0
+    assert list(line).index("acc_cnn_sd") == list(line).index("acc_cnn") + 1  # the sd sits beside its mean
+    for d in runs:
+        assert json.loads((tmp_path / d / "privacy.json").read_text())["noise_source"] == "os-csprng"
+        assert "of its benchmark cell" in (tmp_path / d / "report.md").read_text()
+    assert main([*args, "--repeats", "2"]) == 2  # the run directories exist: refused before any fit
+
+    old = _row("dp-mepf", 10, "n", 0.788)  # a line from before noise_source: it was seeded
+    del old["noise_source"], old["fits"]
+    with open(out / "fmnist.jsonl", "a") as f:
+        f.write(json.dumps(old) + "\n")
+    assert main(["bench", "--table", "--out", str(out)]) == 0
+    md = (out / "fmnist.md").read_text()
+    mean, sd = 100 * line["acc_cnn"], 100 * line["acc_cnn_sd"]
+    assert f"| test-noise (smoke eval) | smoke | 1 | 0 | {mean:.1f} ± {sd:.1f} (2) |" in md
+    assert f"`{runs[0]}` (+1 more) |" in md and "mean ± sd (R)" in md
+    assert "| dp-mepf (seeded) | cpu | 10 | - | 78.8 |" in md and "(seeded): the privacy noise" in md
 
 
 def _row(method: str, eps: float, net: str | None, acc: float, **kw) -> dict:
     row = {k: None for k in suite.RESULT_KEYS}
     row.update(method=method, preset="cpu", epsilon=eps, delta=1e-5, acc_cnn=acc, feature_net=net, fid=1.5,
                kid=0.01, precision=0.5, recall=0.4, run_dir=f"benchmarks/runs/{method}-eps{eps:g}-cpu",
-               device="cpu: test", eval_mode="full", **kw)
+               device="cpu: test", eval_mode="full", noise_source="none" if method == "real" else "os-csprng",
+               fits=1)
+    row.update(kw)
     return row
+
+
+def test_combine_fits_means_sds_and_table_cells() -> None:
+    fits = [_row("a", 10, "n", 0.78, acc_mlp=0.70, fit_s=60.0, peak_mem_mb=900.0, seed=0,
+                 memorization={"frac_closer_than_heldout_p1": 0.0, "flagged": False, "n_exact_copies": 0}),
+            _row("a", 10, "n", 0.80, acc_mlp=0.72, fit_s=70.0, peak_mem_mb=1000.0, seed=1, fid=2.5,
+                 run_dir="benchmarks/runs/a-eps10-cpu-r2",
+                 memorization={"frac_closer_than_heldout_p1": 0.1, "flagged": True, "n_exact_copies": 3})]
+    line = suite.combine_fits(fits)
+    assert line["acc_cnn"] == pytest.approx(0.79) and line["acc_cnn_sd"] == pytest.approx(0.0141421, rel=1e-4)
+    assert line["fid"] == 2.0 and line["fid_sd"] == pytest.approx(0.7071068) and line["acc_logreg_sd"] is None
+    assert line["fit_s"] == 65.0 and line["peak_mem_mb"] == 1000.0 and line["epsilon"] == 10
+    assert line["memorization"] == {"frac_closer_than_heldout_p1": 0.05, "flagged": True, "n_exact_copies": 3}
+    assert line["fits"] == 2 and line["seeds"] == [0, 1] and line["seed"] == 0
+    assert line["run_dir"] == fits[0]["run_dir"] and line["run_dirs"][1].endswith("-r2")
+    md = suite.render_table([line])
+    assert "| a | cpu | 10 | - | 79.0 ± 1.4 (2) | 71.0 ± 1.4 (2) | - |" in md and "| 2 ± 0.7071 (2) |" in md
+    single = suite.combine_fits(fits[:1])
+    assert single == {**fits[0], "run_dirs": [fits[0]["run_dir"]], "seeds": [0]}  # one fit: the line itself
+    assert "| a | cpu | 10 | - | 78.0 | 70.0 |" in suite.render_table([single])
+    seeded = _row("a", 1, "n", 0.5, noise_source="seeded-insecure")
+    assert "| a (seeded) | cpu | 1 |" in suite.render_table([seeded])
+    assert "| real | cpu | 1 |" in suite.render_table([_row("real", 1, "n", 0.9, noise_source=None)])  # no noise
+
+
+def test_bench_repeat_seeds_and_failed_cell(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    calls = []
+
+    def fake_generator(st, method, eps, opts, run_dir, real, public):  # noqa: ANN001, ANN202
+        calls.append((run_dir.name, opts.seed, opts.noise_source))
+        if method == "dpdm" and opts.seed == 8:
+            raise RuntimeError("diverged")
+        run_dir.mkdir(parents=True)
+        line = suite._line(st, method, eps, opts, run_dir, None, acc_cnn=0.5 + opts.seed / 100)
+        line["noise_source"] = opts.noise_source
+        return line, None
+
+    monkeypatch.setattr(suite, "_run_generator", fake_generator)
+    monkeypatch.setattr("dpimages.eval.load_real", lambda spec: None)
+    opts = suite.BenchOptions(preset="smoke", seed=7, repeats=3, insecure_seeded_noise=True, progress=False)
+    with pytest.raises(suite.DPImagesError, match="1 of 2 cells failed: dpdm eps=1 fit 2/3: RuntimeError"):
+        suite.run_bench("fmnist", ["dp-mepf", "dpdm"], [1.0], tmp_path / "results", options=opts)
+    assert calls == [(f"dp-mepf-eps1-smoke-r{k + 1}", 7 + k, "seeded-insecure") for k in range(3)] + [
+        ("dpdm-eps1-smoke-r1", 7, "seeded-insecure"), ("dpdm-eps1-smoke-r2", 8, "seeded-insecure")]
+    (line,) = suite.read_results(tmp_path / "results" / "fmnist.jsonl")  # no line for the failed cell
+    assert line["method"] == "dp-mepf" and line["fits"] == 3 and line["acc_cnn"] == pytest.approx(0.58)
+    assert line["noise_source"] == "seeded-insecure" and line["seeds"] == [7, 8, 9]
+    with pytest.raises(suite.InputError, match="--repeats"):
+        suite.run_bench("fmnist", ["dp-mepf"], [1.0], tmp_path / "r2", options=suite.BenchOptions(repeats=0))
 
 
 def test_table_never_mixes_feature_networks_and_keeps_latest() -> None:

@@ -26,11 +26,16 @@ multiplier from `dpimages.privacy.calibrate`):
 Deliberately broken variants (``--self-test``) are built here, at the
 harness level, never by a switch in the library: ``broken-no-noise`` (a
 `NoiseSource` subclass that draws zeros), ``broken-no-clipping`` (the
-clipping step patched out, or a canary casting 100 votes), and
+clipping step patched out, or a canary casting 100 votes),
 ``broken-sensitivity`` (the release has 10 times the sensitivity the noise
-is calibrated for). Each must come out as a violation (lower bound above
-the claim). A pass of an honest variant is no proof of privacy: the audit
-only gives a lower bound.
+is calibrated for), and ``broken-public-seed`` (the run is the honest one,
+with noise from ``NoiseSource.seeded(seed)``, but the attacker knows that
+seed: it replays ``NoiseSource.seeded(seed)`` in the run's order of draws
+and subtracts the replayed noise from the released values before scoring;
+generic over targets, since every score is linear in the released values).
+Each must come out as a violation (lower bound above the claim). A pass of
+an honest variant is no proof of privacy: the audit only gives a lower
+bound.
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ METHOD_TARGETS = {
     "dpsgd-classifier": "dpsgd",
     "dpdfd": "gaussian-release",
 }
-VARIANTS = ("honest", "broken-no-noise", "broken-no-clipping", "broken-sensitivity")
+# New variants go at the end: a variant's index seeds its run, so the others keep their results.
+VARIANTS = ("honest", "broken-no-noise", "broken-no-clipping", "broken-sensitivity", "broken-public-seed")
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,65 @@ class ZeroNoise(NoiseSource):
         return torch.zeros(tuple(shape), dtype=torch.float64)
 
 
+@dataclass(frozen=True)
+class _Draw:
+    """One call the run made on its noise source: which draw, of what shape (never the values drawn)."""
+
+    kind: str  # "normal" (Gaussian noise, also a bare standard_normal) or "bernoulli" (Poisson sampling)
+    shape: tuple[int, ...] = ()  # normal: shape of the noise
+    std: float = 1.0  # normal: its standard deviation
+    dtype: torch.dtype = torch.float64  # normal: the dtype it was rounded to
+    n: int = 0  # bernoulli: number of decisions
+    p: float = 0.0  # bernoulli: their probability
+
+
+class _DrawOrder(NoiseSource):
+    """The run's seeded noise source (draws exactly as ``NoiseSource.seeded(seed)``), keeping its order of draws.
+
+    `draws` lists the calls and their shapes, never the values: what broken-public-seed's attacker needs
+    beside the seed to replay the noise (`replay_noise`). The shapes follow from the code and public sizes;
+    Poisson sampling's number of decisions is the data set size, which the attacker is taken to know.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.draws: list[_Draw] = []
+        self._in_normal = False
+
+    def normal(self, shape: tuple[int, ...] | torch.Size, std: float, *, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        self.draws.append(_Draw("normal", tuple(shape), float(std), dtype))
+        self._in_normal = True
+        try:
+            return super().normal(shape, std, device=device, dtype=dtype)
+        finally:
+            self._in_normal = False
+
+    def standard_normal(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        if not self._in_normal:  # a bare draw: the same values as normal(shape, 1.0) in float64
+            self.draws.append(_Draw("normal", tuple(shape)))
+        return super().standard_normal(shape)
+
+    def bernoulli(self, n: int, p: float) -> torch.Tensor:
+        self.draws.append(_Draw("bernoulli", n=int(n), p=float(p)))
+        return super().bernoulli(n, p)
+
+
+def replay_noise(seed: int, draws: list[_Draw]) -> list[torch.Tensor]:
+    """The Gaussian noise of a run, recomputed from its seed: ``NoiseSource.seeded(seed)`` drawn in the run's order.
+
+    Bernoulli draws (Poisson sampling) are replayed too, to stay in step with the generator, but not returned.
+    """
+    replay = NoiseSource.seeded(seed)
+    out = []
+    for d in draws:
+        if d.kind == "bernoulli":
+            replay.bernoulli(d.n, d.p)
+        else:
+            out.append(replay.normal(d.shape, d.std, dtype=d.dtype))
+    return out
+
+
 def resolve_target(method: str) -> str:
     """The audit target (mechanism) that `method` releases through; InputError if unknown."""
     if method in TARGETS:
@@ -153,6 +218,24 @@ def _claim(ledger: PrivacyLedger) -> float:
     return ledger.epsilon()
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one target's run gives the auditor."""
+
+    scores: np.ndarray  # one score per canary, computed from the released values
+    claimed_epsilon: float  # the ledger's PLD epsilon of the events the run recorded
+    # The part of `scores` due to the given Gaussian draws (in the run's order): scores are linear in the released
+    # values, so scores - noise_part(replayed noise) is the score of the released values minus that noise.
+    noise_part: Callable[[list[torch.Tensor]], np.ndarray]
+
+
+def _single(draws: list[torch.Tensor]) -> torch.Tensor:
+    """The noise of a one-release run (RuntimeError, a harness bug, if the run drew other than once)."""
+    if len(draws) != 1:
+        raise RuntimeError(f"expected one Gaussian draw for a single release, got {len(draws)}")
+    return draws[0]
+
+
 # -- targets --------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _patched_clip(variant: str) -> Iterator[None]:
@@ -174,7 +257,7 @@ def _unit_rows(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _run_gaussian_sum(size: AuditSize, included: np.ndarray, variant: str, noise: NoiseSource, epsilon: float,
-                      delta: float, gen: torch.Generator) -> tuple[np.ndarray, float]:
+                      delta: float, gen: torch.Generator) -> _Run:
     m = size.canaries
     directions = _unit_rows(m, size.dim, gen)
     canary_labels = torch.randint(size.classes, (m,), generator=gen)
@@ -188,12 +271,15 @@ def _run_gaussian_sum(size: AuditSize, included: np.ndarray, variant: str, noise
     with _patched_clip(variant):
         release = mech.clipped_gaussian_class_sums(rows, labels, size.classes, clip_norm=CLIP, noise_multiplier=sigma,
                                                    ledger=ledger, noise=noise, label="audit class sums")
-    scores = (release[canary_labels] * directions).sum(dim=1)
-    return scores.numpy(), _claim(ledger)
+
+    def score(released: torch.Tensor) -> np.ndarray:
+        return (released[canary_labels] * directions).sum(dim=1).numpy()
+
+    return _Run(score(release), _claim(ledger), lambda draws: score(_single(draws)))
 
 
 def _run_gaussian_release(size: AuditSize, included: np.ndarray, variant: str, noise: NoiseSource, epsilon: float,
-                          delta: float, gen: torch.Generator) -> tuple[np.ndarray, float]:
+                          delta: float, gen: torch.Generator) -> _Run:
     m = size.canaries
     sensitivity = 2.0 * CLIP  # DPDFD: a normalised gradient of norm C moves by at most 2C
     directions = _unit_rows(m, size.dim, gen)
@@ -205,11 +291,15 @@ def _run_gaussian_release(size: AuditSize, included: np.ndarray, variant: str, n
     ledger = PrivacyLedger(epsilon, delta)
     release = mech.gaussian_release(value, sensitivity=sensitivity, noise_multiplier=sigma, ledger=ledger,
                                     noise=noise, label="audit normalised release")
-    return (directions @ release).numpy(), _claim(ledger)
+
+    def score(released: torch.Tensor) -> np.ndarray:
+        return (directions @ released).numpy()
+
+    return _Run(score(release), _claim(ledger), lambda draws: score(_single(draws)))
 
 
 def _run_histogram(size: AuditSize, included: np.ndarray, variant: str, noise: NoiseSource, epsilon: float,
-                   delta: float, gen: torch.Generator) -> tuple[np.ndarray, float]:
+                   delta: float, gen: torch.Generator) -> _Run:
     m, base_bins = size.canaries, 50
     per_canary = EXTRA_VOTES if variant == "broken-sensitivity" else 1  # dedicated bins per canary
     votes_per_bin = EXTRA_VOTES if variant == "broken-no-clipping" else 1
@@ -222,8 +312,11 @@ def _run_histogram(size: AuditSize, included: np.ndarray, variant: str, noise: N
     ledger = PrivacyLedger(epsilon, delta)
     counts = mech.noisy_histogram(bins, num_bins, noise_multiplier=sigma, ledger=ledger, noise=noise,
                                   label="audit votes")
-    scores = counts[base_bins:].reshape(m, per_canary).sum(dim=1)
-    return scores.numpy(), _claim(ledger)
+
+    def score(released: torch.Tensor) -> np.ndarray:
+        return released[base_bins:].reshape(m, per_canary).sum(dim=1).numpy()
+
+    return _Run(score(counts), _claim(ledger), lambda draws: score(_single(draws)))
 
 
 class _CanaryNet(nn.Module):
@@ -262,7 +355,7 @@ class _MisclippedDPSGD(DPSGD):
 
 
 def _run_dpsgd(size: AuditSize, included: np.ndarray, variant: str, noise: NoiseSource, epsilon: float,
-               delta: float, gen: torch.Generator) -> tuple[np.ndarray, float]:
+               delta: float, gen: torch.Generator) -> _Run:
     m, dim, classes = size.canaries, 8, 4
     x_base = torch.randn(size.base, dim, generator=gen)
     y_base = torch.randint(classes, (size.base,), generator=gen)
@@ -284,12 +377,25 @@ def _run_dpsgd(size: AuditSize, included: np.ndarray, variant: str, noise: Noise
     engine = engine_cls(model, _canary_loss, sampler=sampler, noise_multiplier=sigma, clip_norm=CLIP, ledger=ledger,
                         noise=noise, label="audit dp-sgd")
     engine.plan(size.steps)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lr = 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(engine.steps_remaining):
         batch = sampler.sample()
         engine.step(x[batch], y[batch], onehot[batch])
         opt.step()
-    return model.canary_bias.detach().double().numpy(), _claim(ledger)
+    # Each step's noise is one flat vector over the trainable parameters in named_parameters order (the engine's
+    # layout); plain SGD moves the canary bias, which starts at 0, by -lr / (q N) times its slice of it.
+    trainable = [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+    start = sum(numel for _, numel in trainable[:[name for name, _ in trainable].index("canary_bias")])
+    scale = -lr / sampler.expected_batch_size
+
+    def noise_part(draws: list[torch.Tensor]) -> np.ndarray:
+        moved = torch.zeros(m, dtype=torch.float64)
+        for z in draws:
+            moved += z[start:start + m].double()
+        return (scale * moved).numpy()
+
+    return _Run(model.canary_bias.detach().double().numpy(), _claim(ledger), noise_part)
 
 
 _RUNNERS = {
@@ -316,9 +422,17 @@ def audit_once(method: str, variant: str = "honest", *, epsilon: float = 1.0, de
     included = rng.random(spec.canaries) < 0.5
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     noise_seed = int(rng.integers(2**62))
-    noise = ZeroNoise(noise_seed) if variant == "broken-no-noise" else NoiseSource.seeded(noise_seed)
-    scores, claimed = _RUNNERS[target](spec, included, variant, noise, epsilon, delta, gen)
-    r, v = count_correct(np.asarray(scores, dtype=np.float64), included, spec.guesses_per_side, rng)
+    if variant == "broken-no-noise":
+        noise: NoiseSource = ZeroNoise(noise_seed)
+    elif variant == "broken-public-seed":
+        noise = _DrawOrder.seeded(noise_seed)  # draws as NoiseSource.seeded(noise_seed); keeps the order of draws
+    else:
+        noise = NoiseSource.seeded(noise_seed)
+    run = _RUNNERS[target](spec, included, variant, noise, epsilon, delta, gen)
+    scores, claimed = np.asarray(run.scores, dtype=np.float64), run.claimed_epsilon
+    if isinstance(noise, _DrawOrder):  # the attacker knows noise_seed: subtract the replayed noise, then score
+        scores = scores - np.asarray(run.noise_part(replay_noise(noise_seed, noise.draws)), dtype=np.float64)
+    r, v = count_correct(scores, included, spec.guesses_per_side, rng)
     lower = epsilon_lower_bound(spec.canaries, r, v, delta, CONFIDENCE)
     return AuditResult(method=method, variant=variant, claimed_epsilon=claimed, epsilon_lower_bound=lower,
                        violation=lower > claimed, target=target, mechanism=TARGETS[target], delta=delta,

@@ -8,6 +8,21 @@ peak memory are measured around each stage. The run directory
 (``benchmarks/runs/METHOD-epsE-PRESET/``) is named in the line as
 ``run_dir`` so each number can be traced to its ledger.
 
+Privacy noise comes from the OS CSPRNG, so two fits with the same seed
+differ: ``--repeats R`` fits each (method, epsilon) cell R times, in run
+directories ``METHOD-epsE-PRESET-r1`` ... ``-rR`` (R = 1 keeps the plain
+name), and writes ONE line per cell (`combine_fits`): the mean of every
+numeric metric, a sample standard deviation (ddof 1; null for one fit)
+beside each accuracy and FID (``acc_cnn_sd``, ``fid_sd``, ...), ``fits``,
+``run_dirs`` and ``seeds``. Repeat k (0-based) runs exactly as
+``--seed SEED+k --repeats 1`` would: the spread then covers everything that
+differs between two real fits (noise, initialisation, data order, sampling,
+classifier training), and with ``--insecure-seeded-noise`` (tests only) the
+repeats are not R copies of one fit, each is reproducible from its own seed.
+Each line records ``noise_source``: ``os-csprng``, ``seeded-insecure``, or
+``none`` for the reference row ``real``; lines written before the noise
+became secret have no such field and are shown as seeded in the table.
+
 Two reference methods need no generator:
 - ``real``: the classifiers and metrics on the real private training images
   themselves (no privacy; fidelity is then that of the reference set with
@@ -24,10 +39,11 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,10 +54,13 @@ from dpimages.errors import DPImagesError, InputError
 
 REFERENCE_METHODS = ("real", "dpsgd-classifier")
 RESULT_KEYS = (
-    "method", "preset", "epsilon", "delta", "epsilon_spent", "acc_cnn", "acc_mlp", "acc_logreg", "fid", "kid",
-    "precision", "recall", "feature_net", "memorization", "fit_s", "sample_s", "eval_s", "peak_mem_mb", "device",
-    "date", "commit", "run_dir",
+    "method", "preset", "epsilon", "delta", "epsilon_spent", "noise_source", "fits", "acc_cnn", "acc_cnn_sd",
+    "acc_mlp", "acc_mlp_sd", "acc_logreg", "acc_logreg_sd", "fid", "fid_sd", "kid", "precision", "recall",
+    "feature_net", "memorization", "fit_s", "sample_s", "eval_s", "peak_mem_mb", "device", "date", "commit",
+    "run_dir", "run_dirs",
 )
+FIRST_FIT_KEYS = ("seed", "epsilon", "delta")  # numbers that name a fit, never averaged over fits
+SEEDED = ("seeded-insecure", None)  # a line's noise_source that marks it seeded (None: written before the field)
 MEMORIZATION_KEYS = ("frac_closer_than_heldout_p1", "flagged", "synthetic_nn_median", "heldout_nn_median",
                      "heldout_nn_p1", "n_exact_copies", "n_synthetic")
 
@@ -72,8 +91,11 @@ def parse_list(text: str, what: str, cast: type = str) -> list:
         raise InputError(f"--{what} must be a comma-separated list of {cast.__name__}, got {text!r}") from None
 
 
-def run_dir_name(method: str, epsilon: float, preset: str, variant: str | None = None) -> str:
-    return f"{row_label({'method': method, 'variant': variant})}-eps{epsilon:g}-{preset}"
+def run_dir_name(method: str, epsilon: float, preset: str, variant: str | None = None,
+                 repeat: int | None = None) -> str:
+    """``METHOD[+VARIANT]-epsE-PRESET``, with ``-rK`` (K from 1) for repeat K of a ``--repeats R > 1`` cell."""
+    name = f"{row_label({'method': method, 'variant': variant})}-eps{epsilon:g}-{preset}"
+    return name if repeat is None else f"{name}-r{repeat}"
 
 
 def row_label(row: dict) -> str:
@@ -133,7 +155,7 @@ def _append_line(path: Path, line: dict) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def _eval_section(line: dict, ev: dict | None) -> str:
+def _eval_section(line: dict, ev: dict | None, repeat: tuple[int, int] | None = None) -> str:
     """Markdown appended to a run's report.md: the evaluation that produced its results line."""
     rows = [("CNN accuracy", line["acc_cnn"]), ("MLP accuracy", line["acc_mlp"]),
             ("logistic regression accuracy", line["acc_logreg"]), ("FID", line["fid"]), ("KID", line["kid"]),
@@ -153,9 +175,14 @@ def _eval_section(line: dict, ev: dict | None) -> str:
                 f"median nearest-private distance {mem['synthetic_nn_median']:.3f} vs "
                 f"{mem['heldout_nn_median']:.3f} for held-out images."]
     timings = ", ".join(f"{k} {line[k + '_s']} s" for k in ("fit", "sample", "eval") if line.get(k + "_s") is not None)
-    out += ["", f"Timings: {timings or 'none'}; peak memory {line['peak_mem_mb']} MB."]
+    out += ["", f"Timings: {timings or 'none'}; peak memory {line['peak_mem_mb']} MB; privacy noise "
+            f"`{line.get('noise_source')}`."]
     if ev and ev.get("grid_png"):
-        out += ["", "Per-class samples (not committed): `samples/eval.grid.png`."]
+        grid = Path(ev["grid_png"])
+        out += ["", f"Per-class samples (owner only, not committed): `{grid.parent.name}/{grid.name}`."]
+    if repeat is not None:
+        out += ["", f"This run is fit {repeat[0]} of {repeat[1]} (seed {line['seed']}) of its benchmark cell; the "
+                "results line holds the mean and standard deviation over the fits."]
     return "\n".join(out) + "\n"
 
 
@@ -177,6 +204,13 @@ class BenchOptions:
     public: str | None = None
     overrides: tuple[str, ...] = ()
     variant: str | None = None
+    insecure_seeded_noise: bool = False  # tests only: reproducible noise from the seed (not private)
+    repeats: int = 1  # fits per (method, epsilon) cell; repeat k uses seed + k
+
+    @property
+    def noise_source(self) -> str:
+        """What privacy.json and the results line record: ``os-csprng`` or ``seeded-insecure``."""
+        return "seeded-insecure" if self.insecure_seeded_noise else "os-csprng"
 
 
 def _eval_options(opts: BenchOptions):  # noqa: ANN202 - EvalOptions, imported lazily
@@ -193,7 +227,8 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
 
     dev = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     line = {k: None for k in RESULT_KEYS}
-    line.update(method=method, preset=opts.preset, epsilon=float(epsilon), delta=suite.delta)
+    line.update(method=method, preset=opts.preset, epsilon=float(epsilon), delta=suite.delta,
+                noise_source=opts.noise_source, fits=1)
     if opts.variant:
         line["variant"] = opts.variant
     if ev is not None:
@@ -209,6 +244,7 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
     line.update(device=machine_description(dev), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 commit=git_commit(), run_dir=_display_path(run_dir), suite=suite.name, seed=opts.seed,
                 dpimages_version=__version__)
+    line["run_dirs"] = [line["run_dir"]]
     return line
 
 
@@ -220,25 +256,27 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
     n = opts.n_samples or (2000 if opts.preset == "smoke" else suite.n_samples)
     t = time.time()
     res = fit_run(method, real.train, epsilon=epsilon, delta=suite.delta, run_dir=run_dir, preset=opts.preset,
-                  public=public, overrides=list(opts.overrides), seed=opts.seed, device=opts.device, progress=False)
+                  public=public, overrides=list(opts.overrides), seed=opts.seed, device=opts.device, progress=False,
+                  insecure_seeded_noise=opts.insecure_seeded_noise)
     fit_s = time.time() - t
     t = time.time()
     synth = res.synthesizer
     samples = synth.sample(n, synth.balanced_labels(n), seed=opts.seed)
     sample_s = time.time() - t
     t = time.time()
-    ev = evaluate(samples, real, artifacts=res.run.samples_dir / "eval", options=_eval_options(opts))
+    ev = evaluate(samples, real, artifacts=res.run.private_eval_prefix(), options=_eval_options(opts))
     eval_s = time.time() - t
     return _line(suite, method, epsilon, opts, run_dir, ev, epsilon_spent=res.ledger.epsilon(),
+                 noise_source=getattr(res.ledger, "noise_source", opts.noise_source),
                  epsilon_rdp=res.ledger.epsilon_rdp(), fit_s=round(fit_s, 1), sample_s=round(sample_s, 1),
                  eval_s=round(eval_s, 1), n_samples=n, public=None if public is None else public.name,
                  overrides=list(opts.overrides), **synth.bench_extras()), ev
 
 
 def _reference_config(suite: Suite, method: str, epsilon: float, opts: BenchOptions, real) -> dict:  # noqa: ANN001
-    return {"method": method, "preset": opts.preset, "data": real.train.name, "data_fingerprint":
-            real.train.fingerprint, "dataset_size": len(real.train), "public": None, "epsilon": float(epsilon),
-            "delta": suite.delta, "seed": opts.seed, "secure_rng": False, "reference_row": True,
+    return {"method": method, "preset": opts.preset, "data": real.train.name, "dataset_size": len(real.train),
+            "public": None, "epsilon": float(epsilon), "delta": suite.delta, "seed": opts.seed,
+            "noise_source": opts.noise_source, "reference_row": True,
             "versions": {"dpimages": __version__, "torch": str(torch.__version__)}}
 
 
@@ -251,14 +289,14 @@ def _run_real(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, r
     run.start({**_reference_config(suite, "real", epsilon, opts, real), "privacy": "none (non-private reference)"},
               resume=False)
     t = time.time()
-    ev = evaluate(real.train, real, artifacts=run.samples_dir / "eval", options=_eval_options(opts))
+    ev = evaluate(real.train, real, artifacts=run.private_eval_prefix(), options=_eval_options(opts))
     eval_s = time.time() - t
     section = ("Reference row `real`: the downstream classifiers are trained on the real private training images "
                "(no privacy, epsilon infinite). Fidelity compares the training set with itself and the memorization "
                "check flags it by construction.")
     run.write_report(render_report(run, section))
     return _line(suite, "real", epsilon, opts, run_dir, ev, epsilon_spent=None, fit_s=None, sample_s=None,
-                 eval_s=round(eval_s, 1), n_samples=len(real.train), privacy="none"), ev
+                 eval_s=round(eval_s, 1), n_samples=len(real.train), privacy="none", noise_source="none"), ev
 
 
 def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, real) -> tuple[dict, None]:  # noqa: ANN001
@@ -269,12 +307,13 @@ def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, 
 
     run = Run(run_dir)
     run.start(_reference_config(suite, "dpsgd-classifier", epsilon, opts, real), resume=False)
-    ledger = PrivacyLedger(epsilon, suite.delta, path=run.privacy_path, data_fingerprint=real.train.fingerprint,
-                           dataset_size=len(real.train))
+    ledger = PrivacyLedger(epsilon, suite.delta, path=run.privacy_path, dataset_size=len(real.train),
+                           noise_source=opts.noise_source)
     ledger.write()
     t = time.time()
     out = train_dpsgd_classifier(real.train, real.test, epsilon=epsilon, delta=suite.delta, preset=opts.preset,
-                                 ledger=ledger, noise=NoiseSource(opts.seed), progress=opts.progress,
+                                 ledger=ledger, noise=NoiseSource(opts.seed if opts.insecure_seeded_noise else None),
+                                 progress=opts.progress,
                                  device=opts.device, seed=opts.seed)
     fit_s = time.time() - t
     ledger.write(exact=True)
@@ -289,17 +328,88 @@ def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, 
                  sample_s=None, eval_s=None, dpsgd=detail), None
 
 
+# -- repeats: one line per cell ---------------------------------------------------------
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _has_sd(key: str) -> bool:
+    """Keys that get a ``KEY_sd`` beside them: every accuracy and the FID."""
+    return not key.endswith("_sd") and (key == "fid" or key.startswith("acc_") or key.endswith("_accuracy"))
+
+
+def _mean_of(key: str, values: list) -> object:
+    """One value for `key` from the fits' values: unchanged when all agree, else the mean (max for peak memory)."""
+    if key in FIRST_FIT_KEYS or all(v == values[0] for v in values):
+        return values[0]
+    nums = [v for v in values if _is_number(v)]
+    if not nums or any(v is not None and not _is_number(v) for v in values):
+        return values[0]  # text or structures that differ (date, commit, run_dir...): the first fit's
+    if key == "peak_mem_mb":
+        return max(nums)
+    mean = math.fsum(nums) / len(nums)
+    return round(mean, 1) if key.endswith("_s") else mean
+
+
+def _combine_memorization(mems: list[dict | None]) -> dict | None:
+    """Memorization over fits: means, except `flagged` (any fit) and `n_exact_copies` (the most of any fit)."""
+    if any(m is None for m in mems):
+        return mems[0]
+    out = {}
+    for k in mems[0]:
+        vals = [m.get(k) for m in mems]
+        if k == "flagged":
+            out[k] = any(bool(v) for v in vals)
+        elif k == "n_exact_copies" and all(_is_number(v) for v in vals):
+            out[k] = max(vals)
+        else:
+            out[k] = _mean_of(k, vals)
+    return out
+
+
+def combine_fits(lines: list[dict]) -> dict:
+    """ONE results line from the lines of R fits of one (method, epsilon) cell.
+
+    Numeric metrics are means over the fits (peak memory: the largest);
+    ``KEY_sd`` beside each accuracy and the FID is the sample standard
+    deviation (ddof 1), null for one fit or where the metric does not exist.
+    Text fields and ``run_dir`` are the first fit's; ``fits``, ``run_dirs``
+    and ``seeds`` list all of them. ``seed`` stays the first fit's (the
+    ``--seed`` given; repeat k used seed + k).
+    """
+    if not lines:
+        raise ValueError("combine_fits needs at least one line")
+    first = lines[0]
+    out: dict = {}
+    for key in first:
+        if key.endswith("_sd") and _has_sd(key[:-3]):
+            continue  # written beside its metric below
+        values = [ln.get(key) for ln in lines]
+        out[key] = _combine_memorization(values) if key == "memorization" else _mean_of(key, values)
+        if _has_sd(key):
+            nums = [v for v in values if _is_number(v)]
+            out[key + "_sd"] = statistics.stdev(nums) if len(nums) > 1 else None
+    out.update(fits=len(lines), run_dirs=[ln["run_dir"] for ln in lines], seeds=[ln.get("seed") for ln in lines])
+    return out
+
+
 # -- the suite -------------------------------------------------------------------------
 
 
 def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_dir: str | Path,
               runs_dir: str | Path | None = None, options: BenchOptions | None = None) -> list[dict]:
-    """Run every (method, epsilon) of a suite; append one results line each; return the lines.
+    """Run every (method, epsilon) cell of a suite `options.repeats` times; append one results line per cell.
 
     Everything is checked before the first run starts: suite, method names,
-    epsilons, presets and that no run directory already exists. A run that
-    fails is reported on stderr and skipped (no line is written for it);
-    the call then raises after the others have run.
+    epsilons, presets, repeats and that no run directory already exists.
+    Repeat k (0-based) of a cell runs with seed ``options.seed + k`` in its
+    own run directory (``...-rK``, K = k + 1, when repeats > 1); the cell's
+    line is `combine_fits` of its fits. A run that fails is reported on
+    stderr and its cell is skipped (no line is written for it, its remaining
+    repeats are not run: a mean over the fits that happened to succeed would
+    be biased); the call then raises after the other cells have run.
     """
     from dpimages.api import method_class
     from dpimages.config import PRESETS, resolve_config
@@ -338,12 +448,17 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
         validate_budget(e, suite.delta)
     if opts.n_samples is not None and opts.n_samples < 10 * 10:
         raise InputError(f"--n-samples must be >= 100 (10 per class), got {opts.n_samples}")
+    if isinstance(opts.repeats, bool) or not isinstance(opts.repeats, int) or opts.repeats < 1:
+        raise InputError(f"--repeats must be an integer >= 1, got {opts.repeats!r}")
     out_dir = Path(out_dir)
     runs_root = Path(runs_dir) if runs_dir else out_dir.parent / "runs"
-    plan = [(m, e, runs_root / run_dir_name(m, e, opts.preset, opts.variant)) for m in methods for e in epsilons]
-    for _, _, d in plan:
-        if d.exists() and any(d.iterdir()):
-            raise InputError(f"run directory {d} already exists: remove it or choose --runs-dir")
+    reps = opts.repeats
+    plan = [(m, e, [runs_root / run_dir_name(m, e, opts.preset, opts.variant, None if reps == 1 else k + 1)
+                    for k in range(reps)]) for m in methods for e in epsilons]
+    for _, _, dirs in plan:
+        for d in dirs:
+            if d.exists() and any(d.iterdir()):
+                raise InputError(f"run directory {d} already exists: remove it or choose --runs-dir")
     public = load(opts.public) if opts.public else None
     real = load_real(suite.real)
     results_path = out_dir / suite.results_file
@@ -351,36 +466,60 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
     if opts.threads:
         torch.set_num_threads(opts.threads)
     lines, failures = [], []
-    bar = tqdm(plan, desc=f"bench {suite.name}", unit="run", disable=not opts.progress)
+    bar = tqdm(total=len(plan) * reps, desc=f"bench {suite.name}", unit="run", disable=not opts.progress)
     try:
-        for method, eps, run_dir in bar:
-            bar.set_postfix_str(f"{method} eps={eps:g}")
-            reset_peak_memory()
-            try:
-                if method == "real":
-                    line, ev = _run_real(suite, eps, opts, run_dir, real)
-                elif method == "dpsgd-classifier":
-                    line, ev = _run_dpsgd(suite, eps, opts, run_dir, real)
-                else:
-                    line, ev = _run_generator(suite, method, eps, opts, run_dir, real, public)
-            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others; reported below
-                failures.append(f"{method} eps={eps:g}: {type(e).__name__}: {e}")
-                tqdm.write(f"bench: {failures[-1]}", file=sys.stderr)
-                continue
-            line["peak_mem_mb"] = peak_memory_mb()
-            _append_line(results_path, line)
-            report = Path(line["run_dir"]) / "report.md"
-            with open(report, "a") as f:
-                f.write(_eval_section(line, ev))
-            lines.append(line)
-            tqdm.write(f"bench: {method} eps={eps:g}: CNN {line['acc_cnn']}, FID {line['fid']} -> {results_path}",
-                       file=sys.stderr)
+        for method, eps, run_dirs in plan:
+            fits = []
+            for k, run_dir in enumerate(run_dirs):
+                fit = f" fit {k + 1}/{reps}" if reps > 1 else ""
+                bar.set_postfix_str(f"{method} eps={eps:g}{fit}")
+                line = _one_fit(suite, method, eps, replace(opts, seed=opts.seed + k), run_dir, real, public,
+                                None if reps == 1 else (k + 1, reps), failures)
+                bar.update(1)
+                if line is None:
+                    bar.update(reps - 1 - k)
+                    break
+                fits.append(line)
+                tqdm.write(f"bench: {method} eps={eps:g}{fit}: CNN {line['acc_cnn']}, FID {line['fid']}",
+                           file=sys.stderr)
+            else:
+                line = combine_fits(fits)
+                _append_line(results_path, line)
+                lines.append(line)
+                sd = f" (sd {line['acc_cnn_sd']:.4f} over {reps} fits)" if line.get("acc_cnn_sd") is not None else ""
+                tqdm.write(f"bench: {method} eps={eps:g}: CNN {line['acc_cnn']}{sd} -> {results_path}",
+                           file=sys.stderr)
     finally:
         bar.close()
         torch.set_num_threads(old_threads)
     if failures:
-        raise DPImagesError(f"{len(failures)} of {len(plan)} runs failed: " + "; ".join(failures))
+        raise DPImagesError(f"{len(failures)} of {len(plan)} cells failed: " + "; ".join(failures))
     return lines
+
+
+def _one_fit(suite: Suite, method: str, eps: float, opts: BenchOptions, run_dir: Path, real, public,  # noqa: ANN001
+             repeat: tuple[int, int] | None, failures: list[str]) -> dict | None:
+    """Fit (or evaluate a reference) once in `run_dir`; its line, with the evaluation appended to report.md.
+
+    On failure: None, with the reason appended to `failures` and printed.
+    """
+    reset_peak_memory()
+    try:
+        if method == "real":
+            line, ev = _run_real(suite, eps, opts, run_dir, real)
+        elif method == "dpsgd-classifier":
+            line, ev = _run_dpsgd(suite, eps, opts, run_dir, real)
+        else:
+            line, ev = _run_generator(suite, method, eps, opts, run_dir, real, public)
+    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others; reported by run_bench
+        fit = f" fit {repeat[0]}/{repeat[1]}" if repeat else ""
+        failures.append(f"{method} eps={eps:g}{fit}: {type(e).__name__}: {e}")
+        tqdm.write(f"bench: {failures[-1]}", file=sys.stderr)
+        return None
+    line["peak_mem_mb"] = peak_memory_mb()
+    with open(Path(line["run_dir"]) / "report.md", "a") as f:
+        f.write(_eval_section(line, ev, repeat))
+    return line
 
 
 def read_results(path: str | Path) -> list[dict]:
@@ -410,6 +549,32 @@ def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f}"
 
 
+def _fits(row: dict) -> int:
+    """Fits behind a results line (lines written before --repeats existed: one)."""
+    return row.get("fits") or 1
+
+
+def is_seeded(row: dict) -> bool:
+    """True when the row's privacy noise came from its seed: ``seeded-insecure``, or a line from before
+    ``noise_source`` was recorded (all of those were seeded). The ``real`` reference has no noise."""
+    return row["method"] != "real" and row.get("noise_source") in SEEDED
+
+
+def _cell(row: dict, key: str, fmt) -> str:  # noqa: ANN001 - fmt: value -> str
+    """``mean ± sd (fits)`` when the line holds several fits, the plain number otherwise; ``-`` when missing."""
+    v = row.get(key)
+    if v is None:
+        return "-"
+    sd = row.get(key + "_sd")
+    if _fits(row) > 1 and sd is not None:
+        return f"{fmt(v)} ± {fmt(sd)} ({_fits(row)})"
+    return fmt(v)
+
+
+def _method_cell(row: dict) -> str:
+    return row_label(row) + (" (seeded)" if is_seeded(row) else "")
+
+
 def latest_rows(rows: list[dict]) -> list[dict]:
     """The latest line per (method, preset, epsilon, eval mode, feature network), sorted."""
     latest: dict[tuple, dict] = {}
@@ -423,7 +588,7 @@ def latest_rows(rows: list[dict]) -> list[dict]:
 def render_table(rows: list[dict], suite: str = "fmnist") -> str:
     """Markdown: one accuracy table, and one fidelity table per feature network (never mixed)."""
     rows = latest_rows(rows)
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     out = [f"# Benchmark results: {suite}", "",
            "Accuracy (%) of classifiers trained on 60,000 synthetic images and tested on the 10,000 real test "
            "images (model selection on the 5,000 validation images only). epsilon spent is the run's ledger (PLD); "
@@ -434,38 +599,48 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
         mem = r.get("memorization") or {}
         memtxt = "-" if not mem else f"{mem['frac_closer_than_heldout_p1']:.3f}" + (" (!)" if mem["flagged"] else "")
         mode = " (smoke eval)" if r.get("eval_mode") == "smoke" else ""
+        more = f" (+{len(r['run_dirs']) - 1} more)" if len(r.get("run_dirs") or ()) > 1 else ""
         out.append(
-            f"| {row_label(r)}{mode} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r.get('epsilon_spent'))} | "
-            f"{pct(r.get('acc_cnn'))} | {pct(r.get('acc_mlp'))} | {pct(r.get('acc_logreg'))} | {memtxt} | "
+            f"| {_method_cell(r)}{mode} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r.get('epsilon_spent'))} | "
+            f"{_cell(r, 'acc_cnn', pct)} | {_cell(r, 'acc_mlp', pct)} | {_cell(r, 'acc_logreg', pct)} | {memtxt} | "
             f"{_minutes(r.get('fit_s'))} | {_minutes(r.get('eval_s'))} | {_fmt(r.get('peak_mem_mb'))} | "
-            f"`{r['run_dir']}` |")
+            f"`{r['run_dir']}`{more} |")
     out += ["", "`real`: classifiers trained on the real private training images (no privacy; its epsilon column only "
             "places it beside the private rows; fidelity is the training set against itself and memorization is "
             "flagged by construction). `dpsgd-classifier`: a GroupNorm/tanh CNN trained with DP-SGD directly on the "
             "private images (the task-specific ceiling; no images, so only its CNN column). memorized: fraction of "
             "synthetic images closer to a private image than 99% of real held-out images are; (!) above 0.05."]
+    if any(_fits(r) > 1 for r in rows):
+        out += ["", "`mean ± sd (R)`: mean and sample standard deviation over R fits (`dpimages bench --repeats R`), "
+                "each with its own secret noise and seed (seed + k); times are means, peak memory the largest, run "
+                "the first fit's directory."]
+    if any(is_seeded(r) for r in rows):
+        out += ["", "(seeded): the privacy noise of this row was drawn from its `--seed` (lines written before "
+                "the noise came from the OS CSPRNG record no `noise_source`, and were all seeded; later ones say "
+                "`seeded-insecure`). Its numbers are valid measurements of the method, but the run's outputs are "
+                "not private for anyone who knows the seed."]
     for net in sorted({r["feature_net"] for r in rows if r.get("feature_net")}):
         out += ["", f"## Fidelity in the feature space of `{net}`", "",
                 "| method | preset | epsilon | FID | KID | precision | recall |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.get("feature_net") == net:
-                out.append(f"| {row_label(r)} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r['fid'])} | "
-                           f"{_fmt(r['kid'])} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} |")
+                out.append(f"| {_method_cell(r)} | {r['preset']} | {_fmt(r['epsilon'])} | {_cell(r, 'fid', _fmt)} "
+                           f"| {_fmt(r['kid'])} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} |")
     students = [r for r in rows if r.get("student_test_accuracy") is not None]
     if students:
         out += ["", "## DP student classifiers", "",
                 "Methods that also release a classifier (dpdfd's DP student): its own accuracy on the real test "
                 "images, beside the CNN trained on its synthetic images.", "",
                 "| method | preset | epsilon | student accuracy | CNN on synthetic images |", "|---|---|---|---|---|"]
-        out += [f"| {row_label(r)} | {r['preset']} | {_fmt(r['epsilon'])} | {pct(r['student_test_accuracy'])} | "
-                f"{pct(r.get('acc_cnn'))} |" for r in students]
+        out += [f"| {_method_cell(r)} | {r['preset']} | {_fmt(r['epsilon'])} | "
+                f"{_cell(r, 'student_test_accuracy', pct)} | {_cell(r, 'acc_cnn', pct)} |" for r in students]
     devices = sorted({r["device"] for r in rows if r.get("device")})
     out += ["", "Measured on: " + "; ".join(devices) if devices else ""]
     return "\n".join(out).rstrip() + "\n"
 
 
 def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
-    """PNG: test accuracy against epsilon, one line per method, one panel per classifier."""
+    """PNG: test accuracy against epsilon, one line per method, one panel per classifier (bars: ± sd of fits)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -482,14 +657,15 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
     for ax, (key, title) in zip(axes, panels, strict=True):
         for method in sorted({row_label(r) for r in rows}):
             for preset in sorted({r["preset"] for r in rows if row_label(r) == method}):
-                pts = sorted((r["epsilon"], r[key]) for r in rows
+                pts = sorted((r["epsilon"], r[key], r.get(key + "_sd") or 0.0) for r in rows
                              if row_label(r) == method and r["preset"] == preset and r.get(key) is not None)
                 if not pts:
                     continue
-                xs, ys = zip(*pts, strict=True)
+                xs, ys, sds = zip(*pts, strict=True)
                 style = "--" if method == "real" else ":" if method == "dpsgd-classifier" else "-"
-                ax.plot(xs, [100 * y for y in ys], style, marker="o", color=colours[(method, preset)],
-                        label=f"{method} ({preset})")
+                ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * s for s in sds] if any(sds) else None,
+                            fmt=style, marker="o", capsize=3, color=colours[(method, preset)],
+                            label=f"{method} ({preset})")
         ax.set_xscale("log")
         ax.set_xlabel("epsilon (delta 1e-5)")
         ax.set_title(title)
@@ -525,5 +701,5 @@ def write_table(out_dir: str | Path, suite_name: str = "fmnist") -> tuple[str, P
     return text, md_path, png
 
 
-__all__ = ["SUITES", "BenchOptions", "Suite", "plot_accuracy", "read_results", "render_table", "run_bench",
-           "write_table"]
+__all__ = ["SUITES", "BenchOptions", "Suite", "combine_fits", "is_seeded", "plot_accuracy", "read_results",
+           "render_table", "run_bench", "write_table"]

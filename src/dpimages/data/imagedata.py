@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +18,11 @@ MIN_SIDE, MAX_SIDE = 8, 1024  # pixels per image side that every loader accepts
 class ImageData:
     """uint8 images (N, H, W, C), int64 labels (N,) or None, class names, a name.
 
-    `fingerprint` is a SHA-256 of shapes, pixels and labels: a run records it
-    and refuses to resume on different data. It identifies the data set; it
-    is not a privacy release.
+    `fingerprint` is an unkeyed SHA-256 of shapes, pixels and labels. Of
+    private data it is never written to a file a user may share (anyone with
+    a candidate data set could confirm it): runs keep only `keyed_digest`
+    under ``checkpoints/`` and compare fingerprints in memory. `public_id`
+    (a shortened fingerprint) names PUBLIC data sets in shareable files.
     """
 
     images: np.ndarray
@@ -53,6 +56,20 @@ class ImageData:
                 h.update(np.ascontiguousarray(self.labels).tobytes())
             self.notes["_fingerprint"] = "sha256:" + h.hexdigest()
         return self.notes["_fingerprint"]
+
+    @property
+    def public_id(self) -> str:
+        """A short identifier (16 hex digits of `fingerprint`) of a PUBLIC data set, for shareable files."""
+        return self.fingerprint[: len("sha256:") + 16]
+
+    def keyed_digest(self, key: bytes) -> str:
+        """HMAC-SHA256 under `key` of shapes, pixels, labels and class names (the run's keyed data check)."""
+        h = hmac.new(key, digestmod=hashlib.sha256)
+        h.update(repr((self.images.shape, self.labels is None, self.classes)).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()
 
     def subset(self, index: np.ndarray, name: str | None = None) -> ImageData:
         labels = None if self.labels is None else self.labels[index]

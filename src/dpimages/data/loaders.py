@@ -138,7 +138,13 @@ def load_fashion_mnist(split: str = "train", directory: str | None = None) -> Im
     raise InputError(f"unknown fashion-mnist split {split!r}; use train, val, test or full")
 
 
-def load_npz(path: str) -> ImageData:
+def load_npz(path: str, num_classes: int | None = None) -> ImageData:
+    """images (uint8), optional integer labels and class names from an .npz.
+
+    Without a ``classes`` array the class count is `num_classes` when given; else it is derived from the
+    labels and marked ``notes["classes_from_labels"]``: a fit refuses such private data, since the count
+    (the largest label + 1) would be an exact statistic of the private labels.
+    """
     p = Path(path)
     if not p.is_file():
         raise InputError(f"file not found: {p}")
@@ -159,13 +165,21 @@ def load_npz(path: str) -> ImageData:
         if not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"{p}: 'labels' must be integers, got {labels.dtype}")
         labels = labels.astype(np.int64)
+    notes: dict = {}
     if "classes" in arrays:
         classes = [str(c) for c in arrays["classes"].tolist()]
+        if num_classes is not None and num_classes != len(classes):
+            raise InputError(f"{p}: --num-classes {num_classes} but the file names {len(classes)} classes")
+    elif num_classes is not None:
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise InputError(f"--num-classes must be a positive integer, got {num_classes}")
+        classes = [str(i) for i in range(int(num_classes))]
     elif labels is not None and labels.size:
         classes = [str(i) for i in range(max(int(labels.max()) + 1, 1))]
+        notes["classes_from_labels"] = True
     else:
         classes = ["0"]
-    return ImageData(images, labels, classes, f"npz:{p.name}")
+    return ImageData(images, labels, classes, f"npz:{p.name}", notes)
 
 
 def load_folder(path: str, skip_bad: bool = False) -> ImageData:
@@ -279,11 +293,13 @@ def load_digits_28() -> ImageData:
     return ImageData(images, d.target.astype(np.int64), DIGIT_CLASSES, "digits")
 
 
-def load(spec: str, *, skip_bad: bool = False) -> ImageData:
-    """Load a data spec (see module docstring)."""
+def load(spec: str, *, skip_bad: bool = False, num_classes: int | None = None) -> ImageData:
+    """Load a data spec (see module docstring); `num_classes` names the class count of an npz without classes."""
     if not isinstance(spec, str) or not spec:
         raise InputError("a data spec is required, e.g. fashion-mnist or npz:PATH")
     kind, _, rest = spec.partition(":")
+    if num_classes is not None and kind != "npz":
+        raise InputError(f"--num-classes applies to npz data only (the other specs name their classes), got {spec!r}")
     if kind.startswith("fashion-mnist"):
         directory = None
         if "@" in spec:
@@ -293,7 +309,7 @@ def load(spec: str, *, skip_bad: bool = False) -> ImageData:
             raise InputError(f"unknown data spec {spec!r}")
         return load_fashion_mnist(rest or "train", directory)
     loaders = {
-        "npz": lambda: load_npz(rest),
+        "npz": lambda: load_npz(rest, num_classes),
         "folder": lambda: load_folder(rest, skip_bad),
         "cifar10": lambda: load_cifar10(rest),
         "mnist-5k": load_mnist_5k,

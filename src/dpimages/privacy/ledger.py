@@ -33,6 +33,12 @@ from dpimages.errors import BudgetExceeded, InputError
 
 NEIGHBOURING = "add-remove"
 NEIGHBOURING_TEXT = "add or remove one image together with its label"
+# What every report and privacy.json states about the relation's public quantity (N) and its scope.
+ASSUMPTIONS_TEXT = (
+    "add or remove one image together with its label; the data set size N is treated as public (the DP-SGD "
+    "sampling rate q = B/N and automatic sizes are computed from it)"
+)
+NOISE_SOURCES = ("os-csprng", "seeded-insecure")
 PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independent checkers)
 RDP_ORDERS = [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
 
@@ -172,14 +178,16 @@ class PrivacyLedger:
         delta: float,
         *,
         path: str | os.PathLike | None = None,
-        data_fingerprint: str | None = None,
         dataset_size: int | None = None,
+        noise_source: str = "os-csprng",
     ) -> None:
         validate_budget(epsilon, delta, dataset_size)
+        if noise_source not in NOISE_SOURCES:
+            raise InputError(f"noise_source must be one of {', '.join(NOISE_SOURCES)}, got {noise_source!r}")
         self.epsilon_budget = float(epsilon)
         self.delta = float(delta)
         self.path = Path(path) if path is not None else None
-        self.data_fingerprint = data_fingerprint
+        self.noise_source = noise_source
         self.dataset_size = dataset_size
         self.events: list[PrivacyEvent] = []
         self._reserved: list[PrivacyEvent] = []
@@ -266,7 +274,9 @@ class PrivacyLedger:
             "RDP as cross-check",
             "neighbouring": NEIGHBOURING,
             "neighbouring_text": NEIGHBOURING_TEXT,
-            "data_fingerprint": self.data_fingerprint,
+            "assumptions": ASSUMPTIONS_TEXT,
+            "noise_source": self.noise_source,
+            "private": self.noise_source == "os-csprng",
             "dataset_size": self.dataset_size,
             "events": [e.to_json() for e in self.events],
         }
@@ -286,7 +296,7 @@ class PrivacyLedger:
 
     @classmethod
     def from_json(cls, d: dict, path: str | os.PathLike | None = None) -> PrivacyLedger:
-        ledger = cls(d["epsilon_budget"], d["delta"], path=path, data_fingerprint=d.get("data_fingerprint"))
+        ledger = cls(d["epsilon_budget"], d["delta"], path=path, noise_source=d.get("noise_source", "seeded-insecure"))
         ledger.dataset_size = d.get("dataset_size")
         ledger.events = merge_events(PrivacyEvent.from_json(e) for e in d.get("events", []))
         return ledger

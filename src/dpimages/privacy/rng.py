@@ -1,11 +1,22 @@
 """Sources of randomness for privacy noise and Poisson sampling.
 
 A `NoiseSource` is the only object from which dpimages draws privacy noise
-and sampling decisions. It is either seeded (reproducible runs with
-``--seed``) or secure (``--secure-rng``: bits from the operating system's
-cryptographically secure generator, ``os.urandom``). No global RNG is used.
-Every Gaussian draw increments `gaussian_draws`, so tests can check that the
-number of noise draws equals the ledger's step count.
+and sampling decisions. By default it is **secure**: every bit comes from the
+operating system's cryptographically secure generator (``os.urandom``), so no
+one, not even the holder of the run's ``--seed``, can recompute the noise and
+subtract it from a release. ``NoiseSource.seeded(seed)`` (``dpimages fit
+--insecure-seeded-noise``) is reproducible and for tests only: anyone who
+knows the seed can replay the noise, so such a run is *not* differentially
+private, and its ledger says so (``noise_source: seeded-insecure``). No global
+RNG is used. Every Gaussian draw increments `gaussian_draws`, so tests can
+check that the number of noise draws equals the ledger's step count.
+
+Floating point: Gaussians are drawn in float64 (Box-Muller over 53-bit
+uniforms) and rounded to the release's dtype. Like Opacus and every other
+floating-point implementation, this leaves the known attack surface of
+floating-point noise (Mironov 2012; Jin et al. 2022): the low-order bits of a
+noisy value are not perfectly Gaussian. A discrete or snapping mechanism would
+close it; we do not claim it is closed.
 """
 
 from __future__ import annotations
@@ -17,25 +28,38 @@ import os
 import numpy as np
 import torch
 
+SECURE = "os-csprng"
+SEEDED = "seeded-insecure"
+
 
 class NoiseSource:
-    """Gaussian noise and Bernoulli sampling from a seeded or secure generator."""
+    """Gaussian noise and Bernoulli sampling: OS CSPRNG by default, seeded (insecure, tests) on request.
 
-    def __init__(self, seed: int | None = 0, *, secure: bool = False) -> None:
-        self.secure = secure
-        self.seed = None if secure else int(seed or 0)
+    ``NoiseSource()`` is secure. ``NoiseSource(seed)`` / ``NoiseSource.seeded(seed)`` draws from a torch
+    generator seeded with `seed`: reproducible, and not private for anyone who knows the seed.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.secure = seed is None
+        self.seed = None if seed is None else int(seed)
         self._generator = torch.Generator(device="cpu")
-        if not secure:
+        if self.seed is not None:
             self._generator.manual_seed(self.seed)
         self.gaussian_draws = 0
 
     @classmethod
     def seeded(cls, seed: int) -> NoiseSource:
-        return cls(seed, secure=False)
+        """Reproducible noise from `seed`: for tests only (not private for anyone who knows the seed)."""
+        return cls(int(seed))
 
     @classmethod
     def secure_source(cls) -> NoiseSource:
-        return cls(None, secure=True)
+        return cls(None)
+
+    @property
+    def kind(self) -> str:
+        """``os-csprng`` or ``seeded-insecure``: what privacy.json records as ``noise_source``."""
+        return SECURE if self.secure else SEEDED
 
     # -- drawing ---------------------------------------------------------------
     def _secure_uniform(self, n: int) -> torch.Tensor:
@@ -74,12 +98,6 @@ class NoiseSource:
         else:
             u = torch.rand(n, generator=self._generator, dtype=torch.float64)
         return u < p
-
-    def integers(self, high: int, size: int) -> torch.Tensor:
-        """Uniform integers in [0, high) (used for non-private choices too)."""
-        if self.secure:
-            return (self._secure_uniform(size) * high).long().clamp_(max=high - 1)
-        return torch.randint(high, (size,), generator=self._generator)
 
     # -- checkpointing ---------------------------------------------------------
     def state(self) -> dict:

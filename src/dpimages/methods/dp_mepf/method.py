@@ -145,7 +145,7 @@ class DPMEPF(MethodSynthesizer):
                 log=log,
             )
             trunk.tap = cfg.feature_tap
-            self.feature_info = {"source": "public", "public": public.name, "public_fingerprint": public.fingerprint,
+            self.feature_info = {"source": "public", "public": public.name, "public_fingerprint": public.public_id,
                                  **facts}
             return [trunk]
         path = Path(cfg.feature_path)

@@ -149,7 +149,7 @@ class PE(MethodSynthesizer):
             trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes,
                                             channels=cfg.feature_channels, epochs=cfg.public_epochs,
                                             seed=cfg.feature_seed, log=log)
-            return trunk, {"source": "public", "public": public.name, "public_fingerprint": public.fingerprint,
+            return trunk, {"source": "public", "public": public.name, "public_fingerprint": public.public_id,
                            **facts}
         path = Path(cfg.feature_path)
         trunk, meta = load_trunk(path, tap="post")

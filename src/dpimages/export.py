@@ -1,0 +1,106 @@
+"""`dpimages export RUN OUT`: copy exactly the shareable part of a finished run, with a MANIFEST.
+
+What is shareable, and why (each file's reason is written into ``OUT/MANIFEST``):
+
+* ``report.md``, ``privacy.json``, ``config.yaml``: the run's description and
+  ledger. They hold the method's settings, the budget, the noise scales and N
+  (treated as public), no statistic of the private data and no unkeyed
+  fingerprint of it.
+* ``metrics.jsonl``: noisy or public values only (no per-step timing).
+* ``samples/``: synthetic images and grids, post-processing of DP releases.
+* ``model/weights.safetensors`` + ``model/model.json``: the weights a method
+  samples from (`Synthesizer.state_dict`), post-processing of its DP releases,
+  with the public facts needed to rebuild it.
+
+Never copied: ``checkpoints/`` (training state, optimizer moments and the
+keyed data check, whose key would let its holder confirm a candidate data
+set) and ``private-eval/`` (evaluation against the private data without
+noise). A run whose noise was seeded (``--insecure-seeded-noise``) is refused:
+its noise can be recomputed from the seed, so nothing in it is private.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from dpimages.errors import InputError
+from dpimages.runs import Run
+
+# file name (relative to the run) -> why it may be shared
+SHAREABLE_FILES = {
+    "report.md": "run description and privacy report: settings, budget, noise scales, N (public); no private data",
+    "privacy.json": "the ledger: DP events, noise multipliers, sample rates, epsilon; no private data",
+    "config.yaml": "resolved config, seed (not the noise), versions, N (public); no fingerprint of the data",
+    "metrics.jsonl": "logged noisy or public values (no per-step timing); post-processing of DP releases",
+}
+SAMPLES_REASON = "synthetic images: post-processing of the run's DP releases"
+WEIGHTS_REASON = "the sampling model's weights: post-processing of the run's DP releases"
+MODEL_JSON_REASON = "public facts needed to sample the weights (method, config, classes, image shape)"
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes (chunked)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """Copy the shareable files of the finished run in `run_dir` to the new folder `out_dir`.
+
+    Returns the (relative path, reason) pairs written to ``OUT/MANIFEST``. InputError (nothing written) for a
+    folder that is not a run, an unfinished run, a seeded-insecure run or a non-empty `out_dir`.
+    """
+    from dpimages.api import load_synthesizer  # the registry imports methods; keep `dpimages export` light
+
+    run = Run(run_dir)
+    cfg = run.read_config()
+    if not run.privacy_path.exists():
+        raise InputError(f"{run.path}: no privacy.json: not a run that can be exported")
+    privacy = json.loads(run.privacy_path.read_text())
+    source = privacy.get("noise_source", "seeded-insecure")  # ledgers from before noise_source were seeded
+    if source != "os-csprng":
+        raise InputError(f"{run.path}: its noise is {source} (drawn from the seed), so its outputs are not private; "
+                         "refit without --insecure-seeded-noise to get something to share")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"export: {out} exists and is not an empty folder: choose a new one")
+    synth = load_synthesizer(run.path, "cpu")  # InputError for an unfinished run
+    tensors = synth.state_dict()
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[str, str]] = []
+    for name, why in SHAREABLE_FILES.items():
+        if (run.path / name).is_file():
+            shutil.copy2(run.path / name, out / name)
+            written.append((name, why))
+    if run.samples_dir.is_dir():
+        for f in sorted(run.samples_dir.iterdir()):
+            if f.is_file() and not f.is_symlink():
+                (out / "samples").mkdir(exist_ok=True)
+                shutil.copy2(f, out / "samples" / f.name)
+                written.append((f"samples/{f.name}", SAMPLES_REASON))
+    (out / "model").mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(weights, str(out / "model" / "weights.safetensors"))
+    written.append(("model/weights.safetensors", WEIGHTS_REASON))
+    model_json = {"method": cfg.get("method"), "config": cfg.get("config"), **synth.meta()}
+    (out / "model" / "model.json").write_text(json.dumps(model_json, indent=1))
+    written.append(("model/model.json", MODEL_JSON_REASON))
+
+    lines = [f"# dpimages export of {run.path.name}: every file here may be shared (epsilon "
+             f"{privacy['epsilon']:.4f}, delta {privacy['delta']:g}, noise {source})",
+             "# sha256  path  why it may be shared"]
+    lines += [f"{sha256_file(out / rel)}  {rel}  {why}" for rel, why in written]
+    lines.append("# not exported (owner only): checkpoints/ (training state, keyed data check), private-eval/ "
+                 "(evaluation against the private data without noise)")
+    (out / "MANIFEST").write_text("\n".join(lines) + "\n")
+    return written
