@@ -2,9 +2,10 @@
 
 Runs the real `dpimages fit dpdm` on Fashion-MNIST (the preset's schedule,
 calibrated sigma, ledger and all) for ``--steps`` DP steps in each
-configuration, reads the last ``steps_per_s`` the run logged to
-metrics.jsonl, and extrapolates the preset's whole fit. Run it on an idle
-machine: other jobs on the same cores distort every number.
+configuration, reads the ``steps_per_s`` of the run's ``paused`` (or
+``train_done``) event in metrics.jsonl (the mean over the run's steps: no
+per-step time is logged), and extrapolates the preset's whole fit. Run it on
+an idle machine: other jobs on the same cores distort every number.
 
     python benchmarks/dpdm_cores.py --preset cpu --steps 40 --out benchmarks/results/dpdm_cores.json
 
@@ -40,7 +41,7 @@ CONFIGS = {  # name: (processes, threads per process)
 def run_config(processes: int, threads: int, preset: str, steps: int, overrides: list[str], run_dir: Path,
                total: int) -> dict:
     fit = ["fit", "dpdm", "--data", "fashion-mnist", "--epsilon", "10", "--preset", preset, "--device", "cpu",
-           "--run-dir", str(run_dir), f"steps_per_run={steps}", f"log_every={max(1, min(10, steps // 2))}", *overrides]
+           "--run-dir", str(run_dir), f"steps_per_run={steps}", *overrides]
     if processes == 1:
         cmd = [sys.executable, "-m", "dpimages", *fit]
     else:
@@ -51,7 +52,7 @@ def run_config(processes: int, threads: int, preset: str, steps: int, overrides:
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.time() - t
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [m["steps_per_s"] for m in metrics if "steps_per_s" in m]
+    rates = [m["steps_per_s"] for m in metrics if m.get("event") in ("paused", "train_done")]
     return {"processes": processes, "threads": threads, "steps_run": steps, "wall_s": round(wall, 1),
             "steps_per_s": rates[-1], "preset_steps": total, "fit_min_extrapolated": round(total / rates[-1] / 60, 1)}
 

@@ -390,7 +390,7 @@ def test_cli_fit_crash_resume_sample(tiny_npz, tmp_path, monkeypatch, capsys):
 def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch, overrides):
     data = load(f"npz:{tiny_npz}")
     straight = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "a", preset="smoke", overrides=overrides,
-                       progress=False)
+                       progress=False, insecure_seeded_noise=True)
     original_grid = DPMEPF._grid
 
     def crashing_grid(self, gen, path, per_class=10):
@@ -401,10 +401,10 @@ def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch, o
     monkeypatch.setattr(DPMEPF, "_grid", crashing_grid)
     with pytest.raises(_Crash):
         fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", overrides=overrides,
-                progress=False)
+                progress=False, insecure_seeded_noise=True)
     monkeypatch.setattr(DPMEPF, "_grid", original_grid)
     resumed = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", overrides=overrides,
-                      resume=True, progress=False)
+                      resume=True, progress=False, insecure_seeded_noise=True)
     assert resumed.synthesizer.cells == straight.synthesizer.cells == (4 if overrides else 1)
     assert [e.label for e in resumed.ledger.events] == [e.label for e in straight.ledger.events]
     a, b = straight.synthesizer.state_dict(), resumed.synthesizer.state_dict()

@@ -100,13 +100,15 @@ def test_release_records_a_gaussian_event_with_sensitivity_2c_before_noise():
 
 # -- a whole fit: ledger, and no file depends on the teacher beyond the noisy updates ----------
 def _files(run: Path) -> dict[str, object]:
-    """Every file of a run, with what may legitimately differ between two fits (times) removed."""
+    """Every file of a run, with what may legitimately differ between two fits (times, the data check's key) removed."""
     timing = {"time", "train_s", "teacher_s", "steps_per_s", "fit_s", "created"}
     out: dict[str, object] = {}
     for f in sorted(run.rglob("*")):
         if not f.is_file():
             continue
         rel_name = str(f.relative_to(run))
+        if f.name == "data-check.json":  # an HMAC under a fresh random key per run (owner only)
+            continue
         if f.suffix == ".safetensors":
             out[rel_name] = {k: v.numpy().tobytes() for k, v in load_file(str(f)).items()}
         elif f.name == "metrics.jsonl":
@@ -142,7 +144,8 @@ def test_outputs_depend_on_the_teacher_only_through_the_released_updates(tiny_np
 
     monkeypatch.setattr(rel, "release_update", recording_release)
     monkeypatch.setattr(rel, "train_teacher", keep_teacher)
-    a = fit_run("dpdfd", data, epsilon=EPS, run_dir=tmp_path / "a", preset="smoke", progress=False)
+    a = fit_run("dpdfd", data, epsilon=EPS, run_dir=tmp_path / "a", preset="smoke", progress=False,
+            insecure_seeded_noise=True)
 
     # the ledger: exactly `steps` Gaussian releases at the calibrated multiplier, meeting the target
     sigma = calibrate_gaussian(EPS, 1e-5, count=SMOKE_STEPS)
@@ -188,7 +191,8 @@ def test_outputs_depend_on_the_teacher_only_through_the_released_updates(tiny_np
 
     monkeypatch.setattr(rel, "release_update", replaying_release)
     monkeypatch.setattr(rel, "train_teacher", other_teacher)
-    b = fit_run("dpdfd", data, epsilon=EPS, run_dir=tmp_path / "b", preset="smoke", progress=False)
+    b = fit_run("dpdfd", data, epsilon=EPS, run_dir=tmp_path / "b", preset="smoke", progress=False,
+            insecure_seeded_noise=True)
     files_b = _files(tmp_path / "b")
     assert files_b.keys() == files_a.keys()
     for name in files_a:
@@ -198,7 +202,8 @@ def test_outputs_depend_on_the_teacher_only_through_the_released_updates(tiny_np
     # without replay, the teacher does change the released updates (the test above is not vacuous)
     monkeypatch.setattr(rel, "release_update", recording_release)
     released.clear()
-    fit_run("dpdfd", data, epsilon=EPS, run_dir=tmp_path / "c", preset="smoke", progress=False)
+    fit_run("dpdfd", data, epsilon=EPS, run_dir=tmp_path / "c", preset="smoke", progress=False,
+            insecure_seeded_noise=True)
     assert _files(tmp_path / "c")[STUDENT_FILE] != files_a[STUDENT_FILE]
 
 

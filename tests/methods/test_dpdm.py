@@ -10,10 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from dpimages.api import create, method_class
 from dpimages.errors import InputError
+from dpimages.methods.dpdm.method import _TRAIN_SEED_OFFSET, example_seeds, step_key
 from dpimages.nets.edm import (
     SIGMA_DATA,
     EDMDenoiser,
@@ -28,6 +30,7 @@ from dpimages.nets.edm import (
 from dpimages.nets.unet import UNet
 from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, validate_model
+from dpimages.runs import rng_state
 
 
 class Recorder(nn.Module):
@@ -270,6 +273,17 @@ def test_fit_resume_sample_cli(tiny_npz, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("event") == "paused" for m in metrics)
     assert not any("loss" in k for m in metrics for k in m)  # no per-batch loss on private data is released
+    # no per-step time (a step's time grows with its private batch size): only whole-run times, in events
+    timing = {"train_s", "steps_per_s"}
+    assert not any(timing & m.keys() for m in metrics if "event" not in m)
+    assert all(timing <= m.keys() for m in metrics if m.get("event") in ("paused", "train_done"))
+    # the training generator took one step key per DP step run (3, then planned - 4 after the simulated crash),
+    # whatever the Poisson batches, and the resumed run restored it from the checkpoint
+    seed = yaml.safe_load((run / "config.yaml").read_text())["seed"]
+    g = torch.Generator().manual_seed(seed + _TRAIN_SEED_OFFSET)
+    for _ in range(planned - 1):
+        step_key(g)
+    assert json.loads((run / "checkpoints" / "state.json").read_text())["train_rng"] == rng_state(g)
     assert (run / "samples" / "grid-final.png").exists() and "dpdm" in (run / "report.md").read_text().lower()
 
     res = dpimages("sample", str(run), "--n", "50", "--out", str(tmp_path / "s.npz"), env_cache=cache)
@@ -311,30 +325,91 @@ def test_smoke_schedule_is_capped_whatever_the_data_size():
     assert schedule(100, 32, 1.0, max_steps=12) == (0.32, 3)  # the cap never adds steps
 
 
-# -- several processes (torchrun) --------------------------------------------------------------------
-@pytest.mark.parametrize("world", [2, 3])
-def test_shards_get_the_draws_of_one_process(monkeypatch, world):
-    """Each rank's examples get exactly the training draws that one process gives them (any world size)."""
-    import dpimages.methods.dpdm.method as dpdm_method
-
-    synth = create("dpdm", "smoke", physical_batch=4)
+# -- keyed training draws; several processes (torchrun) ----------------------------------------------
+def keyed_synth(**overrides):
+    """A smoke DPDM on 4x4x1 images with K = 2 and label dropout 0.5 (both outcomes appear), plus its model."""
+    synth = create("dpdm", "smoke", **{"physical_batch": 4, "multiplicity": 2, "label_dropout": 0.5, **overrides})
     synth.num_classes, synth.image_shape = 10, (4, 4, 1)
-    model = synth.new_model()
-    full = torch.arange(100, 111)  # a batch of 11 examples: chunks of 4, 4, 3
-    ref = list(synth._shard(full, torch.Generator().manual_seed(3), model))
-    assert [p[0].tolist() for p in ref] == [[100, 101, 102, 103], [104, 105, 106, 107], [108, 109, 110]]
-    ref_draws = [torch.cat(ts) for ts in zip(*ref, strict=True)]
+    return synth, synth.new_model()
+
+
+def step_draws(synth, model, idx: torch.Tensor, g: torch.Generator) -> dict[int, tuple[torch.Tensor, ...]]:
+    """One step's training draws through `_shard`, by dataset index: {i: (sigma, noise, drop)}."""
+    pieces = list(synth._shard(idx, g, model))
+    assert all(0 < p[0].numel() <= synth.config.physical_batch for p in pieces)
+    out = {}
+    for part, *draws in pieces:
+        for j, i in enumerate(part.tolist()):
+            out[i] = tuple(d[j] for d in draws)
+    assert list(out) == idx.tolist()  # every example once, in the shard's order
+    return out
+
+
+def test_training_draws_depend_on_the_step_key_and_own_index_only():
+    """Adding or removing examples changes neither the other examples' draws nor the generator's later state.
+
+    The old code drew the whole batch in order from one generator: example 17's draws depended on its position
+    and the generator's state after a step on the (private) batch size.
+    """
+    synth, model = keyed_synth()
+    big = torch.tensor([3, 99, 0, 17, 54, 8, 41, 77, 12, 60, 5, 33, 21, 90, 2, 71, 38, 66, 45, 9, 84])
+    batches = {"big": big, "small": torch.tensor([17]), "reordered": big.flip(0), "empty": torch.tensor([], dtype=int)}
+    gens = {name: torch.Generator().manual_seed(3) for name in batches}
+    draws = {name: step_draws(synth, model, idx, gens[name]) for name, idx in batches.items()}
+    states = {name: g.get_state() for name, g in gens.items()}
+    for name in ("small", "reordered", "empty"):
+        assert torch.equal(states[name], states["big"]), name  # the same generator state whatever the batch
+    for name in ("small", "reordered"):
+        for i, mine in draws[name].items():
+            for a, b in zip(mine, draws["big"][i], strict=True):
+                assert torch.equal(a, b), (name, i)
+    # the next step has a fresh key: other draws for the same example; the step key is all a step takes from g
+    again = step_draws(synth, model, torch.tensor([17]), gens["small"])
+    assert not torch.equal(again[17][1], draws["small"][17][1])
+    g = torch.Generator().manual_seed(3)
+    step_key(g)
+    step_key(g)
+    assert torch.equal(g.get_state(), gens["small"].get_state())
+    # distinct examples get distinct draws, with EDM's log-normal sigma and the configured dropout rate
+    sigma, noise, drop = (torch.stack(ts) for ts in zip(*draws["big"].values(), strict=True))
+    assert sigma.shape == (21, 2) and noise.shape == (21, 2, 1, 4, 4) and drop.dtype == torch.bool
+    assert len({tuple(n.flatten().tolist()) for n in noise}) == 21 and 0 < drop.float().mean() < 1
+    many = step_draws(synth, model, torch.arange(2000), torch.Generator().manual_seed(5))
+    sigma, noise, drop = (torch.stack(ts) for ts in zip(*many.values(), strict=True))
+    assert sigma.log().mean().item() == pytest.approx(model.p_mean, abs=0.05)
+    assert sigma.log().std().item() == pytest.approx(model.p_std, abs=0.05)
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.01) and noise.std().item() == pytest.approx(1, abs=0.01)
+    assert drop.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    synth0, model0 = keyed_synth(label_dropout=0.0)
+    assert not any(d[2].any() for d in step_draws(synth0, model0, torch.arange(50), torch.Generator()).values())
+
+
+def test_example_seeds_are_distinct_in_32_bits_and_keyed():
+    idx = torch.arange(0, 60000)
+    seeds = example_seeds(2**62 + 12345, idx)
+    assert len({s & 0xFFFFFFFF for s in seeds}) == idx.numel()  # distinct even for the CPU's 32-bit seeding
+    assert all(0 <= s < 2**64 for s in seeds)
+    assert example_seeds(2**62 + 12345, idx[[7, 3]]) == [seeds[7], seeds[3]]
+    assert not set(seeds) & set(example_seeds(2**62 + 12346, idx))  # another key: other seeds
+    assert not set(seeds) & set(example_seeds(2**62 + 12345 + 2**32, idx))  # either half of the key counts
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_get_the_draws_of_one_process(world):
+    """Each rank, drawing only its own examples, gives them exactly one process's draws (any world size)."""
+    synth, model = keyed_synth()
+    full = torch.arange(100, 111)  # a batch of 11 examples: pieces of 4, 4, 3 in one process
+    ref = step_draws(synth, model, full, torch.Generator().manual_seed(3))
+    after = torch.Generator().manual_seed(3)
+    step_key(after)  # every rank's generator after the step: one key taken, as in one process
     seen = []
     for rank in range(world):
-        monkeypatch.setattr(dpdm_method, "rank_and_world", lambda r=rank: (r, world))
-        monkeypatch.setattr(dpdm_method, "sum_over_ranks", lambda n: full.numel())
-        pieces = list(synth._shard(full[rank::world], torch.Generator().manual_seed(3), model))
-        assert all(p[0].numel() <= 2 * 4 for p in pieces)  # pieces stay near physical_batch
-        idx, *draws = (torch.cat(ts) for ts in zip(*pieces, strict=True))
-        assert torch.equal(idx, full[rank::world])
-        for mine, whole in zip(draws, ref_draws[1:], strict=True):
-            assert torch.equal(mine, whole[rank::world])
-        seen += idx.tolist()
+        g = torch.Generator().manual_seed(3)
+        mine = step_draws(synth, model, full[rank::world], g)
+        assert torch.equal(g.get_state(), after.get_state())
+        for i, draws in mine.items():
+            assert all(torch.equal(a, b) for a, b in zip(draws, ref[i], strict=True))
+        seen += list(mine)
     assert sorted(seen) == full.tolist()
 
 
@@ -366,7 +441,7 @@ def test_torchrun_two_processes_make_one_run(tiny_npz, tmp_path):
     cache = str(tmp_path / "cache")
     single, multi = tmp_path / "single", tmp_path / "multi"
     common = ["fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "10", "--preset", "smoke", "--json",
-              "--device", "cpu"]
+              "--device", "cpu", "--insecure-seeded-noise"]  # the same Poisson batches and noise in both runs
     res = dpimages(*common, "--run-dir", str(single), env_cache=cache)
     assert res.returncode == 0, res.stderr
     env = {**os.environ, "DPIMAGES_CACHE": cache, "OMP_NUM_THREADS": "1"}
@@ -415,7 +490,8 @@ def test_torchrun_two_processes_make_one_run(tiny_npz, tmp_path):
 
     # the independent epsilon check, and sampling from the run
     root = Path(__file__).resolve().parents[2]
-    check = subprocess.run([sys.executable, str(root / "benchmarks" / "recompute_epsilon.py"), str(multi)],
+    check = subprocess.run([sys.executable, str(root / "benchmarks" / "recompute_epsilon.py"), "--allow-seeded",
+                            str(multi)],
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
     res = dpimages("sample", str(multi), "--n", "20", "--out", str(tmp_path / "s.npz"), env_cache=cache)

@@ -350,7 +350,12 @@ def _mean_of(key: str, values: list) -> object:
     if key == "peak_mem_mb":
         return max(nums)
     mean = math.fsum(nums) / len(nums)
-    return round(mean, 1) if key.endswith("_s") else mean
+    return round(mean, 1) if key.endswith("_s") else _six(mean)
+
+
+def _six(x: float) -> float:
+    """`x` to 6 significant digits: means and sds of 4-digit metrics, without float noise in the JSON."""
+    return float(f"{x:.6g}")
 
 
 def _combine_memorization(mems: list[dict | None]) -> dict | None:
@@ -390,7 +395,7 @@ def combine_fits(lines: list[dict]) -> dict:
         out[key] = _combine_memorization(values) if key == "memorization" else _mean_of(key, values)
         if _has_sd(key):
             nums = [v for v in values if _is_number(v)]
-            out[key + "_sd"] = statistics.stdev(nums) if len(nums) > 1 else None
+            out[key + "_sd"] = _six(statistics.stdev(nums)) if len(nums) > 1 else None
     out.update(fits=len(lines), run_dirs=[ln["run_dir"] for ln in lines], seeds=[ln.get("seed") for ln in lines])
     return out
 
@@ -571,8 +576,12 @@ def _cell(row: dict, key: str, fmt) -> str:  # noqa: ANN001 - fmt: value -> str
     return fmt(v)
 
 
-def _method_cell(row: dict) -> str:
-    return row_label(row) + (" (seeded)" if is_seeded(row) else "")
+def _method_cell(row: dict, eval_mode: bool = False) -> str:
+    """The row's label and notes: ``seeded``, with `eval_mode` also ``smoke eval``; e.g. ``a (seeded, smoke eval)``."""
+    notes = ["seeded"] if is_seeded(row) else []
+    if eval_mode and row.get("eval_mode") == "smoke":
+        notes.append("smoke eval")
+    return row_label(row) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
@@ -598,10 +607,10 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
     for r in rows:
         mem = r.get("memorization") or {}
         memtxt = "-" if not mem else f"{mem['frac_closer_than_heldout_p1']:.3f}" + (" (!)" if mem["flagged"] else "")
-        mode = " (smoke eval)" if r.get("eval_mode") == "smoke" else ""
         more = f" (+{len(r['run_dirs']) - 1} more)" if len(r.get("run_dirs") or ()) > 1 else ""
         out.append(
-            f"| {_method_cell(r)}{mode} | {r['preset']} | {_fmt(r['epsilon'])} | {_fmt(r.get('epsilon_spent'))} | "
+            f"| {_method_cell(r, eval_mode=True)} | {r['preset']} | {_fmt(r['epsilon'])} | "
+            f"{_fmt(r.get('epsilon_spent'))} | "
             f"{_cell(r, 'acc_cnn', pct)} | {_cell(r, 'acc_mlp', pct)} | {_cell(r, 'acc_logreg', pct)} | {memtxt} | "
             f"{_minutes(r.get('fit_s'))} | {_minutes(r.get('eval_s'))} | {_fmt(r.get('peak_mem_mb'))} | "
             f"`{r['run_dir']}`{more} |")
@@ -612,8 +621,8 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
             "synthetic images closer to a private image than 99% of real held-out images are; (!) above 0.05."]
     if any(_fits(r) > 1 for r in rows):
         out += ["", "`mean ± sd (R)`: mean and sample standard deviation over R fits (`dpimages bench --repeats R`), "
-                "each with its own secret noise and seed (seed + k); times are means, peak memory the largest, run "
-                "the first fit's directory."]
+                "each with its own noise and seed (seed + k); a plain number is one fit. Times are means, peak memory "
+                "the largest, run the first fit's directory."]
     if any(is_seeded(r) for r in rows):
         out += ["", "(seeded): the privacy noise of this row was drawn from its `--seed` (lines written before "
                 "the noise came from the OS CSPRNG record no `noise_source`, and were all seeded; later ones say "

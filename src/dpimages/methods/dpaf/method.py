@@ -476,16 +476,14 @@ class DPAF(TrainedSynthesizer):
                 a += 1
                 bar.update(1)
                 if ctx.run is not None and (a % cfg.log_every == 0):
-                    ctx.run.log(a + b, phase="A", cycle=cycle, agg_releases=a, train_s=round(time.time() - t0, 2),
-                                **logs)
+                    ctx.run.log(a + b, phase="A", cycle=cycle, agg_releases=a, **logs)  # no per-step time
                 if a == (cycle + 1) * cfg.agg_steps:
                     self._checkpoint(ctx, nets, finished=False, train_s=time.time() - t0)
             while engine.steps_spent < (cycle + 1) * cfg.f1_steps:  # phase B: f1 DP-SGD steps
                 logs = self._f1_step(ctx, nets, engine, x_all, y_all)
                 bar.update(1)
                 if ctx.run is not None:
-                    ctx.run.log(a + engine.steps_spent, phase="B", cycle=cycle, f1_steps=engine.steps_spent,
-                                train_s=round(time.time() - t0, 2), **logs)
+                    ctx.run.log(a + engine.steps_spent, phase="B", cycle=cycle, f1_steps=engine.steps_spent, **logs)
             self.buffer, self.center = [], None
             cycles_run += 1
             last = cycle + 1 >= cfg.cycles
@@ -631,8 +629,7 @@ class DPAF(TrainedSynthesizer):
                 self._generator_step(nets, g_loss)
             bar.update(1)
             if ctx.run is not None and step % cfg.log_every == 0:
-                ctx.run.log(step, d_noisy_grad_norm=round(info.noisy_grad_norm, 6), g_loss=round(g_loss.item(), 5),
-                            train_s=round(time.time() - t0, 2))
+                ctx.run.log(step, d_noisy_grad_norm=round(info.noisy_grad_norm, 6), g_loss=round(g_loss.item(), 5))
             if step % cfg.agg_steps == 0 and engine.steps_remaining > 0:
                 cycles_run += 1
                 self.train_info["train_s"] = time.time() - t0
@@ -655,7 +652,8 @@ class DPAF(TrainedSynthesizer):
             return False
         if ctx.run is not None:
             reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"cycles_per_run={cfg.cycles_per_run}"
-            ctx.run.log(step, event="paused", reason=reason)
+            ctx.run.log(step, event="paused", reason=reason,  # the run's time so far: never a single step's
+                        train_s=round(float(self.train_info.get("train_s", 0.0)), 1))
         return True
 
     def _finish(self, ctx: FitContext, nets: _Nets, t0: float) -> None:
@@ -775,7 +773,8 @@ class DPAF(TrainedSynthesizer):
             f"- Post-processing: Adam (G {cfg.lr_g:g}, f1/D {cfg.lr_f1:g}, f2 {cfg.lr_f2:g}, beta1 {cfg.beta1:g}); "
             f"samples from an EMA ({cfg.ema:g}) of the generator; training time {t.get('train_s', 0.0):.0f} s.",
             "- Logged during training: f2's losses on released aggregates and on fakes, the generator loss, noisy "
-            "gradient norms and times; never a loss or batch size computed on private data.",
+            "gradient norms; times only for a whole run (paused, train_done); never a loss, batch size or step time "
+            "computed on private data.",
         ]
         return "\n".join(lines)
 

@@ -334,9 +334,8 @@ class DPDFD(TrainedSynthesizer):
                 metrics["student_test_accuracy"] = round(accuracy(student, test, self.device), 5)
                 self.train_info["student_test_accuracy"] = metrics["student_test_accuracy"]
             if step % cfg.log_every == 0 or metrics or step == cfg.steps:
-                rate = (step - first) / max(1e-9, time.time() - t_start)
                 run.log(step, noisy_update_norm=round(float(noisy.norm()), 4), **{k: round(v, 5) for k, v in
-                        terms.items()}, train_s=round(elapsed, 2), steps_per_s=round(rate, 4), **metrics)
+                        terms.items()}, **metrics)  # no per-step time: whole-run times in paused / train_done
             if step % cfg.grid_every == 0 and step < cfg.steps:
                 self._grid(gen, run.samples_dir / f"grid-{step:07d}.png")
             out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60.0 * cfg.max_minutes
@@ -346,7 +345,8 @@ class DPDFD(TrainedSynthesizer):
                 self._checkpoint(ctx, sopt, gopt, g, step, finished=False)
             if pause:
                 reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"steps_per_run={cfg.steps_per_run}"
-                run.log(step, event="paused", reason=reason, steps_left=cfg.steps - step)
+                run.log(step, event="paused", reason=reason, steps_left=cfg.steps - step, train_s=round(elapsed, 1),
+                        steps_per_s=round((step - first) / max(1e-9, time.time() - t_start), 4))
                 bar.close()
                 return False
         bar.close()

@@ -20,11 +20,21 @@ The only access to private data is `dpimages.privacy.dpsgd.DPSGD`:
    the expected batch size. Averaging before clipping keeps each example's
    contribution at most C, so K does not change the privacy cost.
 3. Everything else is post-processing of the noisy gradients: Adam, the EMA
-   of weights, sample grids, the final samples. The diffusion noise, noise
-   levels and label dropout are drawn from a training generator that is
-   independent of the data. Nothing computed from private data other than
-   the noisy gradients is logged: not per-batch losses, not batch sizes
-   (``noisy_grad_norm``, a function of the released gradient, is logged).
+   of weights, sample grids, the final samples. Nothing computed from private
+   data other than the noisy gradients is logged: not per-batch losses, not
+   batch sizes (``noisy_grad_norm``, a function of the released gradient, is
+   logged), and no per-step time (the time of a step grows with its private
+   batch size): times are logged only for a whole run, in the ``paused`` and
+   ``train_done`` events.
+4. The training randomness (diffusion noise, noise levels, label dropout)
+   comes from a training generator ``g`` seeded with the public seed, and is
+   keyed so that it cannot carry one example's membership into another
+   example's gradient: each step takes exactly one 63-bit step key from
+   ``g`` (`step_key`), whatever the batch, and each example's draws are a
+   function of (step key, its dataset index) alone (`example_seeds`,
+   `DPDM._draws`). So ``g``'s state after any step, and the draws of every
+   other example, are the same with or without any one example in the
+   batch: one example changes the clipped sum by one clipped gradient.
 
 The ledger holds one event: ``subsampled_gaussian(sigma, q, steps)`` labelled
 ``dpdm``. A resumed run continues only the steps its ledger still lacks
@@ -36,16 +46,18 @@ Several processes (torchrun, ``distributed = True``): the engine's process
 group mode. Rank 0 draws each Poisson batch and the noise; every rank clips
 its shard (the batch's positions rank, rank + world, ...) and the sums are
 all-reduced, so the schedule, sigma, ledger and noise are those of one
-process. The training draws (diffusion noise, noise levels, label dropout)
-are made for the whole batch, in the same chunks, from the same generator on
-every rank, and each rank keeps its examples' rows: the training randomness
-does not depend on the number of processes either. Rank 0 alone writes the
-run directory; sigma and the ``max_minutes`` decision are rank 0's on every
-rank, so all ranks run and stop at the same steps.
+process. Every rank holds the same training generator and takes the same
+step key each step; each rank draws only its own examples' training
+randomness, keyed by their dataset indices, so the draws do not depend on
+the number of processes either. Rank 0 alone writes the run directory; sigma
+and the ``max_minutes`` decision are rank 0's on every rank, so all ranks run
+and stop at the same steps.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,11 +67,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, rank_and_world, register
+from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
-from dpimages.methods.common import TrainedSynthesizer, load_frozen, rank0_values, sum_over_ranks
+from dpimages.methods.common import TrainedSynthesizer, load_frozen, rank0_values
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
@@ -83,6 +95,43 @@ def schedule(n: int, batch_size: int, epochs: float, max_steps: int = 0) -> tupl
     steps = max(1, round(epochs * n / batch_size))
     return q, min(steps, max_steps) if max_steps > 0 else steps
 
+
+def step_key(g: torch.Generator) -> int:
+    """One DP step's training key: a 63-bit integer taken from the training generator `g`.
+
+    Privacy contract: this is the only use of `g` in a DP step, and it takes the same fixed amount of `g` (one
+    64-bit integer draw on `g`'s device) whatever the step's Poisson batch, so `g`'s later states do not depend on
+    the private data. Every rank of a process group holds the same `g` and takes the same key.
+    """
+    return int(torch.empty((), dtype=torch.int64, device=g.device).random_(generator=g))
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser on a uint32 array: a bijection (distinct inputs give distinct outputs)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+def example_seeds(key: int, idx: torch.Tensor) -> list[int]:
+    """The 64-bit generator seed of each dataset index in `idx` (any device) under a step's `key`.
+
+    Privacy contract: each seed is a function of (`key`, that index) only, never of the other indices, their
+    number or their order. With the key's halves k_lo, k_hi and f = MurmurHash3's 32-bit finaliser (a bijection),
+    the low 32 bits are ``low = f(f(i ^ k_lo) + k_hi)``: a key-dependent bijection of the index, so the examples
+    of one step have distinct seeds even on the CPU, whose mt19937 generator keeps only a seed's low 32 bits; the
+    high 32 bits ``f(f(low ^ k_hi) + k_lo)`` complete the 64-bit Philox key of a CUDA generator.
+    """
+    i = idx.detach().cpu().numpy().astype(np.int64)
+    if i.size and (int(i.min()) < 0 or int(i.max()) >= 2**32):
+        raise InputError("dpdm: dataset indices must be in [0, 2**32)")
+    k_lo, k_hi = np.uint32(key & 0xFFFFFFFF), np.uint32((key >> 32) & 0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        low = _fmix32(_fmix32(i.astype(np.uint32) ^ k_lo) + k_hi)
+        high = _fmix32(_fmix32(low ^ k_hi) + k_lo)
+    return ((high.astype(np.uint64) << np.uint64(32)) | low.astype(np.uint64)).tolist()
 
 @register
 class DPDM(TrainedSynthesizer):
@@ -114,39 +163,48 @@ class DPDM(TrainedSynthesizer):
         labels = torch.where(drop, self.num_classes, y.unsqueeze(1).expand(drop.shape))
         return edm_loss(model, x, labels, sigma, noise, self.config.sigma_data)
 
-    def _draws(self, b: int, g: torch.Generator, model: EDMDenoiser) -> tuple[torch.Tensor, ...]:
-        """Training randomness for b examples: sigma (b, K), noise (b, K, C, H, W), label drop (b, K)."""
+    def _draws(self, idx: torch.Tensor, key: int, model: EDMDenoiser) -> tuple[torch.Tensor, ...]:
+        """Training randomness of the examples `idx` under a step's `key`: sigma (b, K), noise (b, K, C, H, W), drop.
+
+        Privacy contract: the draws of dataset index i are a function of (`key`, i) only, the same whatever else
+        is in `idx` (or on other ranks): a generator on this synthesizer's device is seeded with
+        ``example_seeds(key, idx)[j]`` for row j and fills that row with K (2 + C H W) standard normals: the first
+        K give ln sigma = p_mean + p_std z (EDM's log-normal noise levels), the next K the label dropout (z below
+        the standard normal's `label_dropout` quantile: probability `label_dropout`), the rest the diffusion noise.
+        Everything after the per-row draws is elementwise, so no row depends on another.
+        """
         k = self.config.multiplicity
         h, w, c = self.image_shape
-        sigma = model.training_sigmas((b, k), g, device=self.device)
-        noise = torch.randn((b, k, c, h, w), generator=g, device=self.device)
-        drop = torch.rand((b, k), generator=g, device=self.device) < self.config.label_dropout
+        z = torch.empty((idx.numel(), k * (2 + c * h * w)), device=self.device)
+        gen = torch.Generator(device=self.device)
+        for row, seed in zip(z, example_seeds(key, idx), strict=True):
+            gen.manual_seed(seed)
+            row.normal_(generator=gen)
+        sigma = torch.exp(model.p_mean + model.p_std * z[:, :k])
+        p = self.config.label_dropout
+        cut = -math.inf if p <= 0 else math.inf if p >= 1 else statistics.NormalDist().inv_cdf(p)
+        drop = z[:, k : 2 * k] < cut
+        noise = z[:, 2 * k :].reshape(-1, k, c, h, w)
         return sigma, noise, drop
 
     def _shard(self, idx: torch.Tensor, g: torch.Generator, model: EDMDenoiser) -> Iterator[tuple[torch.Tensor, ...]]:
-        """This rank's examples of one Poisson batch with their training draws: (idx, sigma, noise, drop) pieces.
+        """One DP step's training draws for this rank's examples `idx`: (idx, sigma, noise, drop) pieces.
 
-        `idx` is this rank's shard (the batch's positions rank, rank + world, ...; the whole batch in one
-        process). The draws are made for the whole batch in chunks of ``physical_batch`` (as in one process, from
-        the same generator on every rank) and each rank keeps its rows; pieces of about ``physical_batch``
-        examples are yielded. The batch size is summed over the ranks here but never logged or returned.
+        Takes the step key from `g` at once, on the call (exactly one `step_key` per step, whatever `idx`; call it
+        every step on every rank, with an empty `idx` too), then returns an iterator of pieces of at most
+        ``physical_batch`` examples, in `idx`'s order, each with its keyed draws (`_draws`). `idx` is this rank's
+        shard of the Poisson batch (the whole batch in one process); no rank needs another's examples, and the
+        batch size is neither shared between ranks, logged nor returned.
         """
-        rank, world = rank_and_world()
+        key = step_key(g)
         pb = self.config.physical_batch
-        batch = sum_over_ranks(idx.numel())
-        pending: list[tuple[torch.Tensor, ...]] = []
-        have = 0
-        for start in range(0, batch, pb):
-            b = min(pb, batch - start)
-            draws = self._draws(b, g, model)
-            first = (start - rank + world - 1) // world  # this rank's first example at or after `start`
-            rows = slice(rank + first * world - start, b, world)
-            count = len(range(b)[rows])
-            pending.append((idx[first : first + count], *(d[rows] for d in draws)))
-            have += count
-            if have >= pb or start + b >= batch:
-                yield pending[0] if len(pending) == 1 else tuple(torch.cat(ts) for ts in zip(*pending, strict=True))
-                pending, have = [], 0
+
+        def pieces() -> Iterator[tuple[torch.Tensor, ...]]:
+            for start in range(0, idx.numel(), pb):
+                part = idx[start : start + pb]
+                yield (part, *self._draws(part, key, model))
+
+        return pieces()
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
@@ -218,10 +276,8 @@ class DPDM(TrainedSynthesizer):
             elapsed = elapsed0 + time.time() - t_start
             self.train_info["train_s"] = elapsed
             if run is not None:
-                if step % cfg.log_every == 0 or engine.steps_remaining == 0:
-                    rate = (step - first) / max(1e-9, time.time() - t_start)
-                    run.log(step, noisy_grad_norm=round(info.noisy_grad_norm, 6), ema_decay=round(decay, 6),
-                            train_s=round(elapsed, 2), steps_per_s=round(rate, 4))
+                if step % cfg.log_every == 0 or engine.steps_remaining == 0:  # no time: see the module docstring
+                    run.log(step, noisy_grad_norm=round(info.noisy_grad_norm, 6), ema_decay=round(decay, 6))
                 if writer and step % cfg.grid_every == 0 and engine.steps_remaining > 0:
                     self._grid(ema, run.samples_dir / f"grid-{step:07d}.png")
                 out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60.0 * cfg.max_minutes
@@ -233,7 +289,8 @@ class DPDM(TrainedSynthesizer):
                     self._checkpoint(ctx, model, ema, opt, g, step, finished=False)
                 if pause:
                     reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"steps_per_run={cfg.steps_per_run}"
-                    run.log(step, event="paused", reason=reason, steps_left=engine.steps_remaining)
+                    run.log(step, event="paused", reason=reason, steps_left=engine.steps_remaining,
+                            **self._run_times(step - first, t_start))
                     bar.close()
                     return
         bar.close()
@@ -241,7 +298,13 @@ class DPDM(TrainedSynthesizer):
             assert run is not None
             self._checkpoint(ctx, model, ema, opt, g, step, finished=True)
             self._grid(ema, run.samples_dir / "grid-final.png")
-            run.log(step, event="train_done", steps=planned, train_s=round(self.train_info["train_s"], 1))
+            run.log(step, event="train_done", steps=planned, **self._run_times(step - first, t_start))
+
+    def _run_times(self, steps_run: int, t_start: float) -> dict[str, float]:
+        """Whole-run times for the ``paused`` / ``train_done`` events: the training time so far (all processes of
+        the run) and this process's mean DP steps per second over its `steps_run` steps. Never per step."""
+        rate = steps_run / max(1e-9, time.time() - t_start)
+        return {"train_s": round(float(self.train_info["train_s"]), 1), "steps_per_s": round(rate, 4)}
 
     def _checkpoint(self, ctx: FitContext, model: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
                     g: torch.Generator, step: int, *, finished: bool) -> None:
@@ -321,5 +384,6 @@ class DPDM(TrainedSynthesizer):
             f"training time {t.get('train_s', 0.0):.0f} s.",
             f"- Sampling: {cfg.sampler} sampler, {cfg.sample_steps} EDM steps (sigma {cfg.sigma_max:g} to "
             f"{cfg.sigma_min:g}, rho {cfg.rho:g}), guidance {cfg.guidance:g}.",
-            "- Logged during training: only the noisy gradient's norm (a function of released values) and times.",
+            "- Logged during training: only the noisy gradient's norm (a function of released values) and the EMA "
+            "decay; times only for a whole run (a step's time grows with its private batch size).",
         ])
