@@ -1,0 +1,94 @@
+"""Fingerprints of every method's seeded smoke samples: a refactor must leave them unchanged.
+
+Fits each registered method with the ``smoke`` preset on a generated 200-image,
+10-class, 28x28 set (the tests' ``tiny_npz``), with ``--insecure-seeded-noise``
+(bit-identical runs; NOT private: this is a regression check on generated
+data), samples 20 images with seed 0 and records the SHA-256 of their bytes.
+PE gets a tiny public model trained on generated noise images first.
+
+    python benchmarks/smoke_samples.py --out benchmarks/results/smoke_samples.json
+    python benchmarks/smoke_samples.py --compare benchmarks/results/smoke_samples.json   # exit 1 on a change
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpimages.api import fit_run, methods
+from dpimages.data import ImageData
+
+
+def tiny_private() -> ImageData:
+    """200 images, 10 classes: a bright bar whose row depends on the class, plus noise (as tests' tiny_npz)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 10
+    images = np.zeros((200, 28, 28, 1), np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 2 + 2 * y : 6 + 2 * y, 4:24, 0] = 200
+        images[i] = np.clip(images[i].astype(int) + rng.integers(0, 30, (28, 28, 1)), 0, 255)
+    return ImageData(images, labels.astype(np.int64), [str(c) for c in range(10)], "tiny")
+
+
+def tiny_public_model(folder: Path) -> Path:
+    from dpimages.methods.pe.config import PublicModelConfig
+    from dpimages.methods.pe.diffusion_api import model_arch, save_public_model, train_public_model
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(64, 28, 28, 1, generator=g) * 255).to(torch.uint8).numpy()
+    public = ImageData(images, np.arange(64, dtype=np.int64) % 2, ["a", "b"], "toy public")
+    cfg = PublicModelConfig(channels=8, channel_mult=(1, 2), epochs=1, max_steps=2, batch_size=16)
+    model, facts = train_public_model(public, cfg)
+    return save_public_model(folder / "model", model, {"arch": model_arch(cfg), "image_shape": [28, 28, 1],
+                                                       "trained_on": public.name, **facts})
+
+
+def fingerprints() -> dict[str, dict]:
+    torch.set_num_threads(1)
+    out = {}
+    private = tiny_private()
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        pe_model = None
+        for name in methods():
+            overrides: list[str] = []
+            if name == "pe":
+                pe_model = pe_model or tiny_public_model(root)
+                overrides = [f"api_path={pe_model}", "features=random"]
+            res = fit_run(name, private, epsilon=10.0, delta=1e-3, run_dir=root / name, preset="smoke",
+                          overrides=overrides, seed=0, insecure_seeded_noise=True, progress=False)
+            synth = res.synthesizer
+            s = synth.sample(20, synth.balanced_labels(20), seed=0)
+            out[name] = {"sha256": hashlib.sha256(s.images.tobytes() + s.labels.tobytes()).hexdigest(),
+                         "mean_pixel": round(float(s.images.mean()), 4),
+                         "events": [[e.label, e.noise_multiplier, e.steps] for e in res.ledger.events]}
+            print(f"{name:<11} {out[name]['sha256'][:16]}  mean pixel {out[name]['mean_pixel']}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the fingerprints to this JSON file")
+    ap.add_argument("--compare", default=None, help="compare with this JSON file: exit 1 if any method changed")
+    args = ap.parse_args()
+    now = fingerprints()
+    if args.out:
+        Path(args.out).write_text(json.dumps(now, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.compare:
+        before = json.loads(Path(args.compare).read_text())
+        changed = sorted(m for m in set(before) | set(now) if before.get(m) != now.get(m))
+        print("unchanged" if not changed else f"CHANGED: {', '.join(changed)}")
+        return 1 if changed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
