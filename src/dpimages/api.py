@@ -24,9 +24,10 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -34,11 +35,12 @@ import torch
 from dpimages import __version__
 from dpimages.config import MethodConfig, parse_overrides, resolve_config
 from dpimages.data import ImageData, load
+from dpimages.distributed import dist_world, rank0_first, same_on_all_ranks
 from dpimages.errors import DPImagesError, InputError
 from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
-from dpimages.privacy.dpsgd import comm_device, dist_world
 from dpimages.report import render_report
 from dpimages.runs import Run
+from dpimages.seeds import seeded_init, stream_generator, stream_seed
 
 # name -> module that defines it; only methods that really train and sample.
 METHOD_MODULES: dict[str, str] = {
@@ -85,6 +87,15 @@ class FitContext:
     seed: int = 0
     resume_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     progress: bool = True
+    method: str = ""
+
+    def generator(self, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """The run's seed stream `name` (public randomness: initialisation, training draws; never privacy noise)."""
+        return stream_generator(self.seed, self.method, name, device)
+
+    def seeded_init(self, name: str) -> AbstractContextManager[None]:
+        """A block in which module initialisation draws from seed stream `name` (the global state is restored)."""
+        return seeded_init(stream_seed(self.seed, self.method, name))
 
     def noise_state(self) -> dict[str, Any]:
         """The noise source's state for a checkpoint, with the ledger's step count at this save.
@@ -92,12 +103,7 @@ class FitContext:
         `fit_run` uses the count on resume: a ledger ahead of it means releases were made after the save,
         so the saved noise state must not be replayed (see `resume_noise`).
         """
-        return {**self.noise.state(), "ledger_steps": ledger_steps(self.ledger)}
-
-
-def ledger_steps(ledger: PrivacyLedger) -> int:
-    """Total steps of all the ledger's events (a public counter that only grows)."""
-    return sum(e.steps for e in ledger.events)
+        return {**self.noise.state(), "ledger_steps": self.ledger.steps()}
 
 
 def resume_noise(noise: NoiseSource, saved: dict[str, Any], ledger: PrivacyLedger, seed: int) -> bool:
@@ -111,7 +117,7 @@ def resume_noise(noise: NoiseSource, saved: dict[str, Any], ledger: PrivacyLedge
     """
     if noise.secure:
         return False
-    spent = ledger_steps(ledger)
+    spent = ledger.steps()
     if saved.get("ledger_steps", -1) == spent:
         noise.load_state(saved)
         return False
@@ -131,13 +137,16 @@ def check_checkpoint_against_ledger(run: Run, ledger: PrivacyLedger) -> None:
     if not state_path.exists():
         return
     saved = json.loads(state_path.read_text()).get("noise_rng", {}).get("ledger_steps")
-    if saved is not None and int(saved) > ledger_steps(ledger):
+    if saved is not None and int(saved) > ledger.steps():
         raise InputError(f"--resume: the checkpoint records {int(saved)} ledger steps but {run.privacy_path} holds "
-                         f"{ledger_steps(ledger)}: the ledger was replaced or edited, so the spent budget is unknown")
+                         f"{ledger.steps()}: the ledger was replaced or edited, so the spent budget is unknown")
 
 
-class Synthesizer:
-    """Base class: `fit` on private data under a ledger, then `sample`."""
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+
+
+class Synthesizer(Generic[ConfigT]):
+    """Base class: `fit` on private data under a ledger, then `sample`; generic in its config type."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -146,8 +155,8 @@ class Synthesizer:
     # True: fit works in a torch.distributed process group (one model over several processes)
     distributed: ClassVar[bool] = False
 
-    def __init__(self, config: MethodConfig) -> None:
-        self.config = config
+    def __init__(self, config: ConfigT) -> None:
+        self.config: ConfigT = config
         self.num_classes = 0
         self.image_shape: tuple[int, int, int] = (0, 0, 0)  # (H, W, C)
         self.classes: list[str] = []
@@ -197,60 +206,12 @@ class FitResult:
     config: dict[str, Any]
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
-    return dist_world()
-
-
 def check_distributed(cls: type[Synthesizer], world: int) -> None:
     """InputError unless `cls` can fit in a process group of `world` processes."""
     if world > 1 and not cls.distributed:
         multi = ", ".join(m for m in methods() if method_class(m).distributed)
         raise InputError(f"method {cls.name} runs in one process only (world size {world}); run it without "
                          f"torchrun (several processes: {multi})")
-
-
-def _rank0_first(fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 alone and broadcast its result; the other ranks wait for it.
-
-    An exception on rank 0 is raised on every rank (a DPImagesError with its class and message), so all ranks
-    stop together instead of waiting for a collective that never comes.
-    """
-    rank, world = dist_world()
-    if world == 1:
-        return fn()
-    box: list[Any] = [None, None]
-    error: Exception | None = None
-    if rank == 0:
-        try:
-            box[0] = fn()
-        except Exception as e:  # every rank must hear about it
-            error = e
-            box[1] = e if isinstance(e, DPImagesError) else DPImagesError(f"rank 0 failed: {type(e).__name__}: {e}")
-    torch.distributed.broadcast_object_list(box, src=0, device=comm_device())
-    if error is not None:
-        raise error
-    if box[1] is not None:
-        raise box[1]
-    return box[0]
-
-
-def _same_on_all_ranks(value: str, what: str) -> None:
-    """InputError on every rank unless each rank's `value` equals rank 0's (no-op without a process group).
-
-    For what each process reads on its own (the private data, the checkpoint): a rank with other images
-    or an older checkpoint would train silently on something else than rank 0's ledger describes.
-    """
-    rank, world = dist_world()
-    if world == 1:
-        return
-    box = [value if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0, device=comm_device())
-    differs = torch.tensor([int(box[0] != value)], dtype=torch.int64, device=comm_device())
-    torch.distributed.all_reduce(differs, op=torch.distributed.ReduceOp.SUM)
-    if int(differs.item()):
-        raise InputError(f"{what} differs between processes ({int(differs.item())} of {world} ranks differ from "
-                         "rank 0): every process needs the same data and a shared run directory")
 
 
 def _versions() -> dict[str, str]:
@@ -350,20 +311,20 @@ def fit_run(
         made["ledger"] = ledger
         return ledger.to_json(exact=False)
 
-    ledger_json = _rank0_first(start)
+    ledger_json = rank0_first(start)
     # rank 0's ledger writes privacy.json; the others hold a copy without a path (the same events)
     ledger = made["ledger"] if run.writer else PrivacyLedger.from_json(ledger_json)
     torch.manual_seed(seed)
     resume_state = run.load_checkpoint() if resume else None
     if dist_world()[1] > 1:  # each process read these itself
-        _same_on_all_ranks(private.fingerprint, "the private data")
-        _same_on_all_ranks("" if resume_state is None else json.dumps(resume_state[1], sort_keys=True, default=str),
+        same_on_all_ranks(private.fingerprint, "the private data")
+        same_on_all_ranks("" if resume_state is None else json.dumps(resume_state[1], sort_keys=True, default=str),
                            "the checkpoint read on resume")
     rekeyed = resume_state is not None and "noise_rng" in resume_state[1] and resume_noise(
         noise, resume_state[1]["noise_rng"], ledger, seed)
     if rekeyed:
-        run.log(ledger_steps(ledger), event="noise_rekeyed", reason="ledger ahead of the checkpoint")
-    ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress and run.writer)
+        run.log(ledger.steps(), event="noise_rekeyed", reason="ledger ahead of the checkpoint")
+    ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress and run.writer, method)
     synth = cls(config)
     t0 = time.time()
     try:

@@ -9,7 +9,9 @@ type are refused with `InputError` (exit code 2).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,16 +22,87 @@ from dpimages.errors import InputError
 PRESETS = ("smoke", "cpu", "gpu", "gpu-short")
 
 
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """A per-field check: `ok(value)` must hold, else ``InputError("NAME TEXT, got VALUE")`` (exit 2)."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def at_least(low: float, note: str = "") -> Constraint:
+    """value >= low (an int count or a finite float); `note` explains a special value, e.g. "(0: no limit)"."""
+    return Constraint(lambda v: math.isfinite(v) and v >= low, f"must be >= {low:g}" + (f" {note}" if note else ""))
+
+
+def positive() -> Constraint:
+    """A finite number > 0."""
+    return Constraint(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+
+
+def in_range(low: float, high: float, closed: str = "left") -> Constraint:
+    """low <= value < high (``closed`` = "left"), both ends ("both") or neither ("neither")."""
+    lo_ok = (lambda v: v >= low) if closed in ("left", "both") else (lambda v: v > low)
+    hi_ok = (lambda v: v <= high) if closed in ("right", "both") else (lambda v: v < high)
+    brackets = {"left": "[)", "right": "(]", "both": "[]", "neither": "()"}[closed]
+    return Constraint(lambda v: math.isfinite(v) and lo_ok(v) and hi_ok(v),
+                      f"must be in {brackets[0]}{low:g}, {high:g}{brackets[1]}")
+
+
+def one_of(*options: Any) -> Constraint:
+    return Constraint(lambda v: v in options, f"must be one of {', '.join(map(str, options))}")
+
+
+def positive_ints() -> Constraint:
+    """A non-empty sequence of integers >= 1 (channel lists)."""
+    return Constraint(lambda v: len(v) > 0 and all(int(x) == x and x >= 1 for x in v), "must be positive ints")
+
+
+# run-control fields: checked for every config that has them
+RUN_CONTROL_CONSTRAINTS: dict[str, Constraint] = {
+    "log_every": at_least(1), "grid_every": at_least(1), "checkpoint_every": at_least(1), "eval_every": at_least(1),
+    "sample_batch": at_least(1), "physical_batch": at_least(1),
+    "max_minutes": at_least(0, "(0: no limit)"), "steps_per_run": at_least(0, "(0: no limit)"),
+}
+
+
 @dataclasses.dataclass
 class MethodConfig:
-    """Base of every method's config."""
+    """Base of every method's config: plain-type `to_dict`, and per-field constraints checked once.
+
+    A subclass declares its fields, `presets`, `constraints` (field -> `Constraint`, as scikit-learn's
+    ``_parameter_constraints``) and, for checks across fields, `check`. The run-control fields
+    (`RUN_CONTROL_CONSTRAINTS`: log_every, grid_every, checkpoint_every, sample_batch, physical_batch,
+    max_minutes, steps_per_run) are checked for every config that declares them.
+    """
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # keys that only steer sampling from a fitted model (post-processing): `dpimages sample` may override them
     sampling_keys: ClassVar[tuple[str, ...]] = ()
+    constraints: ClassVar[dict[str, Constraint]] = {}
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(self)}
+        for name, rule in {**RUN_CONTROL_CONSTRAINTS, **self.constraints}.items():
+            if name not in names:
+                continue
+            value = getattr(self, name)
+            try:
+                fine = value is not None and rule.ok(value)
+            except (TypeError, ValueError):
+                fine = False
+            if not fine:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise InputError(f"{name} {rule.text}, got {shown!r}" if isinstance(value, str) else
+                                 f"{name} {rule.text}, got {shown}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields (InputError, one line); the per-field ones are in `constraints`."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

@@ -21,7 +21,6 @@ its noise can be recomputed from the seed, so nothing in it is private.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from dpimages.errors import InputError
+from dpimages.filehash import file_sha256
 from dpimages.runs import Run
 
 # file name (relative to the run) -> why it may be shared
@@ -42,15 +42,6 @@ SHAREABLE_FILES = {
 SAMPLES_REASON = "synthetic images: post-processing of the run's DP releases"
 WEIGHTS_REASON = "the sampling model's weights: post-processing of the run's DP releases"
 MODEL_JSON_REASON = "public facts needed to sample the weights (method, config, classes, image shape)"
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file's bytes (chunked)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[tuple[str, str]]:
@@ -99,7 +90,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[t
     lines = [f"# dpimages export of {run.path.name}: every file here may be shared (epsilon "
              f"{privacy['epsilon']:.4f}, delta {privacy['delta']:g}, noise {source})",
              "# sha256  path  why it may be shared"]
-    lines += [f"{sha256_file(out / rel)}  {rel}  {why}" for rel, why in written]
+    lines += [f"{file_sha256(out / rel)}  {rel}  {why}" for rel, why in written]
     lines.append("# not exported (owner only): checkpoints/ (training state, keyed data check), private-eval/ "
                  "(evaluation against the private data without noise)")
     (out / "MANIFEST").write_text("\n".join(lines) + "\n")

@@ -29,7 +29,6 @@ from dpimages.privacy.dpsgd import (
     check_model,
     mean_over_repeats,
     repeat_examples,
-    steps_spent,
     validate_model,
 )
 from dpimages.privacy.ledger import epsilon_pld
@@ -245,7 +244,7 @@ def test_resume_runs_only_the_remaining_planned_steps(tmp_path: Path) -> None:
     eng2 = engine(tiny_cnn(), n=n, q=q, ledger=resumed)
     eng2.plan(planned)
     assert checkpoint["step"] == 2 and eng2.steps_spent == 4
-    assert eng2.steps_remaining == planned - steps_spent(resumed, eng2.event()) == 6
+    assert eng2.steps_remaining == planned - resumed.steps(like=eng2.event()) == 6
     for _ in range(eng2.steps_remaining):
         idx = eng2.sampler.sample()
         eng2.step(x[idx], y[idx])

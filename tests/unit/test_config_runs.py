@@ -181,12 +181,12 @@ def test_non_writer_run_writes_nothing_but_reads(tmp_path):
 def _agree_worker(rank: int, port: int, values: list[str], out: str) -> None:
     import torch.distributed as dist
 
-    from dpimages import api
+    from dpimages.distributed import same_on_all_ranks
     from dpimages.errors import InputError
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(values))
     try:
-        api._same_on_all_ranks(values[rank], "the private data")
+        same_on_all_ranks(values[rank], "the private data")
         result = "ok"
     except InputError as e:
         result = str(e)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpimages.data import ImageData, to_unit_range
+from dpimages.filehash import file_sha256
 
 EVAL_NET_VERSION = 1
 EVAL_NET_SETTINGS = {"arch": "evalcnn(16,32)-fc128", "epochs": 2, "lr": 1e-3, "batch_size": 128, "seed": 0}
@@ -180,7 +181,7 @@ def eval_feature_net(train: ImageData, val: ImageData | None = None, *, device: 
             tmp = d / f"model.{os.getpid()}.tmp"
             save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
             os.replace(tmp, weights)
-            info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+            info["weights_sha256"] = file_sha256(weights)
             tmp_meta = d / f"meta.{os.getpid()}.tmp"
             tmp_meta.write_text(json.dumps(info, indent=1))
             os.replace(tmp_meta, meta_path)

@@ -3,9 +3,8 @@
 `MethodSynthesizer` is the base of every method: a device (`to`), the first
 step of ``fit`` (`begin_fit`) and the checks of a ``sample`` request
 (`checked_labels`). `TrainedSynthesizer` adds ``train_info``, the facts of a
-training run that are saved in the checkpoint. `rank0_values` and
-`sum_over_ranks` are what a method needs to keep the ranks of a process group
-(torchrun) in step. Nothing here reads private data or touches the ledger.
+training run that are saved in the checkpoint. Nothing here reads private data
+or touches the ledger.
 """
 
 from __future__ import annotations
@@ -16,23 +15,21 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from dpimages.api import FitContext, Synthesizer, rank_and_world
-from dpimages.config import MethodConfig
+from dpimages.api import ConfigT, FitContext, Synthesizer
 from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.privacy.dpsgd import comm_device
 from dpimages.runs import unprefixed
 
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-class MethodSynthesizer(Synthesizer):
+class MethodSynthesizer(Synthesizer[ConfigT]):
     """A `Synthesizer` with a device (CPU until `fit` or `to` sets it)."""
 
     # attributes holding the networks used for sampling, moved by `to`
     device_modules: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(self, config: ConfigT) -> None:
         super().__init__(config)
         self.device = torch.device("cpu")
 
@@ -48,7 +45,7 @@ class MethodSynthesizer(Synthesizer):
         self.classes = list(private.classes)
         return ctx.resume_state if ctx.resume_state is not None else ({}, {})
 
-    def to(self, device: torch.device) -> MethodSynthesizer:
+    def to(self, device: torch.device) -> MethodSynthesizer[ConfigT]:
         """Use `device` from now on and move the networks named in `device_modules` (those that exist) there."""
         self.device = torch.device(device)
         for name in self.device_modules:
@@ -73,10 +70,10 @@ class MethodSynthesizer(Synthesizer):
         return labels.astype(np.int64)
 
 
-class TrainedSynthesizer(MethodSynthesizer):
+class TrainedSynthesizer(MethodSynthesizer[ConfigT]):
     """A `MethodSynthesizer` whose `train_info` (schedule, noise, times: public) is saved with its meta."""
 
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(self, config: ConfigT) -> None:
         super().__init__(config)
         self.train_info: dict[str, Any] = {}
 
@@ -102,25 +99,3 @@ def load_frozen(new: Callable[[], M], prefix: str, tensors: dict[str, torch.Tens
     net.load_state_dict(weights)
     net.requires_grad_(False)
     return net.to(device).eval()
-
-
-# -- process groups (torchrun) ----------------------------------------------------------------------
-def rank0_values(*values: float) -> tuple[float, ...]:
-    """Rank 0's `values` on every rank of a process group (float64, exact); `values` unchanged without one.
-
-    For decisions every rank must take alike although each computes them (a time limit, a calibrated sigma).
-    """
-    if rank_and_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
-    torch.distributed.broadcast(t, src=0)
-    return tuple(float(v) for v in t.cpu().tolist())
-
-
-def sum_over_ranks(n: int) -> int:
-    """The sum of the integer `n` over the ranks of a process group (`n` without one)."""
-    if rank_and_world()[1] == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=comm_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return int(t.item())

@@ -75,6 +75,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dpimages.distributed import comm_device, dist_world
 from dpimages.errors import InputError
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, check_positive
 from dpimages.privacy.rng import NoiseSource
@@ -85,22 +86,8 @@ PER_EXAMPLE_GRAD_BYTES = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
 
 __all__ = [
     "DPSGD", "LossFn", "PoissonSampler", "StepInfo", "auto_physical_batch", "check_model", "mean_over_repeats",
-    "repeat_examples", "steps_spent", "validate_model",
+    "repeat_examples", "validate_model",
 ]
-
-
-# -- distributed helpers ----------------------------------------------------------
-def dist_world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # -- sampling ----------------------------------------------------------------------
@@ -212,11 +199,6 @@ def auto_physical_batch(num_params: int, device: torch.device, element_size: int
 
 
 # -- accounting helpers -------------------------------------------------------------------
-def steps_spent(ledger: PrivacyLedger, event: PrivacyEvent) -> int:
-    """Steps of the same release as `event` (kind, sigma, q, label) already in the ledger."""
-    return sum(e.steps for e in ledger.events if e.same_release(event))
-
-
 @dataclass(frozen=True)
 class StepInfo:
     """Post-processing facts about one noisy step (safe to log)."""
@@ -325,7 +307,7 @@ class DPSGD:
     @property
     def steps_spent(self) -> int:
         """Noisy updates of this release already recorded in the ledger (all runs of it)."""
-        return steps_spent(self.ledger, self.event())
+        return self.ledger.steps(like=self.event())
 
     @property
     def steps_remaining(self) -> int:

@@ -203,6 +203,16 @@ class PrivacyLedger:
     def epsilon_rdp(self, extra: Sequence[PrivacyEvent] = ()) -> float:
         return epsilon_rdp([*self.events, *extra], self.delta)
 
+    def steps(self, label: str | None = None, *, like: PrivacyEvent | None = None) -> int:
+        """Steps recorded: all of them, those labelled `label`, or those of the same release as `like`.
+
+        The one place that counts a release's steps (a public counter that only grows): resume logic and
+        schedules use it to run only what the ledger still lacks.
+        """
+        if like is not None:
+            return sum(e.steps for e in self.events if e.same_release(like))
+        return sum(e.steps for e in self.events if label is None or e.label == label)
+
     def remaining(self) -> float:
         return max(0.0, self.epsilon_budget - self.epsilon())
 

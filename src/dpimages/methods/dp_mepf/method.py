@@ -25,7 +25,6 @@ Neighbouring relation: add or remove one image together with its label.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
+from dpimages.filehash import file_sha256
 from dpimages.methods.common import MethodSynthesizer
 from dpimages.methods.dp_mepf import release as rel
 from dpimages.methods.dp_mepf.config import DPMEPFConfig
@@ -55,13 +55,9 @@ from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """Provenance of a feature net loaded by path: ``sha256:`` over its weights and features.json (or the file)."""
     files = [path / "weights.safetensors", path / "features.json"] if path.is_dir() else [path]
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + file_sha256(*files)
 
 
 @register

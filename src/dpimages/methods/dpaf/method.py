@@ -91,7 +91,7 @@ from dpimages.methods.dpaf.config import DPAFConfig, DPAFNoAggConfig
 from dpimages.nets.discriminators import BackHead, FrontFeatures, SplitDiscriminator
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
-from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, steps_spent
+from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 from dpimages.privacy.mechanisms import class_sums, clip_rows, gaussian_release, noisy_class_counts
 from dpimages.privacy.rng import NoiseSource
@@ -335,7 +335,7 @@ class DPAF(TrainedSynthesizer):
         y_all = private.label_tensor(self.device)
         counts_event = events[0]
         if self.counts is None:
-            if steps_spent(ctx.ledger, counts_event) > 0:
+            if ctx.ledger.steps(like=counts_event) > 0:
                 raise InputError(f"{ctx.run.path if ctx.run else 'run'}: the class counts were released but the "
                                  "process stopped before saving them; start a new run (the ledger keeps the spend)")
             self.counts = noisy_class_counts(y_all, self.num_classes, noise_multiplier=plan.counts,
@@ -461,11 +461,11 @@ class DPAF(TrainedSynthesizer):
         total = cfg.cycles * (cfg.agg_steps + cfg.f1_steps)
         start = time.time()
         t0 = start - float(self.train_info.get("train_s", 0.0))
-        done0 = steps_spent(ctx.ledger, agg_event) + engine.steps_spent
+        done0 = ctx.ledger.steps(like=agg_event) + engine.steps_spent
         bar = tqdm(total=total, initial=done0, disable=not ctx.progress, desc="dpaf private steps")
         cycles_run = 0
         while True:
-            a, b = steps_spent(ctx.ledger, agg_event), engine.steps_spent
+            a, b = ctx.ledger.steps(like=agg_event), engine.steps_spent
             cycle = b // cfg.f1_steps
             if cycle >= cfg.cycles:
                 break

@@ -69,9 +69,10 @@ from tqdm.auto import tqdm
 
 from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8
+from dpimages.distributed import rank0_values
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
-from dpimages.methods.common import TrainedSynthesizer, load_frozen, rank0_values
+from dpimages.methods.common import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters

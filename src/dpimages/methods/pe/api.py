@@ -22,7 +22,6 @@ an explicit ``torch.Generator`` that is independent of the privacy noise.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from dpimages.errors import InputError
+from dpimages.filehash import file_sha256
 
 
 class ImageAPI(ABC):
@@ -86,14 +86,9 @@ def check_images(images: torch.Tensor, labels: torch.Tensor) -> None:
                          f"{tuple(labels.shape)}")
 
 
-def file_sha256(*paths: Path) -> str:
-    """SHA-256 over the given files' bytes (provenance of a model loaded by path)."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+def model_sha256(*paths: Path) -> str:
+    """``sha256:`` over the given files' bytes (provenance of a model loaded by path)."""
+    return "sha256:" + file_sha256(*paths)
 
 
 def in_batches(n: int, batch: int) -> list[slice]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dpimages.errors import InputError
-from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, file_sha256, in_batches
+from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 
 
 def _import_diffusers() -> Any:
@@ -50,7 +50,7 @@ def _import_diffusers() -> Any:
 def pipeline_sha256(path: Path) -> str:
     """SHA-256 over every file of the pipeline directory (sorted by relative path)."""
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return file_sha256(*files)
+    return model_sha256(*files)
 
 
 class DiffusersAPI(ImageAPI):

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from dpimages import __version__
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
-from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, file_sha256, in_batches
+from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 from dpimages.methods.pe.config import PublicModelConfig
 from dpimages.nets.edm import EDMDenoiser, get_sampler
 from dpimages.nets.unet import UNet, num_parameters
@@ -153,7 +153,7 @@ def load_public_model(path: str | Path) -> tuple[EDMDenoiser, dict[str, Any]]:
     except Exception as e:  # safetensors raises several types on a bad header
         raise InputError(f"{weights}: not a readable safetensors file ({type(e).__name__})") from None
     model.requires_grad_(False)
-    return model.eval(), {**meta, "sha256": file_sha256(weights, meta_path)}
+    return model.eval(), {**meta, "sha256": model_sha256(weights, meta_path)}
 
 
 class DiffusionAPI(ImageAPI):

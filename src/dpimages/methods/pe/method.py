@@ -52,7 +52,7 @@ from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
 from dpimages.methods.common import MethodSynthesizer
 from dpimages.methods.pe import histogram as hist
-from dpimages.methods.pe.api import ImageAPI, check_degree, file_sha256
+from dpimages.methods.pe.api import ImageAPI, check_degree, model_sha256
 from dpimages.methods.pe.config import PEConfig
 from dpimages.methods.pe.diffusion_api import DiffusionAPI
 from dpimages.nets.features import (
@@ -72,7 +72,7 @@ _API_SEED_OFFSET = 104729  # API and resampling randomness: seeded apart from th
 
 def _path_sha256(path: Path) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return file_sha256(*files)
+    return model_sha256(*files)
 
 
 @register
