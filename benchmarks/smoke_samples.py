@@ -8,6 +8,7 @@ PE gets a tiny public model trained on generated noise images first.
 
     python benchmarks/smoke_samples.py --out benchmarks/results/smoke_samples.json
     python benchmarks/smoke_samples.py --compare benchmarks/results/smoke_samples.json   # exit 1 on a change
+    python benchmarks/smoke_samples.py --compare benchmarks/results/smoke_samples.json --methods dpdm,pe
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def tiny_public_model(folder: Path) -> Path:
                                                        "trained_on": public.name, **facts})
 
 
-def fingerprints() -> dict[str, dict]:
+def fingerprints(only: list[str] | None = None) -> dict[str, dict]:
     torch.set_num_threads(1)
     out = {}
     private = tiny_private()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         pe_model = None
-        for name in methods():
+        for name in only or methods():
             overrides: list[str] = []
             if name == "pe":
                 pe_model = pe_model or tiny_public_model(root)
@@ -77,14 +78,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the fingerprints to this JSON file")
     ap.add_argument("--compare", default=None, help="compare with this JSON file: exit 1 if any method changed")
+    ap.add_argument("--methods", default=None, help="comma-separated methods (default: all registered)")
     args = ap.parse_args()
-    now = fingerprints()
+    only = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    now = fingerprints(only)
     if args.out:
         Path(args.out).write_text(json.dumps(now, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.compare:
         before = json.loads(Path(args.compare).read_text())
-        changed = sorted(m for m in set(before) | set(now) if before.get(m) != now.get(m))
+        changed = sorted(m for m in (set(now) if only else set(before) | set(now)) if before.get(m) != now.get(m))
         print("unchanged" if not changed else f"CHANGED: {', '.join(changed)}")
         return 1 if changed else 0
     return 0
