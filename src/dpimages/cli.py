@@ -336,33 +336,21 @@ def features_group() -> None:
 def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, act: str, epochs: int, seed: int,
                        threads: int | None, as_json: bool) -> None:
     """Pre-train a conv feature network on a PUBLIC set (for `fit dp-mepf features=path feature_path=OUT`)."""
-    from pathlib import Path
-
     import torch
 
     from dpimages.data import load
-    from dpimages.nets.features import save_feature_net, train_conv_trunk
+    from dpimages.nets.features import train_and_save_feature_net
 
     try:
         chans = tuple(int(c) for c in channels.split(",") if c.strip())
     except ValueError:
         raise InputError(f"--channels must be comma-separated integers, got {channels!r}") from None
-    if not chans or min(chans) < 1 or kernel < 1 or epochs < 1:
-        raise InputError(f"--channels, --kernel and --epochs must be positive, got {channels!r}, {kernel}, {epochs}")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise InputError(f"--out {out} exists and is not empty: choose a new directory")
     if threads:
         torch.set_num_threads(threads)
-    public = load(public_spec)
-    if public.labels is None:
-        raise InputError(f"{public.name}: pre-training needs labels")
-    trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes, channels=chans,
-                                    kernel=kernel, act=act, epochs=epochs, seed=seed)
-    meta = {"trained_on": public.name, "public_fingerprint": public.public_id, "seed": seed, **facts}
-    path = save_feature_net(out, trunk, meta)
-    info = {"out": str(path), **meta}
-    _emit(info, as_json, f"wrote {path} (trained on {public.name}, public validation accuracy "
-          f"{facts.get('public_val_accuracy', float('nan')):.3f})")
+    path, meta = train_and_save_feature_net(load(public_spec), out, channels=chans, kernel=kernel, act=act,
+                                            epochs=epochs, seed=seed)
+    _emit({"out": str(path), **meta}, as_json, f"wrote {path} (trained on {meta['trained_on']}, public validation "
+          f"accuracy {meta.get('public_val_accuracy', float('nan')):.3f})")
 
 
 @cli.command("bench")
@@ -448,47 +436,28 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
 
     Use it with `dpimages fit pe ... api_path=OUT`.
     """
-    import time
-    from pathlib import Path
-
     import torch
 
     from dpimages.config import resolve_config
     from dpimages.data import load
-    from dpimages.eval.grid import save_grid
     from dpimages.methods.pe.config import PublicModelConfig
-    from dpimages.methods.pe.diffusion_api import (
-        model_arch,
-        sample_grid,
-        save_public_model,
-        train_public_model,
-    )
+    from dpimages.methods.pe.public_model import train_and_save_public_model
 
     cfg = resolve_config(PublicModelConfig, preset, list(overrides))
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise InputError(f"--out {out} exists and is not empty: choose a new directory")
     if threads is not None:
         if threads < 1:
             raise InputError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    public = load(data_spec)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def log(**kv: object) -> None:
         if not as_json:
             click.echo(" ".join(f"{k}={v}" for k, v in kv.items()), err=True)
 
-    t0 = time.time()
-    model, facts = train_public_model(public, cfg, device=dev, log=log)
-    meta = {"arch": model_arch(cfg), "image_shape": list(public.image_shape), "trained_on": public.name,
-            "public_fingerprint": public.public_id, "public_size": len(public), "preset": preset,
-            "config": cfg.to_dict(), **facts, "wall_s": round(time.time() - t0, 1)}
-    path = save_public_model(out, model.cpu(), meta)
-    save_grid(path / "samples.png", sample_grid(model.cpu(), public.image_shape, cfg.grid_samples, cfg.grid_steps),
-              None, 8, per_class=8)
-    info = {"out": str(path), **meta}
-    _emit(info, as_json, f"wrote {path} (EDM U-Net, {facts['parameters']:,} parameters, trained on {public.name} "
-          f"for {cfg.epochs} epochs in {facts['train_s']:.0f} s); use: dpimages fit pe ... api_path={path}")
+    path, meta = train_and_save_public_model(load(data_spec), cfg, out, preset=preset, device=dev, log=log)
+    _emit({"out": str(path), **meta}, as_json, f"wrote {path} (EDM U-Net, {meta['parameters']:,} parameters, "
+          f"trained on {meta['trained_on']} for {cfg.epochs} epochs in {meta['train_s']:.0f} s); use: dpimages fit "
+          f"pe ... api_path={path}")
 
 
 @cli.command("audit")

@@ -32,7 +32,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from dpimages.errors import InputError
+
+if TYPE_CHECKING:
+    from dpimages.data import ImageData
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -483,3 +486,22 @@ def embed_in_chunks(
             if s is not None:
                 seconds.append(s)
     return torch.cat(firsts), (torch.cat(seconds) if seconds else None)
+
+
+def train_and_save_feature_net(public: ImageData, out: str | Path, *, channels: Sequence[int], kernel: int = 3,
+                               act: str = "relu", epochs: int = 5, seed: int = 0) -> tuple[Path, dict[str, Any]]:
+    """Pre-train a conv trunk on the labelled PUBLIC set and write it to the new folder `out`; (path, meta).
+
+    Trained without privacy accounting: never give it private data (`dpimages features train --public`).
+    """
+    if not channels or min(channels) < 1 or kernel < 1 or epochs < 1:
+        raise InputError(f"--channels, --kernel and --epochs must be positive, got {','.join(map(str, channels))!r}, "
+                         f"{kernel}, {epochs}")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise InputError(f"--out {out} exists and is not empty: choose a new directory")
+    if public.labels is None:
+        raise InputError(f"{public.name}: pre-training needs labels")
+    trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes,
+                                    channels=tuple(channels), kernel=kernel, act=act, epochs=epochs, seed=seed)
+    meta = {"trained_on": public.name, "public_fingerprint": public.public_id, "seed": seed, **facts}
+    return save_feature_net(out, trunk, meta), meta
