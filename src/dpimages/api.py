@@ -164,6 +164,16 @@ class Synthesizer(Generic[ConfigT]):
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
         raise NotImplementedError
 
+    @classmethod
+    def smoke_requirements(cls, workdir: Path) -> dict[str, Any]:
+        """What a ``smoke`` fit on generated 28x28 data needs besides the data, offline: ``{"overrides": [...],
+        "public": ImageData}`` (either key optional; files go under `workdir`). Nothing by default.
+
+        Used by the contract test (tests/methods/test_contract.py) and benchmarks/smoke_samples.py, so a new
+        method is covered without test code of its own.
+        """
+        return {}
+
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
         raise NotImplementedError
 

@@ -375,9 +375,7 @@ class DPSGD:
             torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
         self.ledger.spend(self.event(1))
         if self._rank == 0:
-            z = self.noise.normal((self.num_params,), self.noise_multiplier * self.clip_norm, device=total.device,
-                                  dtype=total.dtype)
-            total = total + z
+            total = self.noise.add_to(total, self.noise_multiplier * self.clip_norm)
         if self._world > 1:
             torch.distributed.broadcast(total, src=0)
         grad_flat = (total / self.sampler.expected_batch_size).to(self._sum.device)

@@ -52,7 +52,7 @@ def gaussian_release(
     """value + N(0, (noise_multiplier * sensitivity)^2); the caller guarantees the L2 sensitivity."""
     check_positive("sensitivity", sensitivity)
     ledger.spend(_event(noise_multiplier, sample_rate, label))
-    return value + noise.normal(value.shape, noise_multiplier * sensitivity, device=value.device, dtype=value.dtype)
+    return noise.add_to(value, noise_multiplier * sensitivity)
 
 
 def clipped_gaussian_sum(

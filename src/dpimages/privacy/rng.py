@@ -91,6 +91,14 @@ class NoiseSource:
         """N(0, std^2) noise of the given shape, on `device` in `dtype`."""
         return (self.standard_normal(shape) * float(std)).to(device=device, dtype=dtype)
 
+    def add_to(self, value: torch.Tensor, std: float) -> torch.Tensor:
+        """``value + N(0, std^2)`` in `value`'s device and dtype: the one place where a release gets its noise.
+
+        Every DP release of dpimages (the mechanisms and the DP-SGD engine) passes through here, so a test can
+        record what each release returned and replay it on other private data (tests/methods/test_contract.py).
+        """
+        return value + self.normal(value.shape, std, device=value.device, dtype=value.dtype)
+
     def bernoulli(self, n: int, p: float) -> torch.Tensor:
         """Boolean mask of n independent Bernoulli(p) decisions (Poisson sampling)."""
         if self.secure:
