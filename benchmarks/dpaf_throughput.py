@@ -16,7 +16,9 @@ import time
 import torch
 
 from dpimages.api import FitContext, create
-from dpimages.methods.dpaf.method import DPAF, Schedule, _Nets, noise_plan
+from dpimages.methods.dpaf import DPAF
+from dpimages.methods.dpaf.nets import Nets
+from dpimages.methods.dpaf.release import Schedule, noise_plan
 from dpimages.nets.discriminators import SplitDiscriminator
 from dpimages.privacy import NoiseSource, PrivacyLedger
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
@@ -46,12 +48,13 @@ def measure(preset: str, overrides: list[str], aggregation: bool, n: int, repeat
     y = torch.arange(n) % 10
     f1, f2 = synth.new_discriminator()
     gen = synth.new_generator()
-    nets = _Nets(f1, f2, gen, synth.new_generator(), torch.optim.Adam(f1.parameters()),
-                 torch.optim.Adam(f2.parameters()), torch.optim.Adam(gen.parameters()), torch.Generator())
+    nets = Nets(f1, f2, gen, synth.new_generator(), torch.optim.Adam(f1.parameters()),
+                torch.optim.Adam(f2.parameters()), torch.optim.Adam(gen.parameters()), torch.Generator())
     ledger = PrivacyLedger(1e6, 1e-5)  # a throw-away ledger: no budget matters here
     noise = NoiseSource(0)
     ctx = FitContext(ledger, noise, progress=False)
     if aggregation:
+        synth.center = synth._new_center(nets)  # as at the start of a cycle (the f1 step needs it)
         agg = PoissonSampler.for_batch_size(n, cfg.agg_batch, noise)
         engine = DPSGD(f1, synth._f1_loss, sampler=PoissonSampler.for_batch_size(n, cfg.f1_batch, noise),
                        noise_multiplier=1.0, clip_norm=cfg.grad_clip, ledger=ledger, noise=noise,

@@ -64,7 +64,7 @@ def main() -> None:
 
     import faiss
 
-    from dpimages.methods.pe.histogram import nearest, vote_bins
+    from dpimages.methods.pe.release import nearest, vote_bins
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

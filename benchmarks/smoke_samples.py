@@ -4,7 +4,8 @@ Fits each registered method with the ``smoke`` preset on a generated 200-image,
 10-class, 28x28 set (the tests' ``tiny_npz``), with ``--insecure-seeded-noise``
 (bit-identical runs; NOT private: this is a regression check on generated
 data), samples 20 images with seed 0 and records the SHA-256 of their bytes.
-PE gets a tiny public model trained on generated noise images first.
+What a method needs besides the data (PE: a tiny public model) comes from its
+`smoke_requirements` hook.
 
     python benchmarks/smoke_samples.py --out benchmarks/results/smoke_samples.json
     python benchmarks/smoke_samples.py --compare benchmarks/results/smoke_samples.json   # exit 1 on a change
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpimages.api import fit_run, methods
+from dpimages.api import fit_run, method_class, methods
 from dpimages.data import ImageData
 
 
@@ -38,33 +39,17 @@ def tiny_private() -> ImageData:
     return ImageData(images, labels.astype(np.int64), [str(c) for c in range(10)], "tiny")
 
 
-def tiny_public_model(folder: Path) -> Path:
-    from dpimages.methods.pe.config import PublicModelConfig
-    from dpimages.methods.pe.diffusion_api import model_arch, save_public_model, train_public_model
-
-    g = torch.Generator().manual_seed(0)
-    images = (torch.rand(64, 28, 28, 1, generator=g) * 255).to(torch.uint8).numpy()
-    public = ImageData(images, np.arange(64, dtype=np.int64) % 2, ["a", "b"], "toy public")
-    cfg = PublicModelConfig(channels=8, channel_mult=(1, 2), epochs=1, max_steps=2, batch_size=16)
-    model, facts = train_public_model(public, cfg)
-    return save_public_model(folder / "model", model, {"arch": model_arch(cfg), "image_shape": [28, 28, 1],
-                                                       "trained_on": public.name, **facts})
-
-
 def fingerprints(only: list[str] | None = None) -> dict[str, dict]:
     torch.set_num_threads(1)
     out = {}
     private = tiny_private()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        pe_model = None
         for name in only or methods():
-            overrides: list[str] = []
-            if name == "pe":
-                pe_model = pe_model or tiny_public_model(root)
-                overrides = [f"api_path={pe_model}", "features=random"]
+            req = method_class(name).smoke_requirements(root / f"{name}-requirements")
             res = fit_run(name, private, epsilon=10.0, delta=1e-3, run_dir=root / name, preset="smoke",
-                          overrides=overrides, seed=0, insecure_seeded_noise=True, progress=False)
+                          public=req.get("public"), overrides=list(req.get("overrides", [])), seed=0,
+                          insecure_seeded_noise=True, progress=False)
             synth = res.synthesizer
             s = synth.sample(20, synth.balanced_labels(20), seed=0)
             out[name] = {"sha256": hashlib.sha256(s.images.tobytes() + s.labels.tobytes()).hexdigest(),

@@ -26,7 +26,9 @@ GRID_SEED = 7  # every sample grid of every method: grids of one run are compara
 # "METHOD/STREAM" -> offset from the run seed
 STREAM_OFFSETS: dict[str, int] = {
     "dp-mepf/train": 1,
+    "dpaf/model": 0,
     "dpaf/train": 104729,
+    "dpaf-noagg/model": 0,
     "dpaf-noagg/train": 104729,
     "dpdfd/teacher": 1009,
     "dpdfd/model": 2003,

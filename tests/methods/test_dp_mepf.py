@@ -18,6 +18,7 @@ from dpimages.cli import main
 from dpimages.data import ImageData, load
 from dpimages.errors import BudgetExceeded, InputError
 from dpimages.methods.dp_mepf import release as rel
+from dpimages.methods.dp_mepf.matching import released_distance
 from dpimages.methods.dp_mepf.method import DPMEPF
 from dpimages.nets.features import (
     IMAGENET_MEAN,
@@ -104,7 +105,6 @@ def test_released_means_projection_only_moves_towards_the_feasible_set():
                      torch.tensor([1.0, -5.0], dtype=torch.float64))
     m, _ = r.means(project=True, nonneg_first=True)
     assert torch.allclose(m, torch.tensor([[1.0, 0.0], [0.1, 0.2]]))  # clamped, unit ball; count floored at 1
-    assert r.proportions() == [1.0, 0.0]
 
 
 
@@ -241,15 +241,18 @@ def test_fit_with_cells_trains_and_samples_each_class(tiny_npz, tmp_path):
 def test_generator_moves_toward_the_released_means(tiny_npz):
     data = load(f"npz:{tiny_npz}")
     synth = create("dp-mepf", "smoke", steps=200, eval_every=50, batch_size=40)
-    torch.manual_seed(0)
-    ctx = FitContext(PrivacyLedger(10.0, 1e-5), NoiseSource(0), run=None, seed=0)
+    ctx = FitContext(PrivacyLedger(10.0, 1e-5), NoiseSource(0), run=None, seed=0, method="dp-mepf")
     synth.fit(data, None, ctx)
     m1, m2 = synth.released.means(True, synth._nonneg_first())
-    torch.manual_seed(0)
-    fresh = synth._new_generator()
-    before = synth._released_distance(fresh, m1, m2)
-    after = synth._released_distance(synth.sample_generator, m1, m2)
+    with ctx.seeded_init("model"):  # the generator's initial weights (from the run's seed stream)
+        fresh = synth._new_generator()
+
+    def distance(gen: torch.nn.Module) -> float:
+        return released_distance(gen, synth.extractor, m1, m2, synth.config.z_dim, 40, synth.device)
+
+    before, after = distance(fresh), distance(synth.sample_generator)
     assert after < 0.5 * before
+    assert synth.train_info["best_distance"] == pytest.approx(distance(synth.sample_generator), rel=1e-5)
     out = synth.sample(20, np.arange(20) % 10, seed=1)
     assert out.images.shape == (20, 28, 28, 1) and out.images.dtype == np.uint8
     assert [e.label for e in ctx.ledger.events] == [rel.LABEL_FIRST, rel.LABEL_COUNTS]
@@ -433,7 +436,7 @@ def test_public_features_trained_at_fit_time(tiny_npz, tmp_path):
     public = ImageData(data.images[:50].copy(), data.labels[:50].copy(), data.classes, "toy-public")
     res = fit_run("dp-mepf", data, public=public, epsilon=5.0, run_dir=tmp_path / "r", preset="smoke",
                   overrides=["features=public", "steps=10"], progress=False)
-    assert res.synthesizer.feature_info["source"] == "public"
+    assert res.synthesizer.train_info["features"]["source"] == "public"
     assert "toy-public" in (tmp_path / "r" / "report.md").read_text()
 
 
@@ -442,5 +445,10 @@ def test_time_budget_stops_training_and_still_finishes(tiny_npz, tmp_path):
                   overrides=["steps=100000", "max_minutes=0.002"], progress=False)
     state = json.loads((tmp_path / "r" / "checkpoints" / "state.json").read_text())
     assert state["finished"] and 1 <= state["step"] < 100000
-    assert any(m.get("event") == "time_budget_reached" for m in res.run.read_metrics())
+    metrics = res.run.read_metrics()
+    assert any(m.get("event") == "time_budget_reached" for m in metrics)
     assert res.synthesizer.sample(10).images.shape == (10, 28, 28, 1)
+    # times only for the whole training (train_done), never per step
+    done = [m for m in metrics if m.get("event") == "train_done"]
+    assert len(done) == 1 and done[0]["steps"] == state["step"] and {"train_s", "steps_per_s"} <= done[0].keys()
+    assert not any("train_s" in m for m in metrics if "loss" in m)

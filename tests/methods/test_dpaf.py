@@ -14,13 +14,13 @@ import torch
 from dpimages.api import FitContext, create, fit_run, load_synthesizer, method_class
 from dpimages.errors import InputError
 from dpimages.methods.dpaf import DPAF, release_aggregates
-from dpimages.methods.dpaf.method import (
+from dpimages.methods.dpaf.nets import Nets
+from dpimages.methods.dpaf.release import (
     LABEL_AGG,
     LABEL_COUNTS,
     LABEL_D,
     LABEL_F1,
     Schedule,
-    _Nets,
     calibrate_plan,
     noise_plan,
 )
@@ -41,7 +41,7 @@ class ZeroNoise(NoiseSource):
     def standard_normal(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         self.gaussian_draws += 1
         if self.ledger is not None:
-            self.events_at_draw.append(sum(e.steps for e in self.ledger.events))
+            self.events_at_draw.append(self.ledger.steps())
         return torch.zeros(tuple(shape), dtype=torch.float64)
 
 
@@ -89,7 +89,7 @@ def test_release_aggregates_sensitivity_on_neighbouring_data():
                            ledger=ledger, noise=noise)
 
 
-def _synth_and_nets(groups: int = 1) -> tuple[DPAF, _Nets]:
+def _synth_and_nets(groups: int = 1) -> tuple[DPAF, Nets]:
     """A smoke-sized DPAF set up as `fit` would after the counts release (counts given), seeded."""
     cfg = create("dpaf", "smoke", agg_groups=groups, fake_per_class=4).config
     synth = DPAF(cfg)  # type: ignore[arg-type]
@@ -99,9 +99,9 @@ def _synth_and_nets(groups: int = 1) -> tuple[DPAF, _Nets]:
     torch.manual_seed(0)
     f1, f2 = synth.new_discriminator()
     gen = synth.new_generator()
-    nets = _Nets(f1, f2, gen, synth.new_generator(), torch.optim.Adam(f1.parameters()),
-                 torch.optim.Adam(f2.parameters()), torch.optim.Adam(gen.parameters()),
-                 torch.Generator().manual_seed(1))
+    nets = Nets(f1, f2, gen, synth.new_generator(), torch.optim.Adam(f1.parameters()),
+                torch.optim.Adam(f2.parameters()), torch.optim.Adam(gen.parameters()),
+                torch.Generator().manual_seed(1))
     return synth, nets
 
 
@@ -191,6 +191,12 @@ def test_config_validation_and_presets():
                 {"f2_channels": (8,)}, {"generator": "vae"}):
         with pytest.raises(InputError):
             create("dpaf", "smoke", **bad)
+    for bad, message in (({"f1_share": 0.5, "counts_share": 0.5}, r"f1_share \+ counts_share must be < 1"),
+                         ({"beta1": 1.0}, r"beta1 must be in \[0, 1\), got 1.0"),
+                         ({"f2_channels": (8, 0)}, r"f2_channels must be two positive ints, got \[8, 0\]"),
+                         ({"cycles_per_run": -1}, r"cycles_per_run must be >= 0 \(0: no limit\), got -1")):
+        with pytest.raises(InputError, match=message):
+            create("dpaf", "smoke", **bad)
     with pytest.raises(InputError, match="agg_batch 500"):
         Schedule.from_config(create("dpaf", "smoke", agg_batch=500).config, 200)  # type: ignore[arg-type]
 
@@ -217,6 +223,24 @@ def test_ablation_fit_ledger_holds_exactly_the_planned_events(tiny_npz, tmp_path
         create("dpaf-noagg", "smoke", aggregation=True)
 
 
+def test_ablation_pauses_after_a_cycle_and_resumes_where_a_whole_run_ends(tiny_npz, tmp_path):
+    """cycles_per_run=1 stops the ablation's TrainLoop after agg_steps steps; the resumed run spends exactly the
+    plan and, with seeded noise, ends with the generator of an uninterrupted run."""
+    kw = {"epsilon": 5.0, "preset": "smoke", "progress": False, "insecure_seeded_noise": True}
+    fit_run("dpaf-noagg", f"npz:{tiny_npz}", run_dir=tmp_path / "whole", **kw)
+    run = tmp_path / "run"
+    for expected in ({LABEL_COUNTS: 1, LABEL_D: 3}, {LABEL_COUNTS: 1, LABEL_D: 6}):
+        fit_run("dpaf-noagg", f"npz:{tiny_npz}", run_dir=run, overrides=["cycles_per_run=1"],
+                resume=(run / "checkpoints").exists(), **kw)
+        assert _planned([e.to_json() for e in PrivacyLedger.load(run / "privacy.json").events]) == expected
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (paused,) = [m for m in metrics if m.get("event") == "paused"]
+    assert (paused["step"], paused["reason"], paused["steps_left"]) == (3, "cycles_per_run=1", 3)
+    assert [m["step"] for m in metrics if m.get("event") == "train_done"] == [6]
+    whole = load_synthesizer(tmp_path / "whole").sample(20, seed=0).images
+    assert np.array_equal(load_synthesizer(run).sample(20, seed=0).images, whole)
+
+
 def test_lost_class_counts_are_not_released_twice(tiny_npz, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
@@ -240,7 +264,8 @@ def dpimages(*args: str, cache: str) -> subprocess.CompletedProcess:
 
 
 ALLOWED_METRICS = {"step", "time", "phase", "cycle", "agg_releases", "f1_steps", "train_s", "f2_loss_real",
-                   "f2_loss_fake", "g_loss", "f1_noisy_grad_norm", "event", "reason", "fit_s", "epsilon"}
+                   "f2_loss_fake", "g_loss", "f1_noisy_grad_norm", "event", "reason", "fit_s", "epsilon", "steps",
+                   "steps_left", "steps_per_s"}
 
 
 def test_fit_crash_resume_sample_cli(tiny_npz, tmp_path):

@@ -13,15 +13,11 @@ from dpimages.api import FitContext, create, fit_run, load_synthesizer
 from dpimages.cli import main
 from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.methods.pe import histogram as hist
+from dpimages.methods.pe import release as rel
 from dpimages.methods.pe.api import ImageAPI
-from dpimages.methods.pe.config import PublicModelConfig
 from dpimages.methods.pe.diffusion_api import (
     DiffusionAPI,
     degree_to_sigma,
-    model_arch,
-    save_public_model,
-    train_public_model,
 )
 from dpimages.methods.pe.method import PE
 from dpimages.privacy import NoiseSource, PrivacyLedger
@@ -104,20 +100,20 @@ def test_vote_histogram_sensitivity_is_one_per_private_image():
     lab = torch.randint(0, k, (n,), generator=g)
     syn = torch.nn.functional.normalize(torch.randn(k * per, d, generator=g), dim=1)
     syn_lab = torch.arange(k * per) // per
-    bins = hist.vote_bins(priv, lab, syn, syn_lab, k)
+    bins = rel.vote_bins(priv, lab, syn, syn_lab, k)
     assert bins.shape == (n,)
     assert torch.equal(syn_lab[bins], lab), "each private image votes within its own class"
     full = torch.bincount(bins, minlength=k * per).double()
     assert float(full.sum()) == n, "one vote per private image"
     for i in range(n):  # remove image i (with its label): the neighbouring data set
         keep = torch.arange(n) != i
-        b2 = hist.vote_bins(priv[keep], lab[keep], syn, syn_lab, k)
+        b2 = rel.vote_bins(priv[keep], lab[keep], syn, syn_lab, k)
         diff = full - torch.bincount(b2, minlength=k * per).double()
         assert float(diff.norm()) == pytest.approx(1.0)
         assert float(diff.abs().sum()) == 1.0
     # adding an extreme image (far from everything) also moves exactly one bin by one
     extra = torch.full((1, d), 10.0)
-    b3 = hist.vote_bins(torch.cat([priv, extra]), torch.cat([lab, torch.tensor([2])]), syn, syn_lab, k)
+    b3 = rel.vote_bins(torch.cat([priv, extra]), torch.cat([lab, torch.tensor([2])]), syn, syn_lab, k)
     assert float((torch.bincount(b3, minlength=k * per).double() - full).norm()) == pytest.approx(1.0)
 
 
@@ -125,9 +121,9 @@ def test_release_records_one_event_before_noise_and_counts_are_unbiased():
     ledger = PrivacyLedger(100.0, 1e-5)
     noise = NoiseSource(3)
     bins = torch.tensor([0, 0, 2, 5, 5, 5])
-    out = hist.release_votes(bins, 6, noise_multiplier=0.5, ledger=ledger, noise=noise)
+    out = rel.release_votes(bins, 6, noise_multiplier=0.5, ledger=ledger, noise=noise)
     assert out.shape == (6,) and out.dtype == torch.float64
-    assert [(e.kind, e.steps, e.label) for e in ledger.events] == [("gaussian", 1, hist.LABEL)]
+    assert [(e.kind, e.steps, e.label) for e in ledger.events] == [("gaussian", 1, rel.LABEL)]
     assert noise.gaussian_draws == 1
     assert torch.allclose(out, torch.tensor([2.0, 0, 1, 0, 0, 3], dtype=torch.float64), atol=3.0)
 
@@ -136,16 +132,16 @@ def test_nearest_neighbours_match_brute_force_and_faiss():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(300, 24, generator=g), torch.randn(97, 24, generator=g)
     ref = torch.cdist(q, k).argmin(dim=1)
-    assert torch.equal(hist.nearest(q, k, chunk=64), ref)
+    assert torch.equal(rel.nearest(q, k, chunk=64), ref)
     pytest.importorskip("faiss")
-    assert (hist.nearest(q, k, backend="faiss") == ref).float().mean() > 0.99
+    assert (rel.nearest(q, k, backend="faiss") == ref).float().mean() > 0.99
 
 
 def test_threshold_and_resample_are_proportional_within_class():
     noisy = torch.tensor([5.0, -1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
-    kept = hist.threshold(noisy, 1.0)
+    kept = rel.threshold(noisy, 1.0)
     assert kept.tolist() == [5.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    idx, empty = hist.resample(kept, torch.tensor([0, 0, 0, 1, 1, 1]), 2, 50, torch.Generator().manual_seed(0))
+    idx, empty = rel.resample(kept, torch.tensor([0, 0, 0, 1, 1, 1]), 2, 50, torch.Generator().manual_seed(0))
     assert empty == 1  # class 1 got no votes above H: uniform over its samples
     assert set(idx[:50].tolist()) == {0} and set(idx[50:].tolist()) <= {3, 4, 5}
 
@@ -155,21 +151,21 @@ def test_ledger_records_T_gaussian_events_and_sigma_meets_target():
     private = _private_squares(120, 3)
     synth = _toy_config(iterations=3, population_per_class=6).with_api(ToyAPI())
     ledger, noise = PrivacyLedger(2.0, 1e-5), NoiseSource(0)
-    synth.fit(private, None, FitContext(ledger, noise, progress=False))
-    sigma = synth.info["noise_multiplier"]
+    synth.fit(private, None, FitContext(ledger, noise, progress=False, method="pe"))
+    sigma = synth.train_info["noise_multiplier"]
     assert [(e.kind, e.steps, e.label, e.noise_multiplier) for e in ledger.events] == [
-        ("gaussian", 3, hist.LABEL, sigma)]
+        ("gaussian", 3, rel.LABEL, sigma)]
     assert noise.gaussian_draws == 3
     assert ledger.epsilon() <= 2.0
-    assert epsilon_pld(hist.vote_events(sigma * 0.99, 3), 1e-5) > 2.0  # calibration is tight
-    assert synth.info["threshold"] == pytest.approx(1.0 * sigma)
+    assert epsilon_pld(rel.vote_events(sigma * 0.99, 3), 1e-5) > 2.0  # calibration is tight
+    assert synth.train_info["threshold"] == pytest.approx(1.0 * sigma)
 
 
 # -- votes steer the population ------------------------------------------------------------------
 def _toy_run(private: ImageData, ignore_votes: bool, monkeypatch) -> tuple[float, float]:
     synth = _toy_config().with_api(ToyAPI())
     if ignore_votes:  # control: the same run with every vote thrown away
-        monkeypatch.setattr(hist, "threshold", lambda noisy, h: torch.ones_like(noisy))
+        monkeypatch.setattr(rel, "threshold", lambda noisy, h: torch.ones_like(noisy))
     initial: list[float] = []
     real_evolve = PE._evolve
 
@@ -179,7 +175,7 @@ def _toy_run(private: ImageData, ignore_votes: bool, monkeypatch) -> tuple[float
         return real_evolve(self, *a, **kw)
 
     monkeypatch.setattr(PE, "_evolve", spy)
-    synth.fit(private, None, FitContext(PrivacyLedger(20.0, 1e-4), NoiseSource(0), progress=False))
+    synth.fit(private, None, FitContext(PrivacyLedger(20.0, 1e-4), NoiseSource(0), progress=False, method="pe"))
     monkeypatch.undo()
     return initial[0], _mean_nn_distance(private, synth.population, synth.population_labels)
 
@@ -195,15 +191,9 @@ def test_votes_move_population_towards_private_distribution(monkeypatch):
 # -- a tiny real public model ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(0)
-    images = (torch.rand(64, 28, 28, 1, generator=g) * 255).to(torch.uint8).numpy()
-    public = ImageData(images, np.arange(64, dtype=np.int64) % 2, ["a", "b"], "toy public")
-    cfg = PublicModelConfig(channels=8, channel_mult=(1, 2), epochs=1, max_steps=2, batch_size=16)
-    model, facts = train_public_model(public, cfg)
-    out = tmp_path_factory.mktemp("public") / "model"
-    save_public_model(out, model, {"arch": model_arch(cfg), "image_shape": [28, 28, 1], "trained_on": public.name,
-                                   "public_fingerprint": public.fingerprint, **facts})
-    return out
+    """PE's smoke requirement: a tiny public model trained on generated noise images."""
+    overrides = PE.smoke_requirements(tmp_path_factory.mktemp("public"))["overrides"]
+    return Path(dict(o.split("=", 1) for o in overrides)["api_path"])
 
 
 def test_diffusion_api_shapes_and_degree(tiny_model):
@@ -248,7 +238,7 @@ def test_resume_after_crash_spends_exactly_T_and_matches_uninterrupted(tiny_mode
     assert sum(e["steps"] for e in led["events"]) == 2  # the second histogram was released and checkpointed
     res = fit_run("pe", private, run_dir=tmp_path / "a", overrides=_fit_kw(tiny_model), resume=True, **kw)
     assert [e.steps for e in res.ledger.events] == [3]
-    assert res.synthesizer.info["lost_releases"] == 0
+    assert res.synthesizer.train_info["lost_releases"] == 0
     assert np.array_equal(res.synthesizer.population, ref.synthesizer.population)
 
 
@@ -271,11 +261,16 @@ def test_release_lost_in_a_crash_is_counted_not_redone(tiny_model, tmp_path, mon
     monkeypatch.setattr(PE, "_checkpoint", real)
     res = fit_run("pe", private, run_dir=tmp_path / "b", overrides=_fit_kw(tiny_model), resume=True, **kw)
     assert [e.steps for e in res.ledger.events] == [3]  # never more, never fewer than planned
-    assert res.synthesizer.info["lost_releases"] == 1
+    assert res.synthesizer.train_info["lost_releases"] == 1
     state = json.loads((tmp_path / "b" / "checkpoints" / "state.json").read_text())
     assert state["finished"] and state["releases"] == 3 and state["noise_rng"]["gaussian_draws"] == 3
-    events = [m.get("event") for m in res.run.read_metrics()]
+    metrics = res.run.read_metrics()
+    events = [m.get("event") for m in metrics]
     assert events.count("votes") == 2 and "lost_releases" in events
+    done = [m for m in metrics if m.get("event") == "train_done"]  # whole-run times only, never per release
+    assert len(done) == 1 and done[0]["lost_releases"] == 1 and {"train_s", "steps_per_s"} <= done[0].keys()
+    assert state["train_info"]["train_s"] >= done[0]["train_s"] - 0.1
+    assert not any("train_s" in m for m in metrics if m.get("event") == "votes")
 
 
 def test_sample_returns_population_then_variations(tiny_model, tmp_path):

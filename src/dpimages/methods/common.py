@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from dpimages.api import ConfigT, FitContext, Synthesizer
-from dpimages.data import ImageData
+from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
-from dpimages.runs import unprefixed
+from dpimages.runs import prefixed, unprefixed
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -60,7 +60,7 @@ class MethodSynthesizer(Synthesizer[ConfigT]):
         Raises InputError unless `n` is a positive integer and `labels` (when given) an integer array of
         shape (n,) with values in [0, num_classes).
         """
-        if int(n) != n or n < 1:
+        if isinstance(n, bool) or int(n) != n or n < 1:
             raise InputError(f"n must be a positive integer, got {n}")
         labels = self.balanced_labels(n) if labels is None else np.asarray(labels)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
@@ -68,6 +68,23 @@ class MethodSynthesizer(Synthesizer[ConfigT]):
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise InputError(f"labels must be in [0, {self.num_classes})")
         return labels.astype(np.int64)
+
+
+    def sample_in_batches(self, n: int, labels: np.ndarray | None, seed: int | None, batch: int,
+                          generate: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> ImageData:
+        """`n` samples (balanced classes when `labels` is None): ``generate(labels, g)`` batch by batch, from one
+        generator seeded with `seed` (0 when None); images in [-1, 1] (N, C, H, W) become uint8 (N, H, W, C)."""
+        labels = self.checked_labels(n, labels)
+        g = torch.Generator().manual_seed(int(seed or 0))
+        out = [to_uint8(generate(torch.from_numpy(labels[i : i + batch]), g)) for i in range(0, n, batch)]
+        return ImageData(np.concatenate(out), labels, list(self.classes), f"{self.name} samples")
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The sampling network (``self.ema_model``) as ``ema.*`` tensors; InputError before fit."""
+        model = getattr(self, "ema_model", None)
+        if model is None:
+            raise InputError(f"{self.name}: nothing to save before fit")
+        return prefixed("ema", model.state_dict())
 
 
 class TrainedSynthesizer(MethodSynthesizer[ConfigT]):

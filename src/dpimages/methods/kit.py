@@ -40,16 +40,17 @@ class RunClock:
     """Limits of one process's share of a run: `max_minutes` of wall time, `units_per_run` units (steps, cycles).
 
     ``0`` disables a limit. `pause_reason` says why to stop after the unit just finished (None: go on); under
-    torchrun every rank takes rank 0's time decision, so all ranks stop at the same unit.
+    torchrun every rank takes rank 0's time decision, so all ranks stop at the same unit. `elapsed_before`:
+    seconds already used by earlier processes of the run, for a time budget that covers the whole run.
     """
 
     def __init__(self, max_minutes: float = 0.0, units_per_run: int = 0, *, unit_name: str = "steps_per_run",
-                 distributed: bool = False) -> None:
+                 distributed: bool = False, elapsed_before: float = 0.0) -> None:
         self.max_minutes = float(max_minutes)
         self.units_per_run = int(units_per_run)
         self.unit_name = unit_name
         self.distributed = distributed
-        self.start = time.time()
+        self.start = time.time() - float(elapsed_before)
 
     def elapsed(self) -> float:
         """Seconds since this process started its share of the run."""

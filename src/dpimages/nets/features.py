@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from dpimages.errors import InputError
+from dpimages.seeds import seeded_init
 
 if TYPE_CHECKING:
     from dpimages.data import ImageData
@@ -362,8 +363,15 @@ def train_conv_trunk(
     if public_images.ndim != 4 or public_labels.shape != (public_images.shape[0],):
         raise InputError(f"public images must be (N, C, H, W) with labels (N,), got {tuple(public_images.shape)} "
                          f"and {tuple(public_labels.shape)}")
+    with seeded_init(seed):  # module initialisation from the seed; the caller's global RNG state is restored
+        return _train_conv_trunk(public_images, public_labels, num_classes, channels, kernel, act, epochs,
+                                 batch_size, lr, seed, val_fraction, log)
+
+
+def _train_conv_trunk(public_images: torch.Tensor, public_labels: torch.Tensor, num_classes: int,
+                      channels: Sequence[int], kernel: int, act: str, epochs: int, batch_size: int, lr: float,
+                      seed: int, val_fraction: float, log: Any) -> tuple[ConvTrunk, dict[str, Any]]:
     g = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))
     n = public_images.shape[0]
     order = torch.randperm(n, generator=g)
     n_val = int(round(n * val_fraction)) if n >= 20 else 0

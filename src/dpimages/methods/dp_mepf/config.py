@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import MethodConfig, check_feature_source
+from dpimages.config import (
+    Constraint,
+    MethodConfig,
+    at_least,
+    check_feature_source,
+    in_range,
+    one_of,
+    positive,
+    positive_ints,
+)
 from dpimages.errors import InputError
 
 
@@ -90,42 +99,26 @@ class DPMEPFConfig(MethodConfig):
                       "eval_every": 1000, "grid_every": 4000, "checkpoint_every": 1000},
     }
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "feature_tap": one_of("pre", "post"),
+        "feature_act": one_of("relu", "tanh", "lrelu"),
+        "generator": one_of("dcgan", "resnet"),
+        "cell_directions": one_of("random", "neighbours"),
+        **dict.fromkeys(("feature_nets", "feature_kernel", "gen_channels", "z_dim", "batch_size", "steps",
+                         "eval_per_class", "embed_chunk"), at_least(1)),
+        "public_epochs": at_least(0), "vgg_resize": at_least(0),
+        "cell_bits": Constraint(lambda v: -1 <= v <= 6, "must be -1 (auto) or 0..6 (1 to 64 cells per class)"),
+        "feature_channels": positive_ints(),
+        "feature_pool": Constraint(lambda v: len(v) > 0 and all(int(p) == p and p >= 0 for p in v),
+                                   "must be ints >= 0 (0: full map, 1: channel means)"),
+        "weight_first": positive(), "weight_counts": positive(), "lr": positive(),
+        "beta1": in_range(0, 1), "ema": in_range(0, 1), "lr_final": in_range(0, 1, "right"),
+    }
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_feature_source(self.features, self.feature_path)
-        if self.feature_tap not in ("pre", "post"):
-            raise InputError(f"feature_tap must be 'pre' or 'post', got {self.feature_tap!r}")
-        if self.feature_act not in ("relu", "tanh", "lrelu"):
-            raise InputError(f"feature_act must be relu, tanh or lrelu, got {self.feature_act!r}")
-        if self.generator not in ("dcgan", "resnet"):
-            raise InputError(f"generator must be 'dcgan' or 'resnet', got {self.generator!r}")
-        for name in ("feature_nets", "feature_kernel", "gen_channels", "z_dim", "batch_size", "steps", "eval_every",
-                     "eval_per_class", "log_every", "grid_every", "checkpoint_every", "embed_chunk"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cell_directions not in ("random", "neighbours"):
-            raise InputError(f"cell_directions must be 'random' or 'neighbours', got {self.cell_directions!r}")
-        if not -1 <= self.cell_bits <= 6:
-            raise InputError(f"cell_bits must be -1 (auto) or 0..6 (1 to 64 cells per class), got {self.cell_bits}")
         if self.cell_bits and not (self.weight_centres > 0 and self.cell_noise > 0):
             raise InputError(f"weight_centres and cell_noise must be > 0 unless cell_bits=0, got "
                              f"{self.weight_centres}, {self.cell_noise}")
-        if self.public_epochs < 0 or self.vgg_resize < 0:
-            raise InputError(f"public_epochs and vgg_resize must be >= 0, got {self.public_epochs}, {self.vgg_resize}")
-        if any(c < 1 for c in self.feature_channels) or not self.feature_channels:
-            raise InputError(f"feature_channels must be positive ints, got {self.feature_channels}")
-        if any(p < 0 for p in self.feature_pool) or not self.feature_pool:
-            raise InputError(f"feature_pool must be ints >= 0 (0: full map, 1: channel means), got {self.feature_pool}")
-        for name in ("weight_first", "weight_counts", "lr"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.second_moment and not self.weight_second > 0:
             raise InputError(f"weight_second must be > 0 with second_moment=true, got {self.weight_second}")
-        if self.max_minutes < 0:
-            raise InputError(f"max_minutes must be >= 0 (0: no time limit), got {self.max_minutes}")
-        if not 0 <= self.beta1 < 1 or not 0 <= self.ema < 1 or not 0 < self.lr_final <= 1:
-            raise InputError(f"need 0 <= beta1 < 1, 0 <= ema < 1, 0 < lr_final <= 1; got {self.beta1}, {self.ema}, "
-                             f"{self.lr_final}")

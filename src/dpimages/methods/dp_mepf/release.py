@@ -157,18 +157,25 @@ class Released:
         second = None if self.sum_second is None else proj(self.sum_second / n, True).float()
         return first, second
 
-    def proportions(self) -> list[float]:
-        """Noisy class proportions (counts floored at 0, summed over cells), for unlabelled sampling."""
-        c = self.counts.clamp_min(0.0).view(-1, self.cells).sum(1)
-        total = float(c.sum())
-        k = c.numel()
-        return [1.0 / k] * k if total <= 0 else [float(v) / total for v in c]
-
     def cell_proportions(self) -> torch.Tensor:
         """(K, cells) noisy proportions of each cell within its class (uniform where the counts are all <= 0)."""
         c = self.counts.clamp_min(0.0).view(-1, self.cells)
         total = c.sum(1, keepdim=True)
         return torch.where(total > 0, c / total.clamp_min(1e-12), torch.full_like(c, 1.0 / self.cells))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The released values for a checkpoint: ``release.sum_first``, ``.counts`` and ``.sum_second`` (if any)."""
+        out = {"release.sum_first": self.sum_first, "release.counts": self.counts}
+        if self.sum_second is not None:
+            out["release.sum_second"] = self.sum_second
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], num_classes: int) -> Released:
+        """The released values saved by `tensors` (a resumed run releases nothing again)."""
+        second = tensors.get("release.sum_second")
+        return cls(tensors["release.sum_first"].double(), None if second is None else second.double(),
+                   tensors["release.counts"].double(), tensors["release.counts"].numel() // num_classes)
 
 
 def auto_cell_bits(noise_first: float, dims_first: int, images_per_class: float, max_noise: float) -> int:

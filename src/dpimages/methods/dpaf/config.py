@@ -17,7 +17,7 @@ iterations, each followed by ``g_steps`` generator updates.
 
 Budget split: ``f1_share`` and ``counts_share`` are the (approximate) shares of
 the budget spent on f1's DP-SGD steps and on the one-time noisy class counts;
-the aggregation releases get the rest (see `dpimages.methods.dpaf.method.noise_plan`).
+the aggregation releases get the rest (see `dpimages.methods.dpaf.release.noise_plan`).
 
 Presets change sizes only (never code paths):
 
@@ -31,11 +31,10 @@ Presets change sizes only (never code paths):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import MethodConfig
+from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive, positive_ints
 from dpimages.errors import InputError
 
 
@@ -77,7 +76,7 @@ class DPAFConfig(MethodConfig):
     physical_batch: int = 256  # examples per vmap chunk in the DP-SGD steps (memory only)
     sample_batch: int = 1000
     # run control
-    max_minutes: float = 0.0  # > 0: checkpoint and stop at the first cycle end after this many minutes
+    max_minutes: float = 0.0  # > 0: checkpoint and stop after this many minutes (dpaf: at the next cycle end)
     cycles_per_run: int = 0  # > 0: checkpoint and stop after this many cycles in one process (--resume goes on)
     log_every: int = 25
     grid_every: int = 5  # cycles
@@ -99,37 +98,28 @@ class DPAFConfig(MethodConfig):
                       "log_every": 100, "grid_every": 10},
     }
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
+    constraints: ClassVar[dict[str, Constraint]] = {
+        **{name: at_least(1) for name in (
+            "feature_channels", "gen_channels", "z_dim", "cycles", "agg_steps", "agg_batch", "agg_groups",
+            "f1_steps", "f1_batch", "plain_batch", "f2_steps", "g_steps", "fake_per_class")},
+        "d_channels": positive_ints(),
+        "f2_channels": Constraint(lambda v: len(v) == 2 and all(int(c) == c and c >= 1 for c in v),
+                                  "must be two positive ints"),
+        "generator": one_of("dcgan", "resnet"),
+        **{name: positive() for name in ("feature_clip", "grad_clip", "lr_g", "lr_f1", "lr_f2")},
+        "f1_share": in_range(0, 1, "neither"),
+        "counts_share": in_range(0, 1, "neither"),
+        "beta1": in_range(0, 1),
+        "ema": in_range(0, 1),
+        "f2_replay": at_least(0),
+        "cycles_per_run": at_least(0, "(0: no limit)"),
+    }
 
-    def __post_init__(self) -> None:
-        for name in ("feature_channels", "gen_channels", "z_dim", "cycles", "agg_steps", "agg_batch", "agg_groups",
-                     "f1_steps", "f1_batch", "plain_batch", "f2_steps", "g_steps", "fake_per_class",
-                     "physical_batch", "sample_batch", "log_every", "grid_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.d_channels or any(c < 1 for c in self.d_channels):
-            raise InputError(f"d_channels must be positive ints, got {list(self.d_channels)}")
-        if len(self.f2_channels) != 2 or any(c < 1 for c in self.f2_channels):
-            raise InputError(f"f2_channels must be two positive ints, got {list(self.f2_channels)}")
-        if self.generator not in ("dcgan", "resnet"):
-            raise InputError(f"generator must be 'dcgan' or 'resnet', got {self.generator!r}")
-        for name in ("feature_clip", "grad_clip", "lr_g", "lr_f1", "lr_f2"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise InputError(f"{name} must be a finite number > 0, got {v}")
-        if not (0 < self.f1_share < 1 and 0 < self.counts_share < 1 and self.f1_share + self.counts_share < 1):
-            raise InputError(f"need 0 < f1_share, 0 < counts_share and f1_share + counts_share < 1, got "
-                             f"{self.f1_share}, {self.counts_share}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.ema < 1):
-            raise InputError(f"beta1 and ema must be in [0, 1), got {self.beta1}, {self.ema}")
-        if self.f2_replay < 0:
-            raise InputError(f"f2_replay must be >= 0, got {self.f2_replay}")
-        if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
-            raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
-        if self.cycles_per_run < 0:
-            raise InputError(f"cycles_per_run must be >= 0 (0: no limit), got {self.cycles_per_run}")
+    def check(self) -> None:
+        super().check()
+        if self.f1_share + self.counts_share >= 1:
+            raise InputError(f"f1_share + counts_share must be < 1 (the aggregation gets the rest), got "
+                             f"{self.f1_share} + {self.counts_share}")
 
 
 @dataclass
@@ -138,8 +128,8 @@ class DPAFNoAggConfig(DPAFConfig):
 
     aggregation: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.aggregation:
             raise InputError("dpaf-noagg is DPAF without forward-phase aggregation: use method dpaf for "
                              "aggregation=true")

@@ -17,20 +17,24 @@ trains, without privacy, on a public data set (e.g. ``mnist-5k``); its
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import MethodConfig, check_feature_source
+from dpimages.config import (
+    Constraint,
+    MethodConfig,
+    at_least,
+    check_feature_source,
+    in_range,
+    one_of,
+    positive,
+    positive_ints,
+)
 from dpimages.errors import InputError
 from dpimages.nets.edm import SAMPLERS
 
 APIS = ("diffusion", "diffusers")
 NN_BACKENDS = ("torch", "faiss")
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 @dataclass
@@ -100,9 +104,18 @@ class PEConfig(MethodConfig):
                       "variation_steps": 12, "api_batch": 2000},
     }
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
-        return _plain(super().to_dict())
+    constraints: ClassVar[dict[str, Constraint]] = {
+        "api": one_of(*APIS), "nn_backend": one_of(*NN_BACKENDS), "sampler": one_of(*SAMPLERS),
+        **dict.fromkeys(("api_batch", "sample_steps", "variation_steps", "embed_chunk", "population_per_class",
+                         "iterations", "nn_chunk", "grid_per_class"), at_least(1)),
+        "lookahead": at_least(0), "public_epochs": at_least(0),
+        "degree_start": in_range(0, 1, "right"), "degree_end": in_range(0, 1, "right"),
+        "threshold_sigmas": at_least(0), "guidance": at_least(0),
+        "feature_channels": positive_ints(),
+        "feature_pool": Constraint(lambda v: len(v) > 0 and all(int(p) == p and p >= 0 for p in v),
+                                   "must be ints >= 0"),
+        "prompt_template": Constraint(lambda v: "{name}" in v, "must contain {name}"),
+    }
 
     def degrees(self) -> list[float]:
         """The variation degree of each iteration: linear from degree_start to degree_end."""
@@ -111,34 +124,8 @@ class PEConfig(MethodConfig):
             return [self.degree_start]
         return [self.degree_start + (self.degree_end - self.degree_start) * i / (t - 1) for i in range(t)]
 
-    def __post_init__(self) -> None:
-        if self.api not in APIS:
-            raise InputError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
+    def check(self) -> None:
         check_feature_source(self.features, self.feature_path)
-        if self.nn_backend not in NN_BACKENDS:
-            raise InputError(f"nn_backend must be one of {', '.join(NN_BACKENDS)}, got {self.nn_backend!r}")
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        for name in ("api_batch", "sample_steps", "variation_steps", "embed_chunk", "population_per_class",
-                     "iterations", "nn_chunk", "grid_per_class"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lookahead < 0 or self.public_epochs < 0:
-            raise InputError(f"lookahead and public_epochs must be >= 0, got {self.lookahead}, {self.public_epochs}")
-        for name in ("degree_start", "degree_end"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and 0.0 < v <= 1.0):
-                raise InputError(f"{name} must be in (0, 1], got {v}")
-        if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):
-            raise InputError(f"threshold_sigmas must be a finite number >= 0, got {self.threshold_sigmas}")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
-            raise InputError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if not self.feature_channels or any(c < 1 for c in self.feature_channels):
-            raise InputError(f"feature_channels must be positive ints, got {list(self.feature_channels)}")
-        if not self.feature_pool or any(p < 0 for p in self.feature_pool):
-            raise InputError(f"feature_pool must be ints >= 0, got {list(self.feature_pool)}")
-        if "{name}" not in self.prompt_template:
-            raise InputError(f"prompt_template must contain {{name}}, got {self.prompt_template!r}")
 
 
 @dataclass
@@ -170,23 +157,13 @@ class PublicModelConfig(MethodConfig):
                 "epochs": 200, "batch_size": 256, "lr": 3e-4, "ema": 0.9995},
     }
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(super().to_dict())
+    constraints: ClassVar[dict[str, Constraint]] = {
+        **dict.fromkeys(("channels", "num_res_blocks", "num_heads", "epochs", "batch_size", "grid_samples",
+                         "grid_steps"), at_least(1)),
+        "channel_mult": positive_ints(), "max_steps": at_least(0, "(0: no limit)"), "lr": positive(),
+        "ema": in_range(0, 1),
+    }
 
-    def __post_init__(self) -> None:
-        for name in ("channels", "num_res_blocks", "num_heads", "epochs", "batch_size", "log_every", "grid_samples",
-                     "grid_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise InputError(f"channel_mult must be positive ints, got {list(self.channel_mult)}")
-        if self.max_steps < 0:
-            raise InputError(f"max_steps must be >= 0 (0: no limit), got {self.max_steps}")
-        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
-            raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
-        if not 0.0 <= self.ema < 1.0:
-            raise InputError(f"ema must be in [0, 1), got {self.ema}")
+    def check(self) -> None:
         if self.channels % self.num_heads:
             raise InputError(f"channels ({self.channels}) must be divisible by num_heads ({self.num_heads})")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,12 @@ from safetensors.torch import load_file, save_file
 from dpimages import __version__
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
+from dpimages.methods.kit import RunClock, ema_update, warmup_decay
 from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 from dpimages.methods.pe.config import PublicModelConfig
 from dpimages.nets.edm import EDMDenoiser, get_sampler
 from dpimages.nets.unet import UNet, num_parameters
+from dpimages.seeds import seeded_init
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -84,21 +85,19 @@ def train_public_model(
     """
     dev = torch.device(device)
     g = torch.Generator().manual_seed(int(cfg.seed))
-    torch.manual_seed(int(cfg.seed))
-    model = build_model(model_arch(cfg), public.image_shape).to(dev)
-    ema = build_model(model_arch(cfg), public.image_shape).to(dev)
+    with seeded_init(cfg.seed):
+        model = build_model(model_arch(cfg), public.image_shape).to(dev)
+        ema = build_model(model_arch(cfg), public.image_shape).to(dev)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     x_all = public.to_tensor()
     n = x_all.shape[0]
-    step, t0, running = 0, time.time(), 0.0
+    step, clock, running = 0, RunClock(cfg.max_minutes, cfg.max_steps, unit_name="max_steps"), 0.0
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=g)
         for b in in_batches(n, cfg.batch_size):
-            if (cfg.max_steps and step >= cfg.max_steps) or (
-                cfg.max_minutes and time.time() - t0 > 60.0 * cfg.max_minutes
-            ):
+            if clock.pause_reason(step):
                 break
             x = x_all[perm[b]].to(dev)
             sigma = model.training_sigmas((x.shape[0],), g).to(dev)
@@ -108,18 +107,15 @@ def train_public_model(
             loss.backward()
             opt.step()
             step += 1
-            decay = min(cfg.ema, (1.0 + step) / (10.0 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    e.lerp_(p, 1.0 - decay)
+            ema_update(ema, model, warmup_decay(cfg.ema, step))
             value = loss.item()
             running = 0.98 * running + 0.02 * value if step > 1 else value
             if log is not None and step % cfg.log_every == 0:
-                log(step=step, epoch=epoch + 1, loss=round(running, 5), train_s=round(time.time() - t0, 1))
+                log(step=step, epoch=epoch + 1, loss=round(running, 5), train_s=round(clock.elapsed(), 1))
     ema.eval()
     facts = {"epochs": cfg.epochs, "steps": step, "epochs_done": round(step * cfg.batch_size / n, 2),
              "final_loss_ema": round(running, 5),
-             "train_s": round(time.time() - t0, 1), "parameters": num_parameters(model)}
+             "train_s": round(clock.elapsed(), 1), "parameters": num_parameters(model)}
     return ema, facts
 
 

@@ -8,9 +8,10 @@ per class, lookahead k, degrees d_1 > ... > d_T):
    `diffusers_api`) and check it makes images of the private data's shape.
 2. Before any private access: calibrate the noise multiplier sigma of the
    T vote releases for the target (epsilon, delta), reserve the whole
-   schedule in the ledger (`histogram.calibrate_votes`) and build the
+   schedule in the ledger (`release.calibrate_votes`) and build the
    feature network (public, path or random; never trained on private data).
-3. Embed the private images once (the only read of private pixels) and draw
+3. Embed the private images once (`release.PrivateVotes`: the only read of
+   private pixels) and draw
    the initial population with ``random``; labels are uniform:
    ``population_per_class`` samples per class. Class sizes of the private
    data are *not* released, and no budget is spent on them.
@@ -18,7 +19,7 @@ per class, lookahead k, degrees d_1 > ... > d_T):
    variations of degree d_t of each sample); every private image votes for
    its nearest synthetic sample of its own class; the histogram over the
    whole population is released with Gaussian noise (one ledger event,
-   sensitivity 1; `histogram` has the contract); bins below H =
+   sensitivity 1; `release` has the contract); bins below H =
    ``threshold_sigmas`` x sigma are zeroed; the next population is drawn per
    class in proportion to the noisy counts and each draw is replaced by its
    variation of degree d_t. Checkpoints after the release and after the
@@ -38,7 +39,7 @@ so later releases get the noise an uninterrupted run would have drawn).
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,13 @@ from dpimages.api import FitContext, register
 from dpimages.data import ImageData, to_uint8, to_unit_range
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
-from dpimages.methods.common import MethodSynthesizer
-from dpimages.methods.pe import histogram as hist
+from dpimages.methods.common import TrainedSynthesizer
+from dpimages.methods.kit import RunClock
+from dpimages.methods.pe import release as rel
 from dpimages.methods.pe.api import ImageAPI, check_degree, model_sha256
-from dpimages.methods.pe.config import PEConfig
-from dpimages.methods.pe.diffusion_api import DiffusionAPI
+from dpimages.methods.pe.config import PEConfig, PublicModelConfig
+from dpimages.methods.pe.diffusion_api import DiffusionAPI, model_arch, save_public_model, train_public_model
+from dpimages.methods.pe.report import report_text
 from dpimages.nets.features import (
     FeatureExtractor,
     Trunk,
@@ -64,10 +67,7 @@ from dpimages.nets.features import (
     train_conv_trunk,
     trunk_from_config,
 )
-from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 from dpimages.runs import prefixed, rng_state, set_rng_state, unprefixed
-
-_API_SEED_OFFSET = 104729  # API and resampling randomness: seeded apart from the privacy noise
 
 
 def _path_sha256(path: Path) -> str:
@@ -76,23 +76,38 @@ def _path_sha256(path: Path) -> str:
 
 
 @register
-class PE(MethodSynthesizer):
-    """Private Evolution over a generative-model API (see the module docstring)."""
+class PE(TrainedSynthesizer[PEConfig]):
+    """Private Evolution over a generative-model API (see the module docstring).
+
+    ``train_info`` (public facts, saved with every checkpoint): the API's description, the vote features'
+    source, embedding dimension, noise multiplier, threshold, schedule, ``train_s`` (the whole fit) and
+    ``lost_releases``.
+    """
 
     name = "pe"
     Config = PEConfig
     description = "Private Evolution: noisy nearest-neighbour votes steer a public generative model (no training)"
 
-    def __init__(self, config: PEConfig) -> None:  # type: ignore[override]
+    def __init__(self, config: PEConfig) -> None:
         super().__init__(config)
-        self.config: PEConfig = config
         self.api: ImageAPI | None = None
         self.population: np.ndarray | None = None  # uint8 (P, H, W, C)
         self.population_labels: np.ndarray | None = None  # int64 (P,)
-        self.info: dict[str, Any] = {}
         self._trunk: Trunk | None = None
         self._extractor: FeatureExtractor | None = None
         self._save_index = 0
+
+    @classmethod
+    def smoke_requirements(cls, workdir: Path) -> dict[str, Any]:
+        """A tiny public diffusion model trained on generated noise images (offline), and random vote features."""
+        g = torch.Generator().manual_seed(0)
+        images = (torch.rand(64, 28, 28, 1, generator=g) * 255).to(torch.uint8).numpy()
+        public = ImageData(images, np.arange(64, dtype=np.int64) % 2, ["a", "b"], "toy public")
+        cfg = PublicModelConfig(channels=8, channel_mult=(1, 2), epochs=1, max_steps=2, batch_size=16)
+        model, facts = train_public_model(public, cfg)
+        path = save_public_model(Path(workdir) / "public-model", model, {
+            "arch": model_arch(cfg), "image_shape": [28, 28, 1], "trained_on": public.name, **facts})
+        return {"overrides": [f"api_path={path}", "features=random"]}
 
     # -- parts -----------------------------------------------------------------------------------
     def with_api(self, api: ImageAPI) -> PE:
@@ -118,7 +133,7 @@ class PE(MethodSynthesizer):
             api = DiffusersAPI.load(cfg.api_path, steps=cfg.sample_steps, guidance=cfg.guidance,
                                     prompt_template=cfg.prompt_template, batch=cfg.api_batch,
                                     image_shape=self.image_shape if self.num_classes else None, device=self.device)
-        recorded = self.info.get("api", {}).get("sha256")
+        recorded = self.train_info.get("api", {}).get("sha256")
         if recorded and api.describe().get("sha256") != recorded:
             raise InputError(f"pe: the model in {cfg.api_path} is not the one this run used (sha256 differs)")
         if self.classes:
@@ -200,30 +215,32 @@ class PE(MethodSynthesizer):
             raise InputError("pe: features=public needs public data: pass --public SPEC (e.g. mnist-5k), or "
                              "use features=path feature_path=DIR or features=random")
         # 2. the schedule, before any private access
-        sigma = hist.calibrate_votes(ctx.ledger.epsilon_budget, ctx.ledger.delta, t_total)
-        ctx.ledger.reserve(*hist.vote_events(sigma, t_total))
+        sigma = rel.calibrate_votes(ctx.ledger.epsilon_budget, ctx.ledger.delta, t_total)
+        planned = rel.vote_events(sigma, t_total)
+        ctx.ledger.reserve(*planned)
         h = cfg.threshold_sigmas * sigma
+        saved = dict(state.get("train_info", {}))
         if state and "feature_trunk" in state:
             trunk = trunk_from_config(state["feature_trunk"], "post")
             trunk.load_state_dict(unprefixed("features", tensors))
-            feature_info = dict(state.get("pe", {}).get("features", {}))
+            feature_info = dict(saved.get("features", {}))
         else:
             trunk, feature_info = self._build_trunk(public, ctx)
         self._set_trunk(trunk)
         dim = int(self.embed(torch.zeros(1, self.image_shape[2], *self.image_shape[:2])).shape[1])
-        self.info = {
+        self.train_info = {
             "api": api.describe(), "features": feature_info, "embedding_dim": dim, "noise_multiplier": sigma,
             "threshold": h, "iterations": t_total, "degrees": degrees, "population_per_class": per,
-            "lookahead": cfg.lookahead, "labels": "uniform", "fit_s": float(state.get("pe", {}).get("fit_s", 0.0)),
-            "lost_releases": int(state.get("pe", {}).get("lost_releases", 0)),
+            "lookahead": cfg.lookahead, "labels": "uniform", "train_s": float(saved.get("train_s", 0.0)),
+            "lost_releases": int(saved.get("lost_releases", 0)),
         }
         run = ctx.run
-        g = torch.Generator().manual_seed(int(ctx.seed) + _API_SEED_OFFSET)
+        g = ctx.generator("api")  # API and resampling randomness: a seed stream, apart from the privacy noise
         if "api_rng" in state:
             set_rng_state(g, state["api_rng"])
         self._save_index = int(state.get("step", -1)) + 1
         # 3. resume bookkeeping: the ledger says how many releases were spent
-        spent = hist.releases_spent(ctx.ledger)
+        spent = ctx.ledger.steps(like=planned[0])
         if state.get("finished"):
             self._restore_population(tensors)
             return
@@ -236,19 +253,17 @@ class PE(MethodSynthesizer):
             if not ctx.noise.secure:
                 for _ in range(spent - accounted):
                     ctx.noise.standard_normal((p,))
-            self.info["lost_releases"] += spent - accounted
+            self.train_info["lost_releases"] += spent - accounted
             if run is not None:
                 run.log(spent, event="lost_releases", count=spent - accounted,
                         note="recorded in the ledger before a crash; counted, not redone")
-        t_start = time.time()
-        fit_s0 = self.info["fit_s"]
+        clock, train_s0, first = RunClock(), self.train_info["train_s"], spent
 
         def elapsed() -> float:
-            return fit_s0 + time.time() - t_start
+            return train_s0 + clock.elapsed()
 
-        # 4. private embeddings: the only read of private pixels; they feed the votes only
-        priv_emb = self.embed(private.to_tensor())
-        priv_lab = private.label_tensor()
+        # 4. private embeddings: the only read of private pixels (release.py); they feed the votes only
+        votes = rel.PrivateVotes(self.embed, private, k, backend=cfg.nn_backend, chunk=cfg.nn_chunk)
         labels = torch.arange(p) // per
         if "population.images" in tensors:
             self._restore_population(tensors)
@@ -264,44 +279,41 @@ class PE(MethodSynthesizer):
         for t in range(spent, t_total):
             x = to_unit_range(torch.from_numpy(self.population))
             syn_emb = self._synthetic_embeddings(api, x, labels, degrees[t], g)
-            bins = hist.vote_bins(priv_emb, priv_lab, syn_emb, labels.to(syn_emb.device), k,
-                                  backend=cfg.nn_backend, chunk=cfg.nn_chunk)
-            noisy = hist.release_votes(bins, p, noise_multiplier=sigma, ledger=ctx.ledger, noise=ctx.noise)
-            del bins
+            noisy = votes.release(syn_emb, labels, noise_multiplier=sigma, ledger=ctx.ledger, noise=ctx.noise)
             self._checkpoint(ctx, g, phase="voted", votes_done=t + 1, releases=t + 1, histogram=noisy,
-                             fit_s=elapsed())
+                             train_s=elapsed())
             self._evolve(ctx, api, g, noisy, t, degrees[t], h, sigma, t + 1, elapsed)
             bar.update(1)
         bar.close()
-        self.info["fit_s"] = elapsed()
+        train_s = elapsed()
         self._checkpoint(ctx, g, phase="varied", votes_done=t_total, releases=t_total, finished=True,
-                         fit_s=self.info["fit_s"])
+                         train_s=train_s)
         if run is not None:
             self._grid(run, "grid-final.png")
-            run.log(t_total, event="pe_done", releases=t_total, lost_releases=self.info["lost_releases"],
-                    fit_s=round(self.info["fit_s"], 1))
+            run.log(t_total, event="train_done", releases=t_total, lost_releases=self.train_info["lost_releases"],
+                    **clock.run_times(t_total - first, train_s))
 
     def _evolve(self, ctx: FitContext, api: ImageAPI, g: torch.Generator, noisy: torch.Tensor, t: int,
-                degree: float, h: float, sigma: float, releases: int, elapsed: Any) -> None:
+                degree: float, h: float, sigma: float, releases: int, elapsed: Callable[[], float]) -> None:
         """Post-processing of release t: threshold, resample, vary; then log, grid and checkpoint.
 
-        The votes line carries no time: the time of one release is not logged, only the whole fit's (``fit_s`` in
-        the ``pe_done`` event).
+        The votes line carries no time: the time of one release is not logged, only the whole fit's (``train_s`` in
+        the ``train_done`` event).
         """
         assert self.population is not None and self.population_labels is not None
         labels = torch.from_numpy(self.population_labels)
-        kept = hist.threshold(noisy, h)
-        idx, empty = hist.resample(kept, labels, self.num_classes, self.config.population_per_class, g)
+        kept = rel.threshold(noisy, h)
+        idx, empty = rel.resample(kept, labels, self.num_classes, self.config.population_per_class, g)
         parents = to_unit_range(torch.from_numpy(self.population[idx.numpy()]))
         children = api.variation(parents, labels[idx], degree, generator=g)
         self._set_population(children, labels[idx])
         run = ctx.run
         if run is not None:
-            stats = hist.histogram_stats(noisy, kept, labels, self.num_classes, h, idx)
+            stats = rel.histogram_stats(noisy, kept, labels, self.num_classes, h, idx)
             run.log(t + 1, event="votes", degree=round(degree, 4), noise_multiplier=round(sigma, 5),
                     classes_without_votes=empty, **stats)
             self._grid(run, f"grid-{t + 1:03d}.png")
-        self._checkpoint(ctx, g, phase="varied", votes_done=t + 1, releases=releases, fit_s=elapsed())
+        self._checkpoint(ctx, g, phase="varied", votes_done=t + 1, releases=releases, train_s=elapsed())
 
     # -- population, checkpoints, grids ------------------------------------------------------------
     def _set_population(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -315,14 +327,14 @@ class PE(MethodSynthesizer):
         self.population_labels = tensors["population.labels"].numpy().astype(np.int64)
 
     def _checkpoint(self, ctx: FitContext, g: torch.Generator, *, phase: str, votes_done: int, releases: int,
-                    histogram: torch.Tensor | None = None, finished: bool = False, fit_s: float = 0.0) -> None:
+                    histogram: torch.Tensor | None = None, finished: bool = False, train_s: float = 0.0) -> None:
         if ctx.run is None:
             return
         assert self._trunk is not None
         tensors = {**self.state_dict(), **prefixed("features", self._trunk.state_dict())}
         if histogram is not None:
             tensors["histogram"] = histogram.double().cpu()
-        self.info["fit_s"] = float(fit_s or self.info.get("fit_s", 0.0))
+        self.train_info["train_s"] = float(train_s or self.train_info.get("train_s", 0.0))
         state = {"step": self._save_index, "finished": finished, "phase": phase, "votes_done": votes_done,
                  "releases": releases, "api_rng": rng_state(g), "noise_rng": ctx.noise_state(),
                  "feature_trunk": self._trunk.config(), **self.meta()}
@@ -360,19 +372,12 @@ class PE(MethodSynthesizer):
                 extra_parent.append(members[torch.randint(members.size, (rest.size,), generator=g).numpy()])
         if extra_pos:
             pos, parents = np.concatenate(extra_pos), np.concatenate(extra_parent)
-            degrees = self.info.get("degrees") or self.config.degrees()
+            degrees = self.train_info.get("degrees") or self.config.degrees()
             degree = check_degree(degrees[-1])
             api = self.load_api()
             x = to_unit_range(torch.from_numpy(self.population[parents]))
             out[pos] = to_uint8(api.variation(x, torch.from_numpy(labels[pos]), degree, generator=g))
         return ImageData(out, labels, list(self.classes), "pe samples")
-
-    def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "pe": dict(self.info)}
-
-    def restore_meta(self, state: dict[str, Any]) -> None:
-        super().restore_meta(state)
-        self.info = dict(state.get("pe", {}))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The population: ``population.images`` uint8 (P, H, W, C) and ``population.labels`` int64 (P,)."""
@@ -387,58 +392,6 @@ class PE(MethodSynthesizer):
     # -- report --------------------------------------------------------------------------------------
     def report_section(self) -> str:
         """API, public data, feature network, releases and schedule (for report.md)."""
-        i = self.info
-        if not i:
+        if not self.train_info:
             return ""
-        cfg = self.config
-        api, feat = i.get("api", {}), i.get("features", {})
-        h, w, c = self.image_shape
-        if api.get("kind") == "diffusion":
-            arch = api.get("arch") or {}
-            api_text = (f"our own EDM U-Net diffusion model ({api.get('parameters') or '?'} parameters, channels "
-                        f"{arch.get('channels')}, multipliers {arch.get('channel_mult')}) trained without privacy "
-                        f"on the public set **{api.get('trained_on')}** ({api.get('public_fingerprint')}), loaded "
-                        f"from `{api.get('path')}` ({api.get('sha256')}); random: {api.get('sampler')} sampler, "
-                        f"{api.get('sample_steps')} steps; variation: SDEdit from sigma(degree), "
-                        f"ceil(degree x {api.get('variation_steps')}) steps")
-        elif api.get("kind") == "diffusers":
-            api_text = (f"a local diffusers pipeline `{api.get('pipeline')}` from `{api.get('path')}` "
-                        f"({api.get('sha256')}); random: {api.get('random_mode')}; variation: img2img "
-                        f"(strength = degree)")
-        else:
-            api_text = f"a custom API ({api})"
-        if feat.get("source") == "public":
-            feat_text = (f"a conv net ({list(cfg.feature_channels)}) trained on the public set {feat.get('public')} "
-                         f"({feat.get('epochs')} epochs, public validation accuracy "
-                         f"{feat.get('public_val_accuracy', float('nan')):.3f})")
-        elif feat.get("source") == "path":
-            feat_text = f"weights from `{feat.get('path')}` ({feat.get('sha256')})"
-        else:
-            feat_text = f"a seeded random conv net (seed {feat.get('seed')})"
-        degrees = i.get("degrees", [])
-        t = i.get("iterations", 0)
-        lines = [
-            f"PE (Private Evolution; Lin et al., ICLR 2024) on {h}x{w}x{c} images, {self.num_classes} classes. "
-            "No model is trained on private data: the private images only vote.",
-            "",
-            f"- Generative-model API: {api_text}.",
-            f"- Vote embeddings: {feat_text}; layers {list(cfg.feature_layers) or 'all'}, pooling "
-            f"{list(cfg.feature_pool)}, dimension {i.get('embedding_dim')}, unit norm. Never trained on private data.",
-            f"- Privacy: neighbouring relation {NEIGHBOURING_TEXT} (add/remove). Released: {t} noisy vote "
-            f"histograms over the population of {self.num_classes} x {i.get('population_per_class')} samples "
-            f"(per-class histograms concatenated: classes are disjoint, so one image changes one bin by 1; L2 "
-            f"sensitivity 1), each a Gaussian mechanism with noise multiplier {i.get('noise_multiplier', 0):.5g} "
-            f"calibrated with dp-accounting PLD for the target epsilon before any private access. Synthetic "
-            "labels are uniform: the private class sizes are not released and cost no budget.",
-            f"- Evolution: {t} iterations, lookahead k = {i.get('lookahead')} (mean embedding of k variations), "
-            f"threshold H = {i.get('threshold', 0):.4g} ({cfg.threshold_sigmas:g} x the noise std), resampling "
-            f"in proportion to the thresholded noisy counts per class, variation degrees "
-            f"{', '.join(f'{d:.3g}' for d in degrees)}. Everything after each noisy histogram is post-processing.",
-            f"- Fit time {i.get('fit_s', 0):.0f} s" + (f"; {i['lost_releases']} release(s) recorded before a crash "
-                                                      "and not redone" if i.get("lost_releases") else "") + ".",
-            f"- Sampling: the final population ({self.num_classes * int(i.get('population_per_class', 0))} images); "
-            f"larger requests add variations of degree {degrees[-1] if degrees else float('nan'):.3g} of its "
-            "members (post-processing).",
-        ]
-        return "\n".join(lines)
-
+        return report_text(self.config, self.num_classes, self.image_shape, self.train_info)

@@ -1,4 +1,8 @@
-"""PE's votes: nearest-neighbour histograms, their noisy release, threshold and resampling.
+"""PE's release: the private images' votes, their noisy histograms, then threshold and resampling.
+
+`PrivateVotes` is PE's only access to private data: it embeds the private
+images once (in memory only) and releases one noisy vote histogram per
+iteration.
 
 Privacy contract (neighbouring relation: add or remove one image together
 with its label):
@@ -23,10 +27,12 @@ with its label):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
 from dpimages.privacy.mechanisms import noisy_histogram
@@ -44,11 +50,6 @@ def vote_events(noise_multiplier: float, iterations: int) -> list[PrivacyEvent]:
 def calibrate_votes(epsilon: float, delta: float, iterations: int) -> float:
     """Smallest noise multiplier whose T vote releases meet (epsilon, delta); no data involved."""
     return calibrate(lambda s: vote_events(s, iterations), epsilon, delta)
-
-
-def releases_spent(ledger: PrivacyLedger) -> int:
-    """Number of vote histograms already recorded in the ledger (released or lost to a crash)."""
-    return sum(e.steps for e in ledger.events if e.kind == "gaussian" and e.label == LABEL)
 
 
 # -- nearest neighbours --------------------------------------------------------------------
@@ -134,6 +135,28 @@ def release_votes(
 ) -> torch.Tensor:
     """The noisy vote histogram (float64, (num_bins,)): one Gaussian event, sensitivity 1, in the ledger first."""
     return noisy_histogram(bins, num_bins, noise_multiplier=noise_multiplier, ledger=ledger, noise=noise, label=LABEL)
+
+
+class PrivateVotes:
+    """The private images' vote embeddings (the only read of private pixels) and the releases made from them.
+
+    `embed` maps (N, C, H, W) images in [-1, 1] to unit-norm embeddings with a network never trained on
+    private data. Nothing derived from the private data leaves this object except the noisy histograms.
+    """
+
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], private: ImageData, num_classes: int, *,
+                 backend: str = "torch", chunk: int = 2048) -> None:
+        self._embeddings = embed(private.to_tensor())
+        self._labels = private.label_tensor()
+        self.num_classes, self.backend, self.chunk = num_classes, backend, chunk
+
+    def release(self, synthetic_emb: torch.Tensor, synthetic_labels: torch.Tensor, *, noise_multiplier: float,
+                ledger: PrivacyLedger, noise: NoiseSource) -> torch.Tensor:
+        """One noisy vote histogram over the population (`release_votes`: one ledger event, then the noise)."""
+        bins = vote_bins(self._embeddings, self._labels, synthetic_emb, synthetic_labels.to(synthetic_emb.device),
+                         self.num_classes, backend=self.backend, chunk=self.chunk)
+        return release_votes(bins, synthetic_emb.shape[0], noise_multiplier=noise_multiplier, ledger=ledger,
+                             noise=noise)
 
 
 # -- post-processing of the noisy histogram --------------------------------------------------
