@@ -66,6 +66,19 @@ RUN_CONTROL_CONSTRAINTS: dict[str, Constraint] = {
 }
 
 
+def non_negative_ints(note: str = "") -> Constraint:
+    """A non-empty sequence of integers >= 0."""
+    return Constraint(lambda v: len(v) > 0 and all(int(x) == x and x >= 0 for x in v),
+                      "must be ints >= 0" + (f" {note}" if note else ""))
+
+
+# feature-network fields (dp-mepf, pe): checked for every config that has them, with `check_feature_source`
+FEATURE_CONSTRAINTS: dict[str, Constraint] = {
+    "feature_channels": positive_ints(), "public_epochs": at_least(0),
+    "feature_pool": non_negative_ints("(0: full map, 1: channel means)"),
+}
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Base of every method's config: plain-type `to_dict`, and per-field constraints checked once.
@@ -73,7 +86,8 @@ class MethodConfig:
     A subclass declares its fields, `presets`, `constraints` (field -> `Constraint`, as scikit-learn's
     ``_parameter_constraints``) and, for checks across fields, `check`. The run-control fields
     (`RUN_CONTROL_CONSTRAINTS`: log_every, grid_every, checkpoint_every, sample_batch, physical_batch,
-    max_minutes, steps_per_run) are checked for every config that declares them.
+    max_minutes, steps_per_run) and feature-network fields (`FEATURE_CONSTRAINTS`, `check_feature_source`)
+    are checked for every config that declares them.
     """
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -83,7 +97,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         names = {f.name for f in dataclasses.fields(self)}
-        for name, rule in {**RUN_CONTROL_CONSTRAINTS, **self.constraints}.items():
+        for name, rule in {**RUN_CONTROL_CONSTRAINTS, **FEATURE_CONSTRAINTS, **self.constraints}.items():
             if name not in names:
                 continue
             value = getattr(self, name)
@@ -95,6 +109,8 @@ class MethodConfig:
                 shown = list(value) if isinstance(value, tuple) else value
                 raise InputError(f"{name} {rule.text}, got {shown!r}" if isinstance(value, str) else
                                  f"{name} {rule.text}, got {shown}")
+        if "features" in names:
+            check_feature_source(self.features, self.feature_path)  # type: ignore[attr-defined]
         self.check()
 
     def check(self) -> None:

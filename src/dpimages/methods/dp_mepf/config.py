@@ -5,16 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import (
-    Constraint,
-    MethodConfig,
-    at_least,
-    check_feature_source,
-    in_range,
-    one_of,
-    positive,
-    positive_ints,
-)
+from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive
 from dpimages.errors import InputError
 
 
@@ -106,17 +97,13 @@ class DPMEPFConfig(MethodConfig):
         "cell_directions": one_of("random", "neighbours"),
         **dict.fromkeys(("feature_nets", "feature_kernel", "gen_channels", "z_dim", "batch_size", "steps",
                          "eval_per_class", "embed_chunk"), at_least(1)),
-        "public_epochs": at_least(0), "vgg_resize": at_least(0),
+        "vgg_resize": at_least(0),
         "cell_bits": Constraint(lambda v: -1 <= v <= 6, "must be -1 (auto) or 0..6 (1 to 64 cells per class)"),
-        "feature_channels": positive_ints(),
-        "feature_pool": Constraint(lambda v: len(v) > 0 and all(int(p) == p and p >= 0 for p in v),
-                                   "must be ints >= 0 (0: full map, 1: channel means)"),
         "weight_first": positive(), "weight_counts": positive(), "lr": positive(),
         "beta1": in_range(0, 1), "ema": in_range(0, 1), "lr_final": in_range(0, 1, "right"),
     }
 
     def check(self) -> None:
-        check_feature_source(self.features, self.feature_path)
         if self.cell_bits and not (self.weight_centres > 0 and self.cell_noise > 0):
             raise InputError(f"weight_centres and cell_noise must be > 0 unless cell_bits=0, got "
                              f"{self.weight_centres}, {self.cell_noise}")

@@ -20,16 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import (
-    Constraint,
-    MethodConfig,
-    at_least,
-    check_feature_source,
-    in_range,
-    one_of,
-    positive,
-    positive_ints,
-)
+from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive, positive_ints
 from dpimages.errors import InputError
 from dpimages.nets.edm import SAMPLERS
 
@@ -108,12 +99,9 @@ class PEConfig(MethodConfig):
         "api": one_of(*APIS), "nn_backend": one_of(*NN_BACKENDS), "sampler": one_of(*SAMPLERS),
         **dict.fromkeys(("api_batch", "sample_steps", "variation_steps", "embed_chunk", "population_per_class",
                          "iterations", "nn_chunk", "grid_per_class"), at_least(1)),
-        "lookahead": at_least(0), "public_epochs": at_least(0),
+        "lookahead": at_least(0),
         "degree_start": in_range(0, 1, "right"), "degree_end": in_range(0, 1, "right"),
         "threshold_sigmas": at_least(0), "guidance": at_least(0),
-        "feature_channels": positive_ints(),
-        "feature_pool": Constraint(lambda v: len(v) > 0 and all(int(p) == p and p >= 0 for p in v),
-                                   "must be ints >= 0"),
         "prompt_template": Constraint(lambda v: "{name}" in v, "must contain {name}"),
     }
 
@@ -124,8 +112,6 @@ class PEConfig(MethodConfig):
             return [self.degree_start]
         return [self.degree_start + (self.degree_end - self.degree_start) * i / (t - 1) for i in range(t)]
 
-    def check(self) -> None:
-        check_feature_source(self.features, self.feature_path)
 
 
 @dataclass
