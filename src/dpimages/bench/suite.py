@@ -585,13 +585,18 @@ def _method_cell(row: dict, eval_mode: bool = False) -> str:
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
-    """The latest line per (method, preset, epsilon, eval mode, feature network), sorted."""
+    """The latest line per (method, preset, epsilon, eval mode, feature network, seeded or not), sorted.
+
+    A seeded row is kept beside a newer secure-noise row of the same cell (marked ``seeded``), so the history
+    of a cell stays visible when its rows are rerun with secure noise.
+    """
     latest: dict[tuple, dict] = {}
     for r in rows:
-        latest[(row_label(r), r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"))] = r
+        key = (row_label(r), r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"), is_seeded(r))
+        latest[key] = r
     ref_order = {"real": 0, "dpsgd-classifier": 1}
     return sorted(latest.values(), key=lambda r: (r["preset"], ref_order.get(r["method"], 2), row_label(r),
-                                                  r["epsilon"]))
+                                                  r["epsilon"], not is_seeded(r)))
 
 
 def render_table(rows: list[dict], suite: str = "fmnist") -> str:
