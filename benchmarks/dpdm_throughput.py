@@ -57,9 +57,11 @@ def measure(preset: str, threads: int, device: str, repeats: int) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    idx = torch.arange(b)  # dataset indices of the chunk: keyed training draws, one step key per step
+
     def step() -> None:
-        sigma, nz, drop = synth._draws(b, g, model)
-        engine.clip_and_accumulate(x, y, sigma, nz, drop)
+        for part, sigma, nz, drop in synth._shard(idx, g, model):
+            engine.clip_and_accumulate(x[part], y[part], sigma, nz, drop)
         engine.add_noise()
         opt.step()
         opt.zero_grad(set_to_none=True)

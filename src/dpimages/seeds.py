@@ -33,6 +33,7 @@ STREAM_OFFSETS: dict[str, int] = {
     "dpdfd/teacher": 1009,
     "dpdfd/model": 2003,
     "dpdfd/train": 7919,
+    "dpdm/model": 0,
     "dpdm/train": 7919,
     "pe/api": 104729,
 }

@@ -18,7 +18,7 @@ from dpimages.cli import main
 from dpimages.data import ImageData, load
 from dpimages.errors import InputError
 from dpimages.methods.dpdfd import release as rel
-from dpimages.methods.dpdfd.method import STUDENT_FILE, public_test_set
+from dpimages.methods.dpdfd.student import STUDENT_FILE, public_test_set
 from dpimages.nets.classifiers import SmallCNN
 from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger, calibrate_gaussian
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from dpimages.api import create, method_class
 from dpimages.errors import InputError
-from dpimages.methods.dpdm.method import _TRAIN_SEED_OFFSET, example_seeds, step_key
+from dpimages.methods.dpdm.draws import example_seeds, step_key
 from dpimages.nets.edm import (
     SIGMA_DATA,
     EDMDenoiser,
@@ -31,6 +31,7 @@ from dpimages.nets.unet import UNet
 from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, validate_model
 from dpimages.runs import rng_state
+from dpimages.seeds import stream_generator
 
 
 class Recorder(nn.Module):
@@ -280,7 +281,7 @@ def test_fit_resume_sample_cli(tiny_npz, tmp_path):
     # the training generator took one step key per DP step run (3, then planned - 4 after the simulated crash),
     # whatever the Poisson batches, and the resumed run restored it from the checkpoint
     seed = yaml.safe_load((run / "config.yaml").read_text())["seed"]
-    g = torch.Generator().manual_seed(seed + _TRAIN_SEED_OFFSET)
+    g = stream_generator(seed, "dpdm", "train")
     for _ in range(planned - 1):
         step_key(g)
     assert json.loads((run / "checkpoints" / "state.json").read_text())["train_rng"] == rng_state(g)

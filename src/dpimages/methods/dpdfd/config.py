@@ -16,14 +16,14 @@ noise multiplier (each step is one Gaussian release).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import MethodConfig
-from dpimages.errors import InputError
+from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive
 
 LOSSES = ("kl", "l1")
+_TWO_CHANNELS = Constraint(lambda v: len(v) == 2 and all(int(c) == c and c >= 1 for c in v),  # SmallCNN's convs
+                           "must be two positive ints (conv1, conv2)")
 
 
 @dataclass
@@ -91,38 +91,14 @@ class DPDFDConfig(MethodConfig):
         },
     }
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
-
-    def __post_init__(self) -> None:
-        for name in ("teacher_hidden", "teacher_epochs", "teacher_batch", "student_hidden", "steps", "batch_size",
-                     "gen_channels", "z_dim", "gen_every", "gen_steps", "eval_every", "log_every", "grid_every",
-                     "checkpoint_every", "sample_batch"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("teacher_channels", "student_channels"):
-            ch = getattr(self, name)
-            if len(ch) != 2 or any(c < 1 for c in ch):
-                raise InputError(f"{name} must be two positive ints (conv1, conv2), got {list(ch)}")
-        for name in ("teacher_lr", "student_lr", "clip_norm", "temperature", "gen_lr"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise InputError(f"{name} must be a finite number > 0, got {v}")
-        for name in ("w_ce", "w_entropy", "w_balance", "w_diversity"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise InputError(f"{name} must be a finite number >= 0, got {v}")
-        if not 0.0 <= self.student_momentum < 1.0 or not 0.0 <= self.gen_beta1 < 1.0:
-            raise InputError(f"student_momentum and gen_beta1 must be in [0, 1), got {self.student_momentum}, "
-                             f"{self.gen_beta1}")
-        if self.release_space not in ("outputs", "parameters"):
-            raise InputError(f"release_space must be 'outputs' or 'parameters', got {self.release_space!r}")
-        if self.loss not in LOSSES:
-            raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.generator not in ("dcgan", "resnet"):
-            raise InputError(f"generator must be 'dcgan' or 'resnet', got {self.generator!r}")
-        if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
-            raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
-        if self.steps_per_run < 0:
-            raise InputError(f"steps_per_run must be >= 0 (0: no limit), got {self.steps_per_run}")
+    constraints: ClassVar[dict[str, Constraint]] = {
+        **dict.fromkeys(("teacher_hidden", "teacher_epochs", "teacher_batch", "student_hidden", "steps", "batch_size",
+                         "gen_channels", "z_dim", "gen_every", "gen_steps"), at_least(1)),
+        **dict.fromkeys(("teacher_channels", "student_channels"), _TWO_CHANNELS),
+        **dict.fromkeys(("teacher_lr", "student_lr", "clip_norm", "temperature", "gen_lr"), positive()),
+        **dict.fromkeys(("w_ce", "w_entropy", "w_balance", "w_diversity"), at_least(0)),
+        **dict.fromkeys(("student_momentum", "gen_beta1"), in_range(0.0, 1.0)),
+        "release_space": one_of("parameters", "outputs"),
+        "loss": one_of(*LOSSES),
+        "generator": one_of("dcgan", "resnet"),
+    }

@@ -86,7 +86,6 @@ draws of lost steps are skipped, never reused.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -94,63 +93,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from dpimages.api import FitContext, register
-from dpimages.data import ImageData, load, to_uint8
+from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.eval.grid import save_grid
 from dpimages.methods.common import TrainedSynthesizer
 from dpimages.methods.dpdfd import release as rel
 from dpimages.methods.dpdfd.config import DPDFDConfig
+from dpimages.methods.dpdfd.report import report_text
+from dpimages.methods.dpdfd.student import STUDENT_FILE, accuracy, public_test_set, save_student
+from dpimages.methods.kit import RunClock, TrainLoop, write_grid
 from dpimages.nets.classifiers import SmallCNN, num_parameters
 from dpimages.nets.generators import ConditionalGenerator
-from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
-
-STUDENT_FILE = "student.safetensors"
-PUBLIC_TEST_SPEC = "fashion-mnist:test"
-_TEACHER_SEED_OFFSET = 1009  # teacher init and shuffling
-_MODEL_SEED_OFFSET = 2003  # student and generator init
-_TRAIN_SEED_OFFSET = 7919  # latent codes and labels of synthetic batches
-
-
-def public_test_set(private: ImageData) -> tuple[ImageData | None, str]:
-    """The public test set on which the student is scored, or None and why not.
-
-    Only Fashion-MNIST's training images as private data qualify (their test
-    split is public evaluation data, never private); any other data set, or
-    Fashion-MNIST's own test split as private data, is skipped.
-    """
-    name = private.name.split("@", 1)[0]
-    if not name.startswith("fashion-mnist") or name == PUBLIC_TEST_SPEC:
-        return None, f"private data {private.name!r} is not Fashion-MNIST training data"
-    try:
-        test = load(PUBLIC_TEST_SPEC)
-    except InputError as e:
-        return None, f"{PUBLIC_TEST_SPEC} not available ({e})"
-    if test.image_shape != private.image_shape or test.num_classes != private.num_classes:
-        return None, f"{PUBLIC_TEST_SPEC} has shape {test.image_shape}, the private data {private.image_shape}"
-    return test, PUBLIC_TEST_SPEC
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: ImageData, device: torch.device, batch: int = 1000) -> float:
-    """Top-1 accuracy of `model` on labelled `data`."""
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(data), batch):
-        part = data.subset(np.arange(i, min(i + batch, len(data))))
-        pred = model(part.to_tensor(device)).argmax(1)
-        correct += int((pred == part.label_tensor(device)).sum())
-    model.train(was)
-    return correct / max(1, len(data))
 
 
 @register
-class DPDFD(TrainedSynthesizer):
+class DPDFD(TrainedSynthesizer[DPDFDConfig]):
     """DPDFD: a student distilled from a non-private teacher through normalised noisy gradients; a generator."""
 
     name = "dpdfd"
@@ -158,9 +117,8 @@ class DPDFD(TrainedSynthesizer):
     description = "DP data-free distillation: DP student from normalised noisy distillation gradients; generator"
     device_modules = ("generator", "student")
 
-    def __init__(self, config: DPDFDConfig) -> None:  # type: ignore[override]
+    def __init__(self, config: DPDFDConfig) -> None:
         super().__init__(config)
-        self.config: DPDFDConfig = config
         self.generator: ConditionalGenerator | None = None
         self.student: SmallCNN | None = None
 
@@ -195,14 +153,13 @@ class DPDFD(TrainedSynthesizer):
         # 1. schedule and noise from public choices only, before any private pixel is read
         sigma = rel.calibrate_steps(ctx.ledger.epsilon_budget, ctx.ledger.delta, cfg.steps)
         ctx.ledger.reserve(rel.planned_event(sigma, cfg.steps))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed + _MODEL_SEED_OFFSET)
+        with ctx.seeded_init("model"):
             student = self.new_student().to(self.device)
             gen = self.new_generator().to(self.device)
         s_params = [p for p in student.parameters() if p.requires_grad]
         sopt = torch.optim.SGD(s_params, lr=cfg.student_lr, momentum=cfg.student_momentum)
         gopt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, betas=(cfg.gen_beta1, 0.999))
-        g = torch.Generator().manual_seed(ctx.seed + _TRAIN_SEED_OFFSET)
+        g = ctx.generator("train")  # latent codes and labels of synthetic batches (public randomness)
         self.train_info = {
             "steps": cfg.steps, "noise_multiplier": sigma, "sigma_methods_md": 2.0 * sigma, "clip_norm": cfg.clip_norm,
             "noise_std": 2.0 * cfg.clip_norm * sigma, "student_parameters": num_parameters(student),
@@ -226,34 +183,33 @@ class DPDFD(TrainedSynthesizer):
         test, test_name = public_test_set(private) if cfg.student_eval else (None, "student_eval=false")
         self.train_info["student_test_set"] = test_name if test is not None else f"skipped: {test_name}"
         if state.get("finished"):
-            self._report = self._report_text()
             return
-        spent = rel.steps_spent(ctx.ledger, sigma)
+        spent = ctx.ledger.steps(like=rel.planned_event(sigma, 1))
         d = num_parameters(student)
         for _ in range(max(0, spent - ckpt_step)):  # releases lost in a crash: never reuse their noise
             ctx.noise.standard_normal((d,))
         if spent > ckpt_step and ctx.run is not None:
             ctx.run.log(spent, event="lost_steps", steps=spent - ckpt_step)
-        teacher = None
-        if spent < cfg.steps:
-            # 2. the non-private teacher: in memory only, retrained on every (re)start
-            t0 = time.time()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(ctx.seed + _TEACHER_SEED_OFFSET)
-                teacher = self.new_teacher().to(self.device)
-            tg = torch.Generator().manual_seed(ctx.seed + _TEACHER_SEED_OFFSET)
-            teacher = rel.train_teacher(teacher, private.to_tensor(self.device), private.label_tensor(self.device),
-                                        epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
-                                        generator=tg)
-            self.train_info["teacher_s"] = float(self.train_info["teacher_s"]) + time.time() - t0
-            self.train_info["teacher_trainings"] = int(self.train_info["teacher_trainings"]) + 1
-            if ctx.run is not None:
-                ctx.run.log(spent, event="teacher_trained", teacher_s=round(time.time() - t0, 1))
+        # 2. the non-private teacher: in memory only, retrained on every (re)start
+        teacher = self._train_teacher(private, ctx, spent) if spent < cfg.steps else None
         # 3. the noisy student steps alternating with generator steps
-        finished = self._train(ctx, teacher, student, gen, sopt, gopt, g, sigma, spent, test)
+        self._train(ctx, teacher, sopt, gopt, g, sigma, spent, test)
         del teacher
-        if finished:
-            self._finish(ctx, sopt, gopt, g, test)
+
+    def _train_teacher(self, private: ImageData, ctx: FitContext, spent: int) -> torch.nn.Module:
+        """The non-private teacher (`release.train_teacher`): kept in memory only, its time and count recorded."""
+        cfg = self.config
+        t0 = time.time()
+        with ctx.seeded_init("teacher"):
+            teacher = self.new_teacher().to(self.device)
+        teacher = rel.train_teacher(teacher, private.to_tensor(self.device), private.label_tensor(self.device),
+                                    epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
+                                    generator=ctx.generator("teacher"))
+        self.train_info["teacher_s"] = float(self.train_info["teacher_s"]) + time.time() - t0
+        self.train_info["teacher_trainings"] = int(self.train_info["teacher_trainings"]) + 1
+        if ctx.run is not None:
+            ctx.run.log(spent, event="teacher_trained", teacher_s=round(time.time() - t0, 1))
+        return teacher
 
     def _draws(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent codes and labels of n synthetic images (public randomness)."""
@@ -284,23 +240,23 @@ class DPDFD(TrainedSynthesizer):
                  (("gen_ce", ce), ("gen_entropy", entropy), ("gen_balance", balance), ("gen_diversity", diversity))}
         return loss, terms
 
-    def _train(self, ctx: FitContext, teacher: torch.nn.Module | None, student: SmallCNN, gen: ConditionalGenerator,
-               sopt: torch.optim.Optimizer, gopt: torch.optim.Optimizer, g: torch.Generator, sigma: float,
-               spent: int, test: ImageData | None) -> bool:
-        """Run the remaining steps; True when all T are done, False when paused (max_minutes / steps_per_run)."""
+    def _train(self, ctx: FitContext, teacher: torch.nn.Module | None, sopt: torch.optim.Optimizer,
+               gopt: torch.optim.Optimizer, g: torch.Generator, sigma: float, spent: int,
+               test: ImageData | None) -> None:
+        """The remaining steps in a `TrainLoop`, which pauses at ``max_minutes`` (counted from the end of the
+        teacher's training) or ``steps_per_run`` and finishes with the student's file, checkpoint and grid."""
         cfg = self.config
         run = ctx.run
+        student, gen = self.student, self.generator
+        assert student is not None and gen is not None
         s_params = [p for p in student.parameters() if p.requires_grad]
         g_params = list(gen.parameters())
         outputs = cfg.release_space == "outputs"
         scale = rel.update_scale(cfg.clip_norm, sigma, sum(p.numel() for p in s_params))  # parameters only
-        step, first = spent, spent
-        t_start = time.time()
-        elapsed0 = float(self.train_info["train_s"])
-        bar = tqdm(total=cfg.steps, initial=first, disable=not ctx.progress, desc="dpdfd student steps")
         student.train()
         gen.train()
-        while step < cfg.steps:
+
+        def step(t: int) -> dict[str, Any]:
             assert teacher is not None
             z, y = self._draws(cfg.batch_size, g)
             with torch.no_grad():
@@ -315,74 +271,49 @@ class DPDFD(TrainedSynthesizer):
                               else noisy * scale)
             sopt.step()
             sopt.zero_grad(set_to_none=True)
-            step += 1
             terms: dict[str, float] = {}
-            if step % cfg.gen_every == 0:
+            if t % cfg.gen_every == 0:
                 for _ in range(cfg.gen_steps):
                     loss, terms = self.generator_loss(gen, student, g)
                     gopt.zero_grad(set_to_none=True)
                     loss.backward(inputs=g_params)
                     gopt.step()
                     terms["gen_loss"] = float(loss.detach())
-            bar.update(1)
-            elapsed = elapsed0 + time.time() - t_start
-            self.train_info["train_s"] = elapsed
-            if run is None:
-                continue
-            metrics: dict[str, Any] = {}
-            if test is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics["student_test_accuracy"] = round(accuracy(student, test, self.device), 5)
-                self.train_info["student_test_accuracy"] = metrics["student_test_accuracy"]
-            if step % cfg.log_every == 0 or metrics or step == cfg.steps:
-                run.log(step, noisy_update_norm=round(float(noisy.norm()), 4), **{k: round(v, 5) for k, v in
-                        terms.items()}, **metrics)  # no per-step time: whole-run times in paused / train_done
-            if step % cfg.grid_every == 0 and step < cfg.steps:
-                self._grid(gen, run.samples_dir / f"grid-{step:07d}.png")
-            out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60.0 * cfg.max_minutes
-            out_of_steps = cfg.steps_per_run > 0 and step - first >= cfg.steps_per_run
-            pause = (out_of_time or out_of_steps) and step < cfg.steps
-            if step < cfg.steps and (step % cfg.checkpoint_every == 0 or pause):
-                self._checkpoint(ctx, sopt, gopt, g, step, finished=False)
-            if pause:
-                reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"steps_per_run={cfg.steps_per_run}"
-                run.log(step, event="paused", reason=reason, steps_left=cfg.steps - step, train_s=round(elapsed, 1),
-                        steps_per_s=round((step - first) / max(1e-9, time.time() - t_start), 4))
-                bar.close()
-                return False
-        bar.close()
-        return True
+            values: dict[str, Any] = {"noisy_update_norm": round(float(noisy.norm()), 4),
+                                      **{k: round(v, 5) for k, v in terms.items()}}
+            if test is not None and (t == cfg.steps or (run is not None and t % cfg.eval_every == 0)):
+                values["student_test_accuracy"] = round(accuracy(student, test, self.device), 5)
+                self.train_info["student_test_accuracy"] = values["student_test_accuracy"]
+                if run is not None and t % cfg.log_every and t != cfg.steps:  # between two log lines: log it now
+                    run.log(t, **values)
+            return values
 
-    def _finish(self, ctx: FitContext, sopt: torch.optim.Optimizer, gopt: torch.optim.Optimizer,
-                g: torch.Generator, test: ImageData | None) -> None:
-        """Final student accuracy, student.safetensors, the finished checkpoint, the final grid, the report."""
-        assert self.student is not None and self.generator is not None
-        if test is not None:
-            self.train_info["student_test_accuracy"] = round(accuracy(self.student, test, self.device), 5)
-        run = ctx.run
-        if run is not None:
-            self.save_student(run.path / STUDENT_FILE)
-            self._checkpoint(ctx, sopt, gopt, g, self.config.steps, finished=True)
-            self._grid(self.generator, run.samples_dir / "grid-final.png")
-            run.log(self.config.steps, event="train_done", steps=self.config.steps,
-                    train_s=round(float(self.train_info["train_s"]), 1),
-                    teacher_s=round(float(self.train_info["teacher_s"]), 1),
-                    student_test_accuracy=self.train_info["student_test_accuracy"])
-        self._report = self._report_text()
+        def checkpoint(t: int, finished: bool) -> None:
+            if finished:  # the final student: its public test accuracy and its weights file
+                if test is not None:
+                    self.train_info["student_test_accuracy"] = round(accuracy(student, test, self.device), 5)
+                assert run is not None
+                self.save_student(run.path / STUDENT_FILE)
+            self._checkpoint(ctx, sopt, gopt, g, t, finished=finished)
+
+        def after_step(t: int) -> None:
+            self.train_info["train_s"] = loop.train_s()
+
+        loop = TrainLoop(run, cfg.steps, step, checkpoint, clock=RunClock(cfg.max_minutes, cfg.steps_per_run),
+                         grid=lambda path: self._grid(gen, path), log_every=cfg.log_every, grid_every=cfg.grid_every,
+                         checkpoint_every=cfg.checkpoint_every, progress=ctx.progress, desc="dpdfd student steps",
+                         train_s0=float(self.train_info["train_s"]), after_step=after_step)
+        loop(spent)
 
     def save_student(self, path: str | Path) -> Path:
         """The student's weights as safetensors (metadata: architecture, classes, image shape)."""
         assert self.student is not None
-        path = Path(path)
         h, w, c = self.image_shape
         meta = {"model": "dpimages.nets.classifiers.SmallCNN", "in_channels": str(c), "image_size": f"{h},{w}",
                 "channels": ",".join(str(v) for v in self.config.student_channels),
                 "hidden": str(self.config.student_hidden), "num_classes": str(self.num_classes),
                 "input": "float (N, C, H, W) in [-1, 1]", "classes": "\t".join(self.classes)}
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.student.state_dict().items()}, str(tmp),
-                  metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return save_student(self.student, path, meta)
 
     def _checkpoint(self, ctx: FitContext, sopt: torch.optim.Optimizer, gopt: torch.optim.Optimizer,
                     g: torch.Generator, step: int, *, finished: bool) -> None:
@@ -396,33 +327,29 @@ class DPDFD(TrainedSynthesizer):
                  "noise_rng": ctx.noise_state(), **self.meta()}
         ctx.run.save_checkpoint(tensors, state)
 
-    def _grid(self, gen: ConditionalGenerator, path: Path, per_class: int = 10) -> None:
-        """Per-class sample grid (post-processing; fixed seed)."""
-        y = np.arange(self.num_classes * per_class) // per_class
+    def _grid(self, gen: ConditionalGenerator, path: Path) -> None:
+        """Per-class sample grid (post-processing; `write_grid`'s fixed seed); the generator's mode is restored."""
         was = gen.training
-        images = self._generate(gen, y, torch.Generator().manual_seed(7))
+        gen.eval()
+        write_grid(path, lambda y, g: self._generate(gen, y, g), self.num_classes)
         gen.train(was)
-        save_grid(path, images, y, self.num_classes, per_class)
 
     @torch.no_grad()
-    def _generate(self, gen: ConditionalGenerator, labels: np.ndarray, g: torch.Generator) -> np.ndarray:
-        gen.eval()
-        out = []
-        bs = self.config.sample_batch
-        for i in range(0, len(labels), bs):
-            y = torch.from_numpy(labels[i : i + bs]).to(self.device)
-            z = torch.randn(len(y), self.config.z_dim, generator=g).to(self.device)
-            out.append(to_uint8(gen(z, y)))
-        return np.concatenate(out)
+    def _generate(self, gen: ConditionalGenerator, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Images in [-1, 1] for `labels`, in chunks of ``sample_batch``, latent codes drawn from `g` chunk by chunk."""
+        z_dim = self.config.z_dim
+        return torch.cat([gen(torch.randn(len(y), z_dim, generator=g).to(self.device), y.to(self.device))
+                          for y in labels.split(self.config.sample_batch)])
 
     # -- sampling and state -----------------------------------------------------------------------
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
         """n images from the generator; labels (n,) integers, or None for balanced classes."""
-        if self.generator is None:
+        gen = self.generator
+        if gen is None:
             raise InputError("dpdfd: fit or load the synthesizer before sampling")
-        labels = self.checked_labels(n, labels)
-        images = self._generate(self.generator, labels, torch.Generator().manual_seed(int(seed or 0)))
-        return ImageData(images, labels, list(self.classes), "dpdfd samples")
+        gen.eval()
+        return self.sample_in_batches(n, labels, seed, self.config.sample_batch,
+                                      lambda y, g: self._generate(gen, y, g))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Generator (``gen.``) and student (``student.``) weights."""
@@ -446,50 +373,4 @@ class DPDFD(TrainedSynthesizer):
 
     def report_section(self) -> str:
         """The method's part of report.md: the releases, the privacy argument in brief, student, generator."""
-        return getattr(self, "_report", "") or (self._report_text() if self.train_info else "")
-
-    def _report_text(self) -> str:
-        cfg = self.config
-        t = self.train_info
-        acc = t.get("student_test_accuracy")
-        acc_text = (f"**{100 * acc:.2f}%** on `{t.get('student_test_set')}` (public test images)" if acc is not None
-                    else f"not measured ({t.get('student_test_set')})")
-        return "\n".join([
-            "DPDFD (data-free distillation after Liu et al.): a non-private teacher, a DP student trained only on "
-            "normalised noisy distillation gradients, and a label-conditional generator trained against the student.",
-            "",
-            "### What was released",
-            "",
-            f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released: {t['steps']} student updates, each "
-            f"the gradient of the {cfg.loss} distillation loss on a synthetic batch of {cfg.batch_size}, flattened "
-            f"over all {t['student_parameters']:,} student parameters, scaled to L2 norm C = {cfg.clip_norm:g}, plus "
-            f"N(0, ({t['noise_std']:.5g})^2) per coordinate: one Gaussian event each with L2 sensitivity 2C and "
-            f"noise multiplier {t['noise_multiplier']:.5g} (sigma = {t['sigma_methods_md']:.5g} in std = sigma C "
-            "terms), calibrated before training for the target epsilon. No subsampling amplification.",
-            "",
-            "The teacher depends on all private data and no image's influence on it is bounded: the only bound is "
-            "the norm of the released gradient (any two data sets' normalised gradients are at most 2C apart). The "
-            "teacher was trained in memory only"
-            + (f" ({t['teacher_trainings']} times: a resumed run retrains it)" if t.get("teacher_trainings", 0) > 1
-               else "")
-            + "; it is not in any file of this run and its accuracy is not reported (that would be an unaccounted "
-            "release). The generator sees the student only (post-processing).",
-            "",
-            "### Student (the DP classifier)",
-            "",
-            f"- SmallCNN, channels {list(cfg.student_channels)}, hidden {cfg.student_hidden}; SGD lr "
-            f"{cfg.student_lr:g}, momentum {cfg.student_momentum:g} on the noisy update times "
-            f"{t.get('update_scale', 1.0):.4g} (C over its expected norm, a public constant); weights in "
-            f"`{STUDENT_FILE}`",
-            f"- test accuracy: {acc_text}",
-            "",
-            "### Generator (post-processing)",
-            "",
-            f"- {cfg.generator} label-conditional generator, {t['generator_parameters']:,} parameters; Adam lr "
-            f"{cfg.gen_lr:g}; {cfg.gen_steps} step(s) after every {cfg.gen_every} student step(s)",
-            f"- objective against the fixed student: {cfg.w_ce:g} x cross-entropy to the conditioning label "
-            f"- {cfg.w_entropy:g} x per-image entropy - {cfg.w_balance:g} x entropy of the batch-mean prediction "
-            f"- {cfg.w_diversity:g} x mode-seeking ratio",
-            f"- training time {float(t.get('train_s', 0.0)):.0f} s (teacher {float(t.get('teacher_s', 0.0)):.0f} s)",
-            "- Logged: only functions of released values (noisy update norm, generator terms, student test accuracy).",
-        ])
+        return report_text(self.config, self.train_info) if self.train_info else ""

@@ -45,22 +45,8 @@ def planned_event(noise_multiplier: float, steps: int) -> PrivacyEvent:
     return PrivacyEvent.gaussian(noise_multiplier, steps, RELEASE_LABEL)
 
 
-def steps_spent(ledger: PrivacyLedger, noise_multiplier: float) -> int:
-    """Student steps already recorded in the ledger with this noise multiplier."""
-    probe = planned_event(noise_multiplier, 1)
-    return sum(e.steps for e in ledger.events if e.same_release(probe))
-
-
-def train_teacher(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    generator: torch.Generator,
-) -> nn.Module:
+def train_teacher(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
+                  lr: float, generator: torch.Generator) -> nn.Module:
     """Non-private training on the private data (Adam, cross-entropy); returns the model frozen, in eval mode.
 
     Nothing about this training (loss, accuracy, weights) is returned or logged.
@@ -103,16 +89,8 @@ def normalise(vector: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return vector * (clip_norm / norm)
 
 
-def normalised_gradient(
-    student: nn.Module,
-    teacher: nn.Module,
-    images: torch.Tensor,
-    *,
-    clip_norm: float,
-    loss: str = "kl",
-    temperature: float = 1.0,
-    space: str = "parameters",
-) -> torch.Tensor:
+def normalised_gradient(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, clip_norm: float,
+                        loss: str = "kl", temperature: float = 1.0, space: str = "parameters") -> torch.Tensor:
     """Gradient of the distillation loss, flattened and scaled to norm `clip_norm`: the vector to release.
 
     `images` is a synthetic batch (generator output: no private data). The
@@ -150,14 +128,8 @@ def backprop_released(student: nn.Module, images: torch.Tensor, released: torch.
     return normalise(flat(grads).detach(), clip_norm)
 
 
-def release_update(
-    normalised: torch.Tensor,
-    *,
-    clip_norm: float,
-    noise_multiplier: float,
-    ledger: PrivacyLedger,
-    noise: NoiseSource,
-) -> torch.Tensor:
+def release_update(normalised: torch.Tensor, *, clip_norm: float, noise_multiplier: float, ledger: PrivacyLedger,
+                   noise: NoiseSource) -> torch.Tensor:
     """The noisy update: `normalised` + N(0, (2 C s)^2 I), recorded in the ledger first (sensitivity 2C)."""
     return gaussian_release(normalised, sensitivity=2.0 * clip_norm, noise_multiplier=noise_multiplier,
                             ledger=ledger, noise=noise, label=RELEASE_LABEL)

@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import MethodConfig
+from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive, positive_ints
 from dpimages.errors import InputError
 from dpimages.nets.edm import SAMPLERS
 
@@ -100,34 +100,20 @@ class DPDMConfig(MethodConfig):
                       "max_minutes": 9.0, "log_every": 10, "grid_every": 200, "checkpoint_every": 50},
     }
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (tuples as lists), so config.yaml round-trips and --resume compares equal."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
+    constraints: ClassVar[dict[str, Constraint]] = {
+        **dict.fromkeys(("channels", "num_res_blocks", "num_heads", "batch_size", "multiplicity", "sample_steps"),
+                        at_least(1)),
+        "channel_mult": positive_ints(),
+        **dict.fromkeys(("sigma_data", "p_std", "epochs", "clip_norm", "lr", "sigma_min", "sigma_max", "rho"),
+                        positive()),
+        "ema": in_range(0.0, 1.0),
+        "label_dropout": in_range(0.0, 1.0),
+        "max_steps": at_least(0, "(0: no cap)"),
+        "sampler": one_of(*SAMPLERS),
+    }
 
-    def __post_init__(self) -> None:
-        for name in ("channels", "num_res_blocks", "num_heads", "batch_size", "multiplicity", "physical_batch",
-                     "sample_steps", "sample_batch", "log_every", "grid_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise InputError(f"channel_mult must be positive ints, got {list(self.channel_mult)}")
-        for name in ("sigma_data", "p_std", "epochs", "clip_norm", "lr", "sigma_min", "sigma_max", "rho"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise InputError(f"{name} must be a finite number > 0, got {v}")
+    def check(self) -> None:
         if not self.sigma_min < self.sigma_max:
             raise InputError(f"sigma_min must be < sigma_max, got {self.sigma_min}, {self.sigma_max}")
-        if not 0.0 <= self.ema < 1.0:
-            raise InputError(f"ema must be in [0, 1), got {self.ema}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise InputError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.max_steps < 0:
-            raise InputError(f"max_steps must be >= 0 (0: no cap), got {self.max_steps}")
-        if self.max_minutes < 0 or not math.isfinite(self.max_minutes):
-            raise InputError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}")
-        if self.steps_per_run < 0:
-            raise InputError(f"steps_per_run must be >= 0 (0: no limit), got {self.steps_per_run}")
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.channels % self.num_heads:
             raise InputError(f"channels ({self.channels}) must be divisible by num_heads ({self.num_heads})")

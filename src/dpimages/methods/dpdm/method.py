@@ -27,20 +27,22 @@ The only access to private data is `dpimages.privacy.dpsgd.DPSGD`:
    batch size): times are logged only for a whole run, in the ``paused`` and
    ``train_done`` events.
 4. The training randomness (diffusion noise, noise levels, label dropout)
-   comes from a training generator ``g`` seeded with the public seed, and is
-   keyed so that it cannot carry one example's membership into another
-   example's gradient: each step takes exactly one 63-bit step key from
-   ``g`` (`step_key`), whatever the batch, and each example's draws are a
-   function of (step key, its dataset index) alone (`example_seeds`,
-   `DPDM._draws`). So ``g``'s state after any step, and the draws of every
-   other example, are the same with or without any one example in the
-   batch: one example changes the clipped sum by one clipped gradient.
+   comes from the training generator ``g`` (the run seed's ``train`` stream,
+   `FitContext.generator`) and is keyed so that it cannot carry one
+   example's membership into another example's gradient: each step takes
+   exactly one 63-bit step key from ``g`` (`draws.step_key`), whatever the
+   batch, and each example's draws are a function of (step key, its dataset
+   index) alone (`draws.example_seeds`, `DPDM._draws`). So ``g``'s state
+   after any step, and the draws of every other example, are the same with
+   or without any one example in the batch: one example changes the clipped
+   sum by one clipped gradient.
 
 The ledger holds one event: ``subsampled_gaussian(sigma, q, steps)`` labelled
 ``dpdm``. A resumed run continues only the steps its ledger still lacks
 (`DPSGD.steps_remaining`), so a crash can over-count but never under-count.
 ``max_minutes`` and ``steps_per_run`` only split the fixed schedule into several
-processes (each stops at a step boundary after a checkpoint).
+processes (`RunClock` in the kit's `TrainLoop`: each stops at a step boundary
+after a checkpoint).
 
 Several processes (torchrun, ``distributed = True``): the engine's process
 group mode. Rank 0 draws each Poisson batch and the noise; every rank clips
@@ -50,17 +52,15 @@ process. Every rank holds the same training generator and takes the same
 step key each step; each rank draws only its own examples' training
 randomness, keyed by their dataset indices, so the draws do not depend on
 the number of processes either. Rank 0 alone writes the run directory; sigma
-and the ``max_minutes`` decision are rank 0's on every rank, so all ranks run
-and stop at the same steps.
+and the ``max_minutes`` decision (``RunClock(distributed=True)``) are rank 0's
+on every rank, so all ranks run and stop at the same steps.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,12 +68,13 @@ import torch
 from tqdm.auto import tqdm
 
 from dpimages.api import FitContext, register
-from dpimages.data import ImageData, to_uint8
+from dpimages.data import ImageData
 from dpimages.distributed import rank0_values
 from dpimages.errors import InputError
-from dpimages.eval.grid import save_grid
 from dpimages.methods.common import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpdm.config import DPDMConfig
+from dpimages.methods.dpdm.draws import keyed_normals, step_key
+from dpimages.methods.kit import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
 from dpimages.privacy import calibrate_dpsgd
@@ -82,7 +83,6 @@ from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 RELEASE_LABEL = "dpdm"
-_TRAIN_SEED_OFFSET = 7919  # training randomness (diffusion noise) is seeded apart from the privacy noise
 
 
 def schedule(n: int, batch_size: int, epochs: float, max_steps: int = 0) -> tuple[float, int]:
@@ -97,45 +97,8 @@ def schedule(n: int, batch_size: int, epochs: float, max_steps: int = 0) -> tupl
     return q, min(steps, max_steps) if max_steps > 0 else steps
 
 
-def step_key(g: torch.Generator) -> int:
-    """One DP step's training key: a 63-bit integer taken from the training generator `g`.
-
-    Privacy contract: this is the only use of `g` in a DP step, and it takes the same fixed amount of `g` (one
-    64-bit integer draw on `g`'s device) whatever the step's Poisson batch, so `g`'s later states do not depend on
-    the private data. Every rank of a process group holds the same `g` and takes the same key.
-    """
-    return int(torch.empty((), dtype=torch.int64, device=g.device).random_(generator=g))
-
-
-def _fmix32(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finaliser on a uint32 array: a bijection (distinct inputs give distinct outputs)."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x85EBCA6B)
-    x = x ^ (x >> np.uint32(13))
-    x = x * np.uint32(0xC2B2AE35)
-    return x ^ (x >> np.uint32(16))
-
-
-def example_seeds(key: int, idx: torch.Tensor) -> list[int]:
-    """The 64-bit generator seed of each dataset index in `idx` (any device) under a step's `key`.
-
-    Privacy contract: each seed is a function of (`key`, that index) only, never of the other indices, their
-    number or their order. With the key's halves k_lo, k_hi and f = MurmurHash3's 32-bit finaliser (a bijection),
-    the low 32 bits are ``low = f(f(i ^ k_lo) + k_hi)``: a key-dependent bijection of the index, so the examples
-    of one step have distinct seeds even on the CPU, whose mt19937 generator keeps only a seed's low 32 bits; the
-    high 32 bits ``f(f(low ^ k_hi) + k_lo)`` complete the 64-bit Philox key of a CUDA generator.
-    """
-    i = idx.detach().cpu().numpy().astype(np.int64)
-    if i.size and (int(i.min()) < 0 or int(i.max()) >= 2**32):
-        raise InputError("dpdm: dataset indices must be in [0, 2**32)")
-    k_lo, k_hi = np.uint32(key & 0xFFFFFFFF), np.uint32((key >> 32) & 0xFFFFFFFF)
-    with np.errstate(over="ignore"):
-        low = _fmix32(_fmix32(i.astype(np.uint32) ^ k_lo) + k_hi)
-        high = _fmix32(_fmix32(low ^ k_hi) + k_lo)
-    return ((high.astype(np.uint64) << np.uint64(32)) | low.astype(np.uint64)).tolist()
-
 @register
-class DPDM(TrainedSynthesizer):
+class DPDM(TrainedSynthesizer[DPDMConfig]):
     """DPDM: EDM-preconditioned class-conditional U-Net trained with DP-SGD and noise multiplicity."""
 
     name = "dpdm"
@@ -144,9 +107,8 @@ class DPDM(TrainedSynthesizer):
     device_modules = ("ema_model",)
     distributed = True
 
-    def __init__(self, config: DPDMConfig) -> None:  # type: ignore[override]
+    def __init__(self, config: DPDMConfig) -> None:
         super().__init__(config)
-        self.config: DPDMConfig = config
         self.ema_model: EDMDenoiser | None = None
 
     # -- model ---------------------------------------------------------------------------------
@@ -169,18 +131,15 @@ class DPDM(TrainedSynthesizer):
 
         Privacy contract: the draws of dataset index i are a function of (`key`, i) only, the same whatever else
         is in `idx` (or on other ranks): a generator on this synthesizer's device is seeded with
-        ``example_seeds(key, idx)[j]`` for row j and fills that row with K (2 + C H W) standard normals: the first
-        K give ln sigma = p_mean + p_std z (EDM's log-normal noise levels), the next K the label dropout (z below
-        the standard normal's `label_dropout` quantile: probability `label_dropout`), the rest the diffusion noise.
-        Everything after the per-row draws is elementwise, so no row depends on another.
+        ``example_seeds(key, idx)[j]`` for row j and fills that row with K (2 + C H W) standard normals
+        (`keyed_normals`): the first K give ln sigma = p_mean + p_std z (EDM's log-normal noise levels), the next
+        K the label dropout (z below the standard normal's `label_dropout` quantile: probability
+        `label_dropout`), the rest the diffusion noise. Everything after the per-row draws is elementwise, so no
+        row depends on another.
         """
         k = self.config.multiplicity
         h, w, c = self.image_shape
-        z = torch.empty((idx.numel(), k * (2 + c * h * w)), device=self.device)
-        gen = torch.Generator(device=self.device)
-        for row, seed in zip(z, example_seeds(key, idx), strict=True):
-            gen.manual_seed(seed)
-            row.normal_(generator=gen)
+        z = keyed_normals(idx, key, k * (2 + c * h * w), self.device)
         sigma = torch.exp(model.p_mean + model.p_std * z[:, :k])
         p = self.config.label_dropout
         cut = -math.inf if p <= 0 else math.inf if p >= 1 else statistics.NormalDist().inv_cdf(p)
@@ -219,18 +178,19 @@ class DPDM(TrainedSynthesizer):
         q, steps = schedule(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
         sigma = calibrate_dpsgd(ctx.ledger.epsilon_budget, ctx.ledger.delta, q, steps)
         (sigma,) = rank0_values(sigma)  # a process group: every rank records rank 0's sigma
-        model = self.new_model().to(self.device)
+        with ctx.seeded_init("model"):
+            model = self.new_model().to(self.device)
+            ema = self.new_model().to(self.device)
         sampler = PoissonSampler.for_batch_size(n, cfg.batch_size, ctx.noise)
         engine = DPSGD(model, self._loss_fn, sampler=sampler, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
                        ledger=ctx.ledger, noise=ctx.noise, label=RELEASE_LABEL, max_physical_batch=cfg.physical_batch)
         engine.plan(steps)
         self.train_info = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "dataset_size": n,
                            "parameters": num_parameters(model), "train_s": 0.0}
-        ema = self.new_model().to(self.device)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        g = torch.Generator(device=self.device).manual_seed(ctx.seed + _TRAIN_SEED_OFFSET)
+        g = ctx.generator("train", self.device)  # training randomness, apart from the privacy noise
         if "ema.net.conv_in.weight" in tensors:
             model.load_state_dict(unprefixed("model", tensors))
             ema.load_state_dict(unprefixed("ema", tensors))
@@ -249,63 +209,34 @@ class DPDM(TrainedSynthesizer):
 
     def _train(self, ctx: FitContext, engine: DPSGD, model: EDMDenoiser, ema: EDMDenoiser,
                opt: torch.optim.Optimizer, g: torch.Generator, x_all: torch.Tensor, y_all: torch.Tensor) -> None:
+        """The DP-SGD steps the ledger still lacks, in a `TrainLoop`; every rank pauses at rank 0's decision."""
         cfg = self.config
-        run = ctx.run
-        writer = run is not None and run.writer  # in a process group: rank 0 only
-        planned = int(self.train_info["steps"])
-        remaining = engine.steps_remaining
-        first = planned - remaining  # steps already in the ledger (a resumed run)
-        t_start = time.time()
-        elapsed0 = float(self.train_info["train_s"])
-        bar = tqdm(total=planned, initial=first, disable=not ctx.progress, desc="dpdm DP-SGD steps")
-        step = engine.steps_spent
-        ema_params = list(ema.parameters())
-        model_params = list(model.parameters())
-        while engine.steps_remaining > 0:
+
+        def step(t: int) -> dict[str, Any]:
             idx = engine.sampler.sample().to(self.device)
             for part, sigma, noise, drop in self._shard(idx, g, model):
                 engine.clip_and_accumulate(x_all[part], y_all[part], sigma, noise, drop)
             info = engine.add_noise()  # ledger spend, then noise; sets .grad
             opt.step()
             opt.zero_grad(set_to_none=True)
-            step = info.step
-            decay = min(cfg.ema, (1.0 + step) / (10.0 + step)) if cfg.ema_warmup else cfg.ema
-            with torch.no_grad():
-                for e, p in zip(ema_params, model_params, strict=True):
-                    e.lerp_(p, 1.0 - decay)
-            bar.update(1)
-            elapsed = elapsed0 + time.time() - t_start
-            self.train_info["train_s"] = elapsed
-            if run is not None:
-                if step % cfg.log_every == 0 or engine.steps_remaining == 0:  # no time: see the module docstring
-                    run.log(step, noisy_grad_norm=round(info.noisy_grad_norm, 6), ema_decay=round(decay, 6))
-                if writer and step % cfg.grid_every == 0 and engine.steps_remaining > 0:
-                    self._grid(ema, run.samples_dir / f"grid-{step:07d}.png")
-                out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60.0 * cfg.max_minutes
-                if cfg.max_minutes > 0:
-                    out_of_time = bool(rank0_values(float(out_of_time))[0])  # every rank stops at rank 0's step
-                out_of_steps = cfg.steps_per_run > 0 and step - first >= cfg.steps_per_run
-                pause = (out_of_time or out_of_steps) and engine.steps_remaining > 0
-                if writer and engine.steps_remaining > 0 and (step % cfg.checkpoint_every == 0 or pause):
-                    self._checkpoint(ctx, model, ema, opt, g, step, finished=False)
-                if pause:
-                    reason = f"max_minutes={cfg.max_minutes:g}" if out_of_time else f"steps_per_run={cfg.steps_per_run}"
-                    run.log(step, event="paused", reason=reason, steps_left=engine.steps_remaining,
-                            **self._run_times(step - first, t_start))
-                    bar.close()
-                    return
-        bar.close()
-        if writer:
-            assert run is not None
-            self._checkpoint(ctx, model, ema, opt, g, step, finished=True)
-            self._grid(ema, run.samples_dir / "grid-final.png")
-            run.log(step, event="train_done", steps=planned, **self._run_times(step - first, t_start))
+            decay = warmup_decay(cfg.ema, info.step) if cfg.ema_warmup else cfg.ema
+            ema_update(ema, model, decay)
+            # no loss, batch size or time: see the module docstring
+            return {"noisy_grad_norm": round(info.noisy_grad_norm, 6), "ema_decay": round(decay, 6)}
 
-    def _run_times(self, steps_run: int, t_start: float) -> dict[str, float]:
-        """Whole-run times for the ``paused`` / ``train_done`` events: the training time so far (all processes of
-        the run) and this process's mean DP steps per second over its `steps_run` steps. Never per step."""
-        rate = steps_run / max(1e-9, time.time() - t_start)
-        return {"train_s": round(float(self.train_info["train_s"]), 1), "steps_per_s": round(rate, 4)}
+        def after_step(t: int) -> None:
+            self.train_info["train_s"] = loop.train_s()
+
+        planned = int(self.train_info["steps"])
+        loop = TrainLoop(
+            ctx.run, planned, step,
+            checkpoint=lambda t, finished: self._checkpoint(ctx, model, ema, opt, g, t, finished=finished),
+            clock=RunClock(cfg.max_minutes, cfg.steps_per_run, distributed=True),  # rank 0's time decision
+            grid=lambda path: write_grid(path, lambda y, g: self._generate(ema, y, g), self.num_classes),  # EMA weights
+            log_every=cfg.log_every, grid_every=cfg.grid_every,
+            checkpoint_every=cfg.checkpoint_every, progress=ctx.progress, desc="dpdm DP-SGD steps",
+            train_s0=float(self.train_info["train_s"]), after_step=after_step)
+        loop(planned - engine.steps_remaining)  # steps already in the ledger (a resumed run) are not run again
 
     def _checkpoint(self, ctx: FitContext, model: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
                     g: torch.Generator, step: int, *, finished: bool) -> None:
@@ -318,12 +249,6 @@ class DPDM(TrainedSynthesizer):
             "train_s": round(float(self.train_info["train_s"]), 2), **self.meta(),
         }
         ctx.run.save_checkpoint(tensors, state)
-
-    def _grid(self, model: EDMDenoiser, path: Path, per_class: int = 10) -> None:
-        """Per-class sample grid from the EMA weights (post-processing; fixed seed)."""
-        y = torch.arange(self.num_classes * per_class) // per_class
-        x = self._generate(model, y, torch.Generator().manual_seed(7))
-        save_grid(path, to_uint8(x), y.numpy(), self.num_classes, per_class)
 
     @torch.no_grad()
     def _generate(self, model: EDMDenoiser, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -340,22 +265,21 @@ class DPDM(TrainedSynthesizer):
     # -- sampling and state -----------------------------------------------------------------------
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
         """n images from the EMA weights; labels (n,) int64, or None for balanced classes."""
-        if self.ema_model is None:
+        model = self.ema_model
+        if model is None:
             raise InputError("dpdm: fit or load the synthesizer before sampling")
-        labels = self.checked_labels(n, labels)
-        g = torch.Generator().manual_seed(int(seed or 0))
         bs = self.config.sample_batch
-        out = []
-        for i in tqdm(range(0, n, bs), desc="dpdm sampling", unit="batch", disable=n <= bs):
-            y = torch.from_numpy(labels[i : i + bs])
-            out.append(to_uint8(self._generate(self.ema_model, y, g)))
-        return ImageData(np.concatenate(out), labels, list(self.classes), "dpdm samples")
+        with tqdm(total=n, desc="dpdm sampling", unit="image", disable=n <= bs) as bar:
+
+            def generate(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+                bar.update(len(y))
+                return self._generate(model, y, g)
+
+            return self.sample_in_batches(n, labels, seed, bs, generate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The sampling (EMA) weights, prefixed ``ema.``."""
-        if self.ema_model is None:
-            raise InputError("dpdm: nothing to save before fit")
-        return prefixed("ema", self.ema_model.state_dict())
+        return self.ema_state_dict()
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.ema_model = load_frozen(self.new_model, "ema", tensors, "dpdm", self.device)

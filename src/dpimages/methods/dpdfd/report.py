@@ -1,0 +1,66 @@
+"""DPDFD's part of report.md: what was released, the privacy argument in brief, the student and the generator.
+
+Built from the config and `train_info` only (public choices, the calibrated
+noise, counts, times and the student's public test accuracy): nothing about
+the teacher beyond how often it was trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpimages.methods.dpdfd.config import DPDFDConfig
+from dpimages.methods.dpdfd.student import STUDENT_FILE
+from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+
+
+def report_text(cfg: DPDFDConfig, t: dict[str, Any]) -> str:
+    """The markdown section for `cfg` and the run's `train_info` `t`."""
+    acc = t.get("student_test_accuracy")
+    acc_text = (f"**{100 * acc:.2f}%** on `{t.get('student_test_set')}` (public test images)" if acc is not None
+                else f"not measured ({t.get('student_test_set')})")
+    if cfg.release_space == "parameters":
+        space = f"over all {t['student_parameters']:,} student parameters"
+        update = (f"the noisy update times {t.get('update_scale', 1.0):.4g} (C over its expected norm, a public "
+                  "constant)")
+    else:
+        space = f"over the student's logits on the batch ({cfg.batch_size} x classes entries)"
+        update = "J^T of the noisy logit gradient through the student on the same batch, scaled to norm C"
+    return "\n".join([
+        "DPDFD (data-free distillation after Liu et al.): a non-private teacher, a DP student trained only on "
+        "normalised noisy distillation gradients, and a label-conditional generator trained against the student.",
+        "",
+        "### What was released",
+        "",
+        f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released: {t['steps']} student updates, each "
+        f"the gradient of the {cfg.loss} distillation loss on a synthetic batch of {cfg.batch_size}, flattened "
+        f"{space}, scaled to L2 norm C = {cfg.clip_norm:g}, plus "
+        f"N(0, ({t['noise_std']:.5g})^2) per coordinate: one Gaussian event each with L2 sensitivity 2C and "
+        f"noise multiplier {t['noise_multiplier']:.5g} (sigma = {t['sigma_methods_md']:.5g} in std = sigma C "
+        "terms), calibrated before training for the target epsilon. No subsampling amplification.",
+        "",
+        "The teacher depends on all private data and no image's influence on it is bounded: the only bound is "
+        "the norm of the released gradient (any two data sets' normalised gradients are at most 2C apart). The "
+        "teacher was trained in memory only"
+        + (f" ({t['teacher_trainings']} times: a resumed run retrains it)" if t.get("teacher_trainings", 0) > 1
+           else "")
+        + "; it is not in any file of this run and its accuracy is not reported (that would be an unaccounted "
+        "release). The generator sees the student only (post-processing).",
+        "",
+        "### Student (the DP classifier)",
+        "",
+        f"- SmallCNN, channels {list(cfg.student_channels)}, hidden {cfg.student_hidden}; SGD lr "
+        f"{cfg.student_lr:g}, momentum {cfg.student_momentum:g} on {update}; "
+        f"weights in `{STUDENT_FILE}`",
+        f"- test accuracy: {acc_text}",
+        "",
+        "### Generator (post-processing)",
+        "",
+        f"- {cfg.generator} label-conditional generator, {t['generator_parameters']:,} parameters; Adam lr "
+        f"{cfg.gen_lr:g}; {cfg.gen_steps} step(s) after every {cfg.gen_every} student step(s)",
+        f"- objective against the fixed student: {cfg.w_ce:g} x cross-entropy to the conditioning label "
+        f"- {cfg.w_entropy:g} x per-image entropy - {cfg.w_balance:g} x entropy of the batch-mean prediction "
+        f"- {cfg.w_diversity:g} x mode-seeking ratio",
+        f"- training time {float(t.get('train_s', 0.0)):.0f} s (teacher {float(t.get('teacher_s', 0.0)):.0f} s)",
+        "- Logged: only functions of released values (noisy update norm, generator terms, student test accuracy).",
+    ])
