@@ -21,28 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dpimages.api import fit_run, method_class, methods
-from dpimages.data import ImageData
-
-
-def tiny_private() -> ImageData:
-    """200 images, 10 classes: a bright bar whose row depends on the class, plus noise (as tests' tiny_npz)."""
-    rng = np.random.default_rng(0)
-    labels = np.arange(200) % 10
-    images = np.zeros((200, 28, 28, 1), np.uint8)
-    for i, y in enumerate(labels):
-        images[i, 2 + 2 * y : 6 + 2 * y, 4:24, 0] = 200
-        images[i] = np.clip(images[i].astype(int) + rng.integers(0, 30, (28, 28, 1)), 0, 255)
-    return ImageData(images, labels.astype(np.int64), [str(c) for c in range(10)], "tiny")
+from dpimages.data.toy import toy_bars
 
 
 def fingerprints(only: list[str] | None = None) -> dict[str, dict]:
     torch.set_num_threads(1)
     out = {}
-    private = tiny_private()
+    private = toy_bars()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         for name in only or methods():
