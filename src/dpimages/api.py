@@ -324,7 +324,6 @@ def fit_run(
     ledger_json = rank0_first(start)
     # rank 0's ledger writes privacy.json; the others hold a copy without a path (the same events)
     ledger = made["ledger"] if run.writer else PrivacyLedger.from_json(ledger_json)
-    torch.manual_seed(seed)
     resume_state = run.load_checkpoint() if resume else None
     if dist_world()[1] > 1:  # each process read these itself
         same_on_all_ranks(private.fingerprint, "the private data")
