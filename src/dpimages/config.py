@@ -227,3 +227,19 @@ def resolve_config(
     hints = typing.get_type_hints(config_cls)
     coerced = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
     return config_cls(**coerced)
+
+
+@dataclasses.dataclass
+class RunControl(MethodConfig):
+    """The run-control fields of a method that trains in checkpointed steps (dp-mepf, dpdfd, dpdm).
+
+    ``log_every`` / ``grid_every`` / ``checkpoint_every``: every how many steps to log a metrics line, draw a
+    sample grid and save a checkpoint; ``max_minutes`` (0: no limit): wall time of one process's share of the
+    run (what happens then is the method's: pause and ``--resume``, or finish early). A method redeclares a
+    field only to change its default.
+    """
+
+    log_every: int = 10
+    grid_every: int = 500
+    checkpoint_every: int = 200
+    max_minutes: float = 0.0

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive
+from dpimages.config import Constraint, RunControl, at_least, in_range, one_of, positive
 from dpimages.errors import InputError
 
 
 @dataclass
-class DPMEPFConfig(MethodConfig):
+class DPMEPFConfig(RunControl):
     """DP-MEPF settings. Presets change sizes only.
 
     Feature source (``features``): ``random`` (seeded random conv nets, no
@@ -75,7 +75,6 @@ class DPMEPFConfig(MethodConfig):
     grid_every: int = 1000
     checkpoint_every: int = 1000
     embed_chunk: int = 500
-    max_minutes: float = 0.0
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive
+from dpimages.config import Constraint, RunControl, at_least, in_range, one_of, positive
 
 LOSSES = ("kl", "l1")
 _TWO_CHANNELS = Constraint(lambda v: len(v) == 2 and all(int(c) == c and c >= 1 for c in v),  # SmallCNN's convs
@@ -27,7 +27,7 @@ _TWO_CHANNELS = Constraint(lambda v: len(v) == 2 and all(int(c) == c and c >= 1 
 
 
 @dataclass
-class DPDFDConfig(MethodConfig):
+class DPDFDConfig(RunControl):
     """DPDFD settings (defaults: the ``cpu`` preset)."""
 
     # teacher: non-private, in memory only (dpimages.nets.classifiers.SmallCNN)
@@ -66,10 +66,8 @@ class DPDFDConfig(MethodConfig):
     student_eval: bool = True
     eval_every: int = 500
     # run control
-    max_minutes: float = 0.0  # > 0: checkpoint and stop after this many minutes (continue with --resume)
     steps_per_run: int = 0  # > 0: checkpoint and stop after this many steps in one process
     log_every: int = 25
-    grid_every: int = 500
     checkpoint_every: int = 250
     sample_batch: int = 1000
 

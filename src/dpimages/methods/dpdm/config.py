@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of, positive, positive_ints
+from dpimages.config import Constraint, RunControl, at_least, in_range, one_of, positive, positive_ints
 from dpimages.errors import InputError
 from dpimages.nets.edm import SAMPLERS
 
@@ -39,7 +39,7 @@ PAPER_UNET: dict[str, Any] = {"channels": 32, "channel_mult": (1, 2, 2), "num_re
 
 
 @dataclass
-class DPDMConfig(MethodConfig):
+class DPDMConfig(RunControl):
     """DPDM settings (defaults: the paper's (F)MNIST setting, as the ``gpu`` preset)."""
 
     # U-Net (dpimages.nets.unet.UNet)
@@ -73,11 +73,7 @@ class DPDMConfig(MethodConfig):
     sample_batch: int = 500
     # run control
     max_steps: int = 0  # > 0: cap on the DP-SGD steps that `epochs` gives (planned and accounted)
-    max_minutes: float = 0.0  # > 0: checkpoint and stop after this many minutes (continue with --resume)
     steps_per_run: int = 0  # > 0: checkpoint and stop after this many steps in one process (--resume goes on)
-    log_every: int = 10
-    grid_every: int = 500
-    checkpoint_every: int = 200
 
     sampling_keys: ClassVar[tuple[str, ...]] = (
         "sampler", "sample_steps", "sigma_min", "sigma_max", "rho", "guidance", "sample_batch",
