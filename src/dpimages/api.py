@@ -196,6 +196,13 @@ class Synthesizer(Generic[ConfigT]):
         """Markdown for report.md: what this method released and how it trained."""
         return ""
 
+    def report(self) -> str:
+        """The run's report (markdown) when loaded from a run directory, else this method's section."""
+        run_path = getattr(self, "run_path", None)
+        if run_path is None:
+            return self.report_section()
+        return render_report(Run(run_path), self.report_section())
+
     def bench_extras(self) -> dict[str, Any]:
         """Extra JSON-serialisable numbers for the benchmark results line (e.g. a DP student's test accuracy)."""
         return {}
@@ -380,4 +387,5 @@ def load_synthesizer(
         raise InputError(f"{run.path}: no finished checkpoint to sample from (fit it first, or --resume it)")
     synth.restore_meta(ckpt[1])
     synth.load_state_dict(ckpt[0])
+    synth.run_path = run.path
     return synth.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))

@@ -205,28 +205,39 @@ def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: floa
 @cli.command("sample")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--n", "n", type=int, required=True, help="Number of images (balanced over classes).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(),
+              help="FILE.npz (images, labels, classes) or a new folder DIR: one sub-folder of PNGs per class, "
+              "readable as folder:DIR.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
 @click.argument("overrides", nargs=-1)
 def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, overrides: tuple[str, ...]) -> None:
-    """Draw N synthetic images from a fitted run into an .npz (images, labels, classes).
+    """Draw N synthetic images from a fitted run into an .npz or a folder of PNGs (one sub-folder per class).
 
     KEY=VALUE arguments change the method's sampling settings only (post-processing, no privacy cost; e.g. dpdm
     `guidance=1 sample_steps=18`); the run directory is left as it is.
     """
+    from pathlib import Path
+
     import numpy as np
 
     from dpimages.api import load_synthesizer
+    from dpimages.data.writers import save_folder
 
     if n < 1:
         raise InputError(f"--n must be >= 1, got {n}")
-    if not out.endswith(".npz"):
-        raise InputError(f"--out must end in .npz, got {out}")
+    to_npz = out.endswith(".npz")
+    target = Path(out)
+    if not to_npz and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InputError(f"--out {out} exists and is not an empty folder (give a new folder or a FILE.npz)")
     synth = load_synthesizer(run_dir, device, list(overrides))
     data = synth.sample(n, synth.balanced_labels(n), seed=seed)
-    np.savez_compressed(out, images=data.images, labels=data.labels, classes=np.array(data.classes))
-    click.echo(f"wrote {n} images to {out}")
+    if to_npz:
+        np.savez_compressed(out, images=data.images, labels=data.labels, classes=np.array(data.classes))
+        click.echo(f"wrote {n} images to {out}")
+    else:
+        save_folder(data, target)
+        click.echo(f"wrote {n} PNGs to {out}/ (one sub-folder per class; read back with --data folder:{out})")
 
 
 @cli.command("export")

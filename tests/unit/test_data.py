@@ -184,3 +184,19 @@ def test_cifar10_pickles(tmp_path):
     (tmp_path / "data_batch_3").write_bytes(pickle.dumps(__import__("os").system))  # not data: refused
     with pytest.raises(InputError, match="not a CIFAR-10"):
         load(f"cifar10:{tmp_path}")
+
+
+def test_save_folder_round_trips_labels_even_when_class_names_do_not_sort(tmp_path):
+    """`folder:` reads sub-folders in sorted order: names that would reorder the classes get index prefixes."""
+    from dpimages.data import ImageData
+    from dpimages.data.writers import class_folder_names, save_folder
+
+    assert class_folder_names(["a", "b"]) == ["a", "b"]
+    assert class_folder_names(["pullover", "coat", "a/b"]) == ["0_pullover", "1_coat", "2_a_b"]
+    images = np.arange(6 * 8 * 8 * 3, dtype=np.uint8).reshape(6, 8, 8, 3)
+    data = ImageData(images, np.array([1, 0, 2, 1, 0, 2]), ["zeta", "alpha", "10"], "x")
+    back = load(f"folder:{save_folder(data, tmp_path / 'out')}")
+    assert back.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [np.array_equal(b, images[i]) for b, i in zip(back.images, [1, 4, 0, 3, 2, 5], strict=True)] == [True] * 6
+    with pytest.raises(InputError, match="not an empty folder"):
+        save_folder(data, tmp_path / "out")
