@@ -363,3 +363,23 @@ def test_diffusers_pipeline_from_a_local_directory(tmp_path):
                              "sample_steps": 2})
     assert [e.steps for e in res.ledger.events] == [2]
     assert "diffusers pipeline" in res.synthesizer.report_section()
+
+
+def test_fit_with_public_data_and_no_api_path_trains_the_public_model_once(tmp_path):
+    """One command: `fit pe --public SPEC` trains the public model first (cached by the public data), then PE."""
+    from dpimages.data.toy import toy_bars
+    from dpimages.eval.features import cache_dir
+
+    private, public = _private_squares(60, 2), toy_bars(64, num_classes=2, seed=3)
+    kw = {"epsilon": 5.0, "delta": 1e-3, "preset": "smoke", "public": public, "progress": False,
+          "overrides": ["features=random"]}
+    first = fit_run("pe", private, run_dir=tmp_path / "a", **kw)
+    path = Path(first.synthesizer.train_info["api_path"])
+    assert path.parent == cache_dir() / "public-models" and (path / "model.json").exists()
+    stamp = (path / "model.json").stat().st_mtime_ns
+    second = fit_run("pe", private, run_dir=tmp_path / "b", **kw)
+    assert second.synthesizer.train_info["api_path"] == str(path)
+    assert (path / "model.json").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert load_synthesizer(tmp_path / "a", "cpu").sample(10, seed=1).images.shape == (10, 28, 28, 1)
+    with pytest.raises(InputError, match="--public SPEC to train one"):
+        fit_run("pe", private, run_dir=tmp_path / "c", **{**kw, "public": None})

@@ -51,7 +51,8 @@ class PEConfig(MethodConfig):
 
     # generative-model API
     api: str = "diffusion"
-    api_path: str = ""
+    api_path: str = ""  # empty with api=diffusion and --public: train the public model first (cached)
+    public_model_preset: str = "cpu"  # the PublicModelConfig preset of that first stage
     api_batch: int = 500
     sampler: str = "heun"
     sample_steps: int = 8  # solver steps of `random` (a fresh sample)
@@ -84,19 +85,21 @@ class PEConfig(MethodConfig):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {
-            "api_batch": 64, "sample_steps": 2, "variation_steps": 2, "feature_channels": (8, 16),
+            "public_model_preset": "smoke", "api_batch": 64, "sample_steps": 2, "variation_steps": 2,
+            "feature_channels": (8, 16),
             "public_epochs": 1, "population_per_class": 4, "iterations": 2, "lookahead": 1, "grid_per_class": 4,
         },
         "cpu": {"population_per_class": 200, "iterations": 8, "lookahead": 1, "sample_steps": 8,
                 "variation_steps": 8},
-        "gpu": {"population_per_class": 2000, "iterations": 20, "lookahead": 8, "sample_steps": 18,
-                "variation_steps": 18, "api_batch": 2000},
-        "gpu-short": {"population_per_class": 1000, "iterations": 10, "lookahead": 4, "sample_steps": 18,
-                      "variation_steps": 12, "api_batch": 2000},
+        "gpu": {"public_model_preset": "gpu", "population_per_class": 2000, "iterations": 20, "lookahead": 8,
+                "sample_steps": 18, "variation_steps": 18, "api_batch": 2000},
+        "gpu-short": {"public_model_preset": "gpu", "population_per_class": 1000, "iterations": 10,
+                      "lookahead": 4, "sample_steps": 18, "variation_steps": 12, "api_batch": 2000},
     }
 
     constraints: ClassVar[dict[str, Constraint]] = {
         "api": one_of(*APIS), "nn_backend": one_of(*NN_BACKENDS), "sampler": one_of(*SAMPLERS),
+        "public_model_preset": one_of("smoke", "cpu", "gpu"),
         **dict.fromkeys(("api_batch", "sample_steps", "variation_steps", "embed_chunk", "population_per_class",
                          "iterations", "nn_chunk", "grid_per_class"), at_least(1)),
         "lookahead": at_least(0),

@@ -115,27 +115,44 @@ class PE(TrainedSynthesizer[PEConfig]):
         self.api = api
         return self
 
+    def _train_public_api(self, public: ImageData, ctx: FitContext) -> None:
+        """First stage without ``api_path``: train (or reuse from the cache) the public model on `public`."""
+        from dpimages.methods.pe.public_model import cached_public_model
+
+        def log(**kv: Any) -> None:  # public-data training progress (its own step counter as train_step)
+            if ctx.run is not None:
+                ctx.run.log(0, event="public_model_training", **{"train_" + k if k == "step" else k: v
+                                                                  for k, v in kv.items()})
+
+        path = cached_public_model(public, self.config.public_model_preset, device=self.device, log=log)
+        self.train_info["api_path"] = str(path)
+
     def load_api(self) -> ImageAPI:
-        """The configured API (loaded once from ``api_path``); public inputs only."""
+        """The configured API (loaded once from ``api_path``, or the public model trained at fit); public inputs."""
         if self.api is not None:
             return self.api
         cfg = self.config
-        if not cfg.api_path:
+        api_path = cfg.api_path or self.train_info.get("api_path", "")
+        if not api_path:
             raise InputError(f"pe: api={cfg.api} needs api_path=DIR (a model from `dpimages public-model train`"
-                             + (")" if cfg.api == "diffusion" else " or a local diffusers pipeline directory)"))
+                             + (") or --public SPEC to train one first" if cfg.api == "diffusion"
+                                else " or a local diffusers pipeline directory)"))
+        if not Path(api_path).exists():
+            raise InputError(f"pe: the public model {api_path} is gone (the cache was cleared?): refit, or pass "
+                             "api_path=DIR")
         if cfg.api == "diffusion":
-            api: ImageAPI = DiffusionAPI.load(cfg.api_path, sample_steps=cfg.sample_steps,
+            api: ImageAPI = DiffusionAPI.load(api_path, sample_steps=cfg.sample_steps,
                                               variation_steps=cfg.variation_steps, sampler=cfg.sampler,
                                               batch=cfg.api_batch, device=self.device)
         else:
             from dpimages.methods.pe.diffusers_api import DiffusersAPI
 
-            api = DiffusersAPI.load(cfg.api_path, steps=cfg.sample_steps, guidance=cfg.guidance,
+            api = DiffusersAPI.load(api_path, steps=cfg.sample_steps, guidance=cfg.guidance,
                                     prompt_template=cfg.prompt_template, batch=cfg.api_batch,
                                     image_shape=self.image_shape if self.num_classes else None, device=self.device)
         recorded = self.train_info.get("api", {}).get("sha256")
         if recorded and api.describe().get("sha256") != recorded:
-            raise InputError(f"pe: the model in {cfg.api_path} is not the one this run used (sha256 differs)")
+            raise InputError(f"pe: the model in {api_path} is not the one this run used (sha256 differs)")
         if self.classes:
             api.set_classes(self.classes)
         self.api = api
@@ -208,6 +225,8 @@ class PE(TrainedSynthesizer[PEConfig]):
         p = k * per
         degrees = cfg.degrees()
         # 1. public parts, checked first (cheap refusals before calibration)
+        if cfg.api == "diffusion" and not cfg.api_path and self.api is None and public is not None:
+            self._train_public_api(public, ctx)
         api = self.load_api()
         api.check_shape(self.image_shape)
         api.set_classes(self.classes)
@@ -233,6 +252,7 @@ class PE(TrainedSynthesizer[PEConfig]):
             "threshold": h, "iterations": t_total, "degrees": degrees, "population_per_class": per,
             "lookahead": cfg.lookahead, "labels": "uniform", "train_s": float(saved.get("train_s", 0.0)),
             "lost_releases": int(saved.get("lost_releases", 0)),
+            **({"api_path": self.train_info["api_path"]} if "api_path" in self.train_info else {}),
         }
         run = ctx.run
         g = ctx.generator("api")  # API and resampling randomness: a seed stream, apart from the privacy noise

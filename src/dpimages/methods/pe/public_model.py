@@ -7,6 +7,10 @@ the model only through its random and variation APIs.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +18,10 @@ from typing import Any
 
 import torch
 
+from dpimages.config import resolve_config
 from dpimages.data import ImageData
 from dpimages.errors import InputError
+from dpimages.eval.features import cache_dir
 from dpimages.eval.grid import save_grid
 from dpimages.methods.pe.config import PublicModelConfig
 from dpimages.methods.pe.diffusion_api import model_arch, sample_grid, save_public_model, train_public_model
@@ -36,3 +42,28 @@ def train_and_save_public_model(public: ImageData, cfg: PublicModelConfig, out: 
     save_grid(path / "samples.png", sample_grid(model.cpu(), public.image_shape, cfg.grid_samples, cfg.grid_steps),
               None, 8, per_class=8)
     return path, meta
+
+
+def cached_public_model(public: ImageData, preset: str, *, device: torch.device,
+                        log: Callable[..., None] | None = None) -> Path:
+    """The public model for `public` at `preset` sizes: trained once, then reused from the cache.
+
+    Cached under ``$DPIMAGES_CACHE/public-models/KEY`` where KEY hashes the public data's fingerprint and the
+    training config (public data only: nothing private goes into the key or the model). Written to a temporary
+    folder and renamed, so a crash leaves no half-written model.
+    """
+    cfg = resolve_config(PublicModelConfig, preset)
+    blob = json.dumps({"data": public.fingerprint, "config": cfg.to_dict()}, sort_keys=True)
+    root = cache_dir() / "public-models"
+    path = root / hashlib.sha256(blob.encode()).hexdigest()[:20]
+    if (path / "model.json").exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{path.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_and_save_public_model(public, cfg, tmp, preset=preset, device=device, log=log)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first: keep its model
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
