@@ -237,7 +237,8 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, ov
         click.echo(f"wrote {n} images to {out}")
     else:
         save_folder(data, target)
-        click.echo(f"wrote {n} PNGs to {out}/ (one sub-folder per class; read back with --data folder:{out})")
+        shown = out.rstrip("/") or out
+        click.echo(f"wrote {n} PNGs to {shown}/ (one sub-folder per class; read back with --data folder:{shown})")
 
 
 @cli.command("export")
@@ -252,7 +253,8 @@ def export_cmd(run_dir: str, out_dir: str) -> None:
     from dpimages.export import export_run
 
     written = export_run(run_dir, out_dir)
-    click.echo(f"exported {len(written)} files to {out_dir} (see {out_dir}/MANIFEST)")
+    shown = out_dir.rstrip("/") or out_dir
+    click.echo(f"exported {len(written)} files to {shown}/ (see {shown}/MANIFEST)")
 
 
 @cli.command("evaluate")
