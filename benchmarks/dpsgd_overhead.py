@@ -89,6 +89,20 @@ def denoise_loss(model: Callable, x: torch.Tensor, z: torch.Tensor) -> torch.Ten
     return (model(x + 0.5 * z) - x).pow(2).flatten(1).mean(1)
 
 
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each step, run interleaved (ABCABC...) `repeats` times after `warmup` calls of each."""
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, f in steps.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def measure(name: str, make_model: Callable[[], nn.Module], loss_fn: Callable, batch: tuple[torch.Tensor, ...],
             repeats: int, ledger_file: bool) -> dict:
     torch.manual_seed(0)
@@ -136,17 +150,8 @@ def measure(name: str, make_model: Callable[[], nn.Module], loss_fn: Callable, b
         loss_fn(m2, *batch).sum().backward()
         opt2.step()
 
-    steps = {"nonprivate": step_nonprivate, "dpimages": step_dpimages, "opacus": step_opacus}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for f in steps.values():  # warm-up
-        f()
-        f()
-    for _ in range(repeats):
-        for k, f in steps.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({"nonprivate": step_nonprivate, "dpimages": step_dpimages, "opacus": step_opacus},
+                              repeats, warmup=2)
     row = {
         "model": name,
         "parameters": num_parameters(base),
@@ -212,26 +217,15 @@ def measure_noise_source(repeats: int, batch: int) -> dict:
 
         return step
 
-    steps = {"seeded-insecure": engine_step(NoiseSource.seeded(0)), "os-csprng": engine_step(NoiseSource())}
-    times: dict[str, list[float]] = {kk: [] for kk in steps}
-    for f in steps.values():
-        f()
-    for _ in range(repeats):
-        for kk, f in steps.items():
-            t0 = time.perf_counter()
-            f()
-            times[kk].append(time.perf_counter() - t0)
-    med = {kk: statistics.median(v) for kk, v in times.items()}
+    med = interleaved_medians({"seeded-insecure": engine_step(NoiseSource.seeded(0)),
+                               "os-csprng": engine_step(NoiseSource())}, repeats, warmup=1)
     params = num_parameters(base)
-    draws: dict[str, float] = {}
-    for kk, src in (("seeded-insecure", NoiseSource.seeded(0)), ("os-csprng", NoiseSource())):
-        t = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            src.normal((params,), 1.0)
-            src.bernoulli(n_data, batch / n_data)
-            t.append(time.perf_counter() - t0)
-        draws[kk] = statistics.median(t)
+
+    def draw(src: NoiseSource) -> Callable[[], None]:
+        return lambda: (src.normal((params,), 1.0), src.bernoulli(n_data, batch / n_data))
+
+    draws = interleaved_medians({"seeded-insecure": draw(NoiseSource.seeded(0)), "os-csprng": draw(NoiseSource())},
+                                20, warmup=0)
     return {
         "model": f"dpdm cpu preset U-Net (EDM loss, K={k}, physical batch {cfg.physical_batch})",
         "parameters": params, "batch": batch, "dataset_size": n_data,

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import click
 
-from dpimages.errors import DPImagesError, InputError
+from dpimages.errors import DPImagesError, InputError, require_empty_folder
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -217,7 +217,6 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, ov
     KEY=VALUE arguments change the method's sampling settings only (post-processing, no privacy cost; e.g. dpdm
     `guidance=1 sample_steps=18`); the run directory is left as it is.
     """
-    from pathlib import Path
 
     import numpy as np
 
@@ -227,16 +226,15 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, ov
     if n < 1:
         raise InputError(f"--n must be >= 1, got {n}")
     to_npz = out.endswith(".npz")
-    target = Path(out)
-    if not to_npz and target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise InputError(f"--out {out} exists and is not an empty folder (give a new folder or a FILE.npz)")
+    if not to_npz:
+        require_empty_folder(out)  # before sampling: a refusal costs nothing
     synth = load_synthesizer(run_dir, device, list(overrides))
     data = synth.sample(n, synth.balanced_labels(n), seed=seed)
     if to_npz:
         np.savez_compressed(out, images=data.images, labels=data.labels, classes=np.array(data.classes))
         click.echo(f"wrote {n} images to {out}")
     else:
-        save_folder(data, target)
+        save_folder(data, out)
         shown = out.rstrip("/") or out
         click.echo(f"wrote {n} PNGs to {shown}/ (one sub-folder per class; read back with --data folder:{shown})")
 

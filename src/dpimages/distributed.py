@@ -42,15 +42,6 @@ def rank0_values(*values: float) -> tuple[float, ...]:
     return tuple(float(v) for v in t.cpu().tolist())
 
 
-def sum_over_ranks(n: int) -> int:
-    """The sum of the integer `n` over the ranks of a process group (`n` without one)."""
-    if dist_world()[1] == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=comm_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return int(t.item())
-
-
 def rank0_first(fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 alone and broadcast its result; the other ranks wait for it.
 

@@ -8,6 +8,9 @@ Messages name parameters, shapes and dtypes, never private values.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class DPImagesError(Exception):
     """Base class of dpimages' own errors."""
@@ -25,3 +28,11 @@ class BudgetExceeded(DPImagesError):
     """A release was refused because it would exceed the privacy budget."""
 
     exit_code = 3
+
+
+def require_empty_folder(path: str | os.PathLike, what: str = "--out") -> Path:
+    """`path` as a Path when it does not exist or is an empty folder; else InputError (exit 2), nothing written."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{what} {out} exists and is not an empty folder: choose a new one")
+    return out

@@ -24,11 +24,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 from safetensors.torch import save_file
 
-from dpimages.errors import InputError
+from dpimages.errors import InputError, require_empty_folder
 from dpimages.filehash import file_sha256
 from dpimages.runs import Run
 
@@ -61,9 +60,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[t
     if source != "os-csprng":
         raise InputError(f"{run.path}: its noise is {source} (drawn from the seed), so its outputs are not private; "
                          "refit without --insecure-seeded-noise to get something to share")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"export: {out} exists and is not an empty folder: choose a new one")
+    out = require_empty_folder(out_dir, "export:")
     synth = load_synthesizer(run.path, "cpu")  # InputError for an unfinished run
     tensors = synth.state_dict()
 

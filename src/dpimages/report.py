@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dpimages.privacy.ledger import NEIGHBOURING_TEXT
+from dpimages.privacy.ledger import ASSUMPTIONS_TEXT
 from dpimages.runs import Run
 
 SEEDED_WARNING = (
@@ -14,8 +14,7 @@ SEEDED_WARNING = (
 )
 
 ASSUMPTIONS = [
-    f"- neighbouring relation: {NEIGHBOURING_TEXT}; the data set size N is treated as public (the DP-SGD "
-    "sampling rate q = B/N and sizes chosen automatically are computed from it)",
+    f"- neighbouring relation: {ASSUMPTIONS_TEXT}",
     "- presets: the preset values were chosen by comparing runs on Fashion-MNIST (that selection is in no "
     "ledger); on your data they are fixed and do not depend on it. Any choice you make by looking at results on "
     "your private data is a privacy cost that no ledger counts",

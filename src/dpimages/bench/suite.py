@@ -210,6 +210,7 @@ class BenchOptions:
     @property
     def noise_source(self) -> str:
         """What privacy.json and the results line record: ``os-csprng`` or ``seeded-insecure``."""
+        # as NoiseSource.kind, spelled out: importing dpimages.privacy would load dp-accounting for `bench --table`
         return "seeded-insecure" if self.insecure_seeded_noise else "os-csprng"
 
 
@@ -267,7 +268,7 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
     ev = evaluate(samples, real, artifacts=res.run.private_eval_prefix(), options=_eval_options(opts))
     eval_s = time.time() - t
     return _line(suite, method, epsilon, opts, run_dir, ev, epsilon_spent=res.ledger.epsilon(),
-                 noise_source=getattr(res.ledger, "noise_source", opts.noise_source),
+                 noise_source=res.ledger.noise_source,
                  epsilon_rdp=res.ledger.epsilon_rdp(), fit_s=round(fit_s, 1), sample_s=round(sample_s, 1),
                  eval_s=round(eval_s, 1), n_samples=n, public=None if public is None else public.name,
                  overrides=list(opts.overrides), **synth.bench_extras()), ev
@@ -307,14 +308,14 @@ def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, 
 
     run = Run(run_dir)
     run.start(_reference_config(suite, "dpsgd-classifier", epsilon, opts, real), resume=False)
+    noise = NoiseSource(opts.seed if opts.insecure_seeded_noise else None)
     ledger = PrivacyLedger(epsilon, suite.delta, path=run.privacy_path, dataset_size=len(real.train),
-                           noise_source=opts.noise_source)
+                           noise_source=noise.kind)
     ledger.write()
     t = time.time()
     out = train_dpsgd_classifier(real.train, real.test, epsilon=epsilon, delta=suite.delta, preset=opts.preset,
-                                 ledger=ledger, noise=NoiseSource(opts.seed if opts.insecure_seeded_noise else None),
-                                 progress=opts.progress,
-                                 device=opts.device, seed=opts.seed)
+                                 ledger=ledger, noise=noise, progress=opts.progress, device=opts.device,
+                                 seed=opts.seed)
     fit_s = time.time() - t
     ledger.write(exact=True)
     section = (f"Reference row `dpsgd-classifier`: {out.get('model')} trained with DP-SGD directly on the private "

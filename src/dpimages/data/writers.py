@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from dpimages.data.imagedata import ImageData
-from dpimages.errors import InputError
+from dpimages.errors import InputError, require_empty_folder
 
 
 def class_folder_names(classes: list[str]) -> list[str]:
@@ -28,11 +28,9 @@ def class_folder_names(classes: list[str]) -> list[str]:
 
 def save_folder(data: ImageData, out_dir: str | os.PathLike) -> Path:
     """Write `data` (labelled) as ``OUT/<class>/<index>.png``; OUT must be new or empty. Returns OUT."""
-    out = Path(out_dir)
     if data.labels is None:
         raise InputError("writing a class folder needs labelled images")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out} exists and is not an empty folder: choose a new one")
+    out = require_empty_folder(out_dir)
     names = class_folder_names(list(data.classes))
     for name in names:
         (out / name).mkdir(parents=True, exist_ok=True)

@@ -42,12 +42,14 @@ class RunClock:
     ``0`` disables a limit. `pause_reason` says why to stop after the unit just finished (None: go on); under
     torchrun every rank takes rank 0's time decision, so all ranks stop at the same unit. `elapsed_before`:
     seconds already used by earlier processes of the run, for a time budget that covers the whole run.
+    `steps_per_unit`: when the caller counts steps but the limit counts larger units (dpaf's cycles).
     """
 
     def __init__(self, max_minutes: float = 0.0, units_per_run: int = 0, *, unit_name: str = "steps_per_run",
-                 distributed: bool = False, elapsed_before: float = 0.0) -> None:
+                 distributed: bool = False, elapsed_before: float = 0.0, steps_per_unit: int = 1) -> None:
         self.max_minutes = float(max_minutes)
         self.units_per_run = int(units_per_run)
+        self.steps_per_unit = int(steps_per_unit)
         self.unit_name = unit_name
         self.distributed = distributed
         self.start = time.time() - float(elapsed_before)
@@ -63,10 +65,11 @@ class RunClock:
         return late
 
     def pause_reason(self, units_done: int) -> str | None:
-        """``max_minutes=M`` or ``UNIT_NAME=K`` when this process should stop now, else None."""
+        """``max_minutes=M`` or ``UNIT_NAME=K`` when this process should stop now, else None (`units_done` counts
+        steps of `steps_per_unit`)."""
         if self.out_of_time():
             return f"max_minutes={self.max_minutes:g}"
-        if self.units_per_run > 0 and units_done >= self.units_per_run:
+        if self.units_per_run > 0 and units_done // self.steps_per_unit >= self.units_per_run:
             return f"{self.unit_name}={self.units_per_run}"
         return None
 

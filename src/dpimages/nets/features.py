@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dpimages.errors import InputError
+from dpimages.errors import InputError, require_empty_folder
 from dpimages.seeds import seeded_init
 
 if TYPE_CHECKING:
@@ -505,8 +505,7 @@ def train_and_save_feature_net(public: ImageData, out: str | Path, *, channels: 
     if not channels or min(channels) < 1 or kernel < 1 or epochs < 1:
         raise InputError(f"--channels, --kernel and --epochs must be positive, got {','.join(map(str, channels))!r}, "
                          f"{kernel}, {epochs}")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise InputError(f"--out {out} exists and is not empty: choose a new directory")
+    require_empty_folder(out)
     if public.labels is None:
         raise InputError(f"{public.name}: pre-training needs labels")
     trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes,

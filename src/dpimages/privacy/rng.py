@@ -52,10 +52,6 @@ class NoiseSource:
         """Reproducible noise from `seed`: for tests only (not private for anyone who knows the seed)."""
         return cls(int(seed))
 
-    @classmethod
-    def secure_source(cls) -> NoiseSource:
-        return cls(None)
-
     @property
     def kind(self) -> str:
         """``os-csprng`` or ``seeded-insecure``: what privacy.json records as ``noise_source``."""

@@ -66,17 +66,6 @@ from dpimages.privacy.mechanisms import clip_rows
 PerLabel = Callable[[torch.Tensor, bool], tuple[torch.Tensor, ...]]
 
 
-class _CycleClock(RunClock):
-    """A `RunClock` whose unit limit counts cycles of `steps_per_cycle` steps, for `TrainLoop` (which counts steps)."""
-
-    def __init__(self, max_minutes: float, cycles_per_run: int, steps_per_cycle: int) -> None:
-        super().__init__(max_minutes, cycles_per_run, unit_name="cycles_per_run")
-        self.steps_per_cycle = steps_per_cycle
-
-    def pause_reason(self, units_done: int) -> str | None:
-        return super().pause_reason(units_done // self.steps_per_cycle)
-
-
 @register
 class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
     """DPAF: conditional GAN with DP feature aggregation in the discriminator's forward pass."""
@@ -301,7 +290,8 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
         loop = TrainLoop(
             ctx.run, cfg.cycles * cfg.agg_steps, step,
             checkpoint=lambda t, finished: self._checkpoint(ctx, nets, finished, loop.train_s()),
-            clock=_CycleClock(cfg.max_minutes, cfg.cycles_per_run, cfg.agg_steps),
+            clock=RunClock(cfg.max_minutes, cfg.cycles_per_run, unit_name="cycles_per_run",
+                           steps_per_unit=cfg.agg_steps),
             grid=lambda path: self._grid(nets.ema, path), log_every=cfg.log_every,
             grid_every=cfg.grid_every * cfg.agg_steps, checkpoint_every=cfg.agg_steps, progress=ctx.progress,
             desc="dpaf (ablation) steps", train_s0=float(self.train_info.get("train_s", 0.0)))

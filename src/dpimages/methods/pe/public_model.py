@@ -20,7 +20,7 @@ import torch
 
 from dpimages.config import resolve_config
 from dpimages.data import ImageData
-from dpimages.errors import InputError
+from dpimages.errors import require_empty_folder
 from dpimages.eval.features import cache_dir
 from dpimages.eval.grid import save_grid
 from dpimages.methods.pe.config import PublicModelConfig
@@ -30,8 +30,7 @@ from dpimages.methods.pe.diffusion_api import model_arch, sample_grid, save_publ
 def train_and_save_public_model(public: ImageData, cfg: PublicModelConfig, out: str | Path, *, preset: str | None,
                                 device: torch.device, log: Callable[..., None] | None = None) -> tuple[Path, dict]:
     """Train an EDM U-Net on `public` per `cfg`, save it (+ samples.png) in the new folder `out`; (path, meta)."""
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise InputError(f"--out {out} exists and is not empty: choose a new directory")
+    require_empty_folder(out)
     t0 = time.time()
     model, facts = train_public_model(public, cfg, device=device, log=log)
     meta: dict[str, Any] = {
