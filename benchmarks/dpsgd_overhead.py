@@ -1,11 +1,25 @@
-"""DP-SGD step cost: non-private step vs dpimages' DP step vs Opacus' GradSampleModule step.
+"""DP-SGD step cost: a non-private step vs dpimages' DP step vs Opacus' two modes.
 
 Same model, same batch, same optimizer, one process. Each "step" is a whole
-optimizer step: non-private = forward + backward + SGD step; dpimages =
-`DPSGD.step` (per-example grads via torch.func, clip, ledger spend, noise,
-scale) + SGD step; Opacus = GradSampleModule forward/backward + DPOptimizer
-(clip, noise, scale) + SGD step. Steps are interleaved (ABCABC...) and the
-median is reported, because the machine may be shared.
+optimizer step, and the columns are:
+
+* ``nonprivate``: eager forward + backward of the whole batch + SGD step;
+* ``dpimages``: `DPSGD.step` as the methods run it (``per_example="auto"``:
+  book-keeping clipping where it applies; clip, ledger spend, noise, scale)
+  + SGD step, in physical chunks of ``--physical`` (default: the engine's);
+* ``dpimages_torch_func``: the same with ``per_example="torch.func"`` (vmap
+  over grad: the engine before book-keeping), the engine's "auto" chunks;
+* ``opacus_gsm``: Opacus' GradSampleModule (per-sample gradients by hooks)
+  + DPOptimizer;
+* ``opacus_ghost``: Opacus' fast gradient clipping with ghost norms
+  (GradSampleModuleFastGradientClipping + DPLossFastGradientClipping, two
+  backward passes) + DPOptimizerFastGradientClipping.
+
+Models: SmallCNN (the dpsgd-classifier's CNN) at batch 256 and 1,024; the
+dpdm ``cpu`` preset's U-Net with the EDM loss at its preset batch 2,048; the
+DPDM paper's U-Net (1.75 M parameters) at batch 256 on a CPU. U-Nets run
+with K = 1 (Opacus has no noise multiplicity). Steps are interleaved
+(ABCDE...) and the median is reported, because the machine may be shared.
 
 The ledger here is in memory (no privacy.json), so the DP step time excludes
 the file write; `--ledger-file` also times a spend written to privacy.json.
@@ -18,7 +32,7 @@ generator (``--insecure-seeded-noise``), interleaved, medians; the two
 sources' raw draw times are reported beside it. Target: secure within 5% of
 seeded. Written to ``results/dpsgd_noise_source.json``.
 
-    python benchmarks/dpsgd_overhead.py [--threads 1,2] [--repeats 15] [--machine "2-core CPU"]
+    python benchmarks/dpsgd_overhead.py [--threads 1,2] [--repeats 7] [--physical 512] [--out FILE]
     python benchmarks/dpsgd_overhead.py --noise [--threads 1] [--repeats 5] [--batch 2048]
 """
 
@@ -39,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpimages.methods.dpdm.config import PAPER_UNET
 from dpimages.nets import SmallCNN, num_parameters
 from dpimages.privacy import NoiseSource, PrivacyLedger
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
@@ -47,46 +62,13 @@ RESULTS = Path(__file__).parent / "results" / "dpsgd_overhead.json"
 NOISE_RESULTS = Path(__file__).parent / "results" / "dpsgd_noise_source.json"
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm1 = nn.GroupNorm(8, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(8, cout)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(x))
-        h = self.conv2(F.silu(self.norm1(h)))
-        return self.norm2(h) + self.skip(x)
-
-
-class TinyUNet(nn.Module):
-    """A small U-Net-ish denoiser (28x28 -> 14 -> 7 and back, GroupNorm, skips): ~0.4M parameters."""
-
-    def __init__(self, ch: int = 32) -> None:
-        super().__init__()
-        self.inp = nn.Conv2d(1, ch, 3, padding=1)
-        self.d1, self.d2, self.mid = Block(ch, ch), Block(ch, 2 * ch), Block(2 * ch, 2 * ch)
-        self.u2, self.u1 = Block(4 * ch, ch), Block(2 * ch, ch)
-        self.out = nn.Conv2d(ch, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1 = self.d1(self.inp(x))  # 28
-        h2 = self.d2(F.avg_pool2d(h1, 2))  # 14
-        m = self.mid(F.avg_pool2d(h2, 2))  # 7
-        u = self.u2(torch.cat([F.interpolate(m, scale_factor=2.0), h2], 1))  # 14
-        u = self.u1(torch.cat([F.interpolate(u, scale_factor=2.0), h1], 1))  # 28
-        return self.out(F.silu(u))
-
-
 def classifier_loss(model: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y, reduction="none")
 
 
-def denoise_loss(model: Callable, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return (model(x + 0.5 * z) - x).pow(2).flatten(1).mean(1)
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
@@ -97,23 +79,40 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, wa
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
         for k, f in steps.items():
+            _sync()
             t0 = time.perf_counter()
             f()
+            _sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+class _PerExampleLoss:
+    """Opacus' fast-gradient-clipping loss wrapper wants a criterion with a `reduction`: our per-example loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
+        self.model, self.loss_fn, self.reduction = model, loss_fn, "sum"
+
+    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        losses = self.loss_fn(self.model, *batch)
+        return losses if self.reduction == "none" else losses.sum()
+
+
 def measure(name: str, make_model: Callable[[], nn.Module], loss_fn: Callable, batch: tuple[torch.Tensor, ...],
-            repeats: int, ledger_file: bool) -> dict:
+            repeats: int, ledger_file: bool, physical: int | None, opacus_modes: tuple[str, ...],
+            device: torch.device) -> dict:
+    """Median step seconds of the non-private step, both dpimages paths and Opacus' modes on one model and batch."""
     torch.manual_seed(0)
-    base = make_model()
+    base = make_model().to(device)
+    batch = tuple(t.to(device) for t in batch)
     b = batch[0].shape[0]
     n_data = 60_000
-    models = {k: make_model() for k in ("nonprivate", "dpimages", "opacus")}
+    columns = ["nonprivate", "dpimages", "dpimages_torch_func", *opacus_modes]
+    models = {k: make_model().to(device) for k in columns}
     for m in models.values():
         m.load_state_dict(base.state_dict())
+    steps: dict[str, Callable[[], None]] = {}
 
-    # non-private
     m0 = models["nonprivate"]
     opt0 = torch.optim.SGD(m0.parameters(), lr=1e-3)
 
@@ -122,59 +121,110 @@ def measure(name: str, make_model: Callable[[], nn.Module], loss_fn: Callable, b
         loss_fn(m0, *batch).mean().backward()
         opt0.step()
 
-    # dpimages
-    m1 = models["dpimages"]
-    opt1 = torch.optim.SGD(m1.parameters(), lr=1e-3)
+    steps["nonprivate"] = step_nonprivate
     noise = NoiseSource.seeded(0)  # the step cost, not the noise source, is measured here (see --noise)
     sampler = PoissonSampler(n_data, b / n_data, noise)
-    ledger = PrivacyLedger(1e9, 1e-6)
-    engine = DPSGD(m1, loss_fn, sampler=sampler, noise_multiplier=1.0, clip_norm=1.0, ledger=ledger, noise=noise)
-    engine.plan(10**7)
+    engines = {}
+    for column, per_example in (("dpimages", "auto"), ("dpimages_torch_func", "torch.func")):
+        model = models[column]
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        engine = DPSGD(model, loss_fn, sampler=sampler, noise_multiplier=1.0, clip_norm=1.0,
+                       ledger=PrivacyLedger(1e9, 1e-6), noise=noise, per_example=per_example,
+                       max_physical_batch=physical if per_example == "auto" else "auto")
+        engine.plan(10**7)
+        engines[column] = engine
 
-    def step_dpimages() -> None:
-        engine.step(*batch)
-        opt1.step()
+        def step_dpimages(engine: DPSGD = engine, opt: torch.optim.Optimizer = opt) -> None:
+            engine.step(*batch)
+            opt.step()
 
-    # opacus
+        steps[column] = step_dpimages
+
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m2 = GradSampleModule(models["opacus"], loss_reduction="sum")
-    opt2 = DPOptimizer(torch.optim.SGD(m2.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
-                       expected_batch_size=b, loss_reduction="sum")
+        if "opacus_gsm" in opacus_modes:
+            m2 = GradSampleModule(models["opacus_gsm"], loss_reduction="sum")
+            opt2 = DPOptimizer(torch.optim.SGD(m2.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
+                               expected_batch_size=b, loss_reduction="sum")
 
-    def step_opacus() -> None:
-        opt2.zero_grad(set_to_none=True)
-        loss_fn(m2, *batch).sum().backward()
-        opt2.step()
+            def step_opacus() -> None:
+                opt2.zero_grad(set_to_none=True)
+                loss_fn(m2, *batch).sum().backward()
+                opt2.step()
 
-    med = interleaved_medians({"nonprivate": step_nonprivate, "dpimages": step_dpimages, "opacus": step_opacus},
-                              repeats, warmup=2)
+            steps["opacus_gsm"] = step_opacus
+        if "opacus_ghost" in opacus_modes:
+            m3 = GradSampleModuleFastGradientClipping(models["opacus_ghost"], loss_reduction="sum", max_grad_norm=1.0,
+                                                      use_ghost_clipping=True)
+            opt3 = DPOptimizerFastGradientClipping(torch.optim.SGD(m3.parameters(), lr=1e-3), noise_multiplier=1.0,
+                                                   max_grad_norm=1.0, expected_batch_size=b, loss_reduction="sum")
+            ghost_loss = DPLossFastGradientClipping(m3, opt3, _PerExampleLoss(m3, loss_fn), loss_reduction="sum")
+
+            def step_ghost() -> None:
+                opt3.zero_grad(set_to_none=True)
+                ghost_loss(*batch).backward()
+                opt3.step()
+
+            steps["opacus_ghost"] = step_ghost
+
+    med = interleaved_medians(steps, repeats, warmup=2)
     row = {
         "model": name,
         "parameters": num_parameters(base),
         "batch": b,
-        "dpimages_physical_batch": engine.max_physical_batch,
+        "dpimages_per_example": engines["dpimages"].per_example,
+        "dpimages_physical_batch": engines["dpimages"].max_physical_batch,
+        "dpimages_torch_func_physical_batch": engines["dpimages_torch_func"].max_physical_batch,
         "input_shape": list(batch[0].shape[1:]),
         "step_s": {k: round(v, 5) for k, v in med.items()},
-        "ratio_dpimages_vs_nonprivate": round(med["dpimages"] / med["nonprivate"], 3),
-        "ratio_opacus_vs_nonprivate": round(med["opacus"] / med["nonprivate"], 3),
-        "ratio_dpimages_vs_opacus": round(med["dpimages"] / med["opacus"], 3),
+        "ratio_vs_nonprivate": {k: round(v / med["nonprivate"], 3) for k, v in med.items() if k != "nonprivate"},
     }
+    if opacus_modes:
+        row["dpimages_below_opacus"] = all(med["dpimages"] < med[k] for k in opacus_modes)
     if ledger_file:
         with tempfile.TemporaryDirectory() as d:
             led = PrivacyLedger(1e9, 1e-6, path=Path(d) / "privacy.json")
-            eng = DPSGD(m1, loss_fn, sampler=sampler, noise_multiplier=1.0, clip_norm=1.0, ledger=led, noise=noise)
-            eng.plan(10**7)
             spend = []
             for _ in range(5):
                 t0 = time.perf_counter()
-                led.spend(eng.event(1))
+                led.spend(engines["dpimages"].event(1))
                 spend.append(time.perf_counter() - t0)
             row["ledger_spend_with_privacy_json_s"] = round(statistics.median(spend), 5)
     return row
+
+
+def _edm_case(preset_overrides: dict, batch: int, g: torch.Generator, k: int) -> tuple[Callable, Callable, tuple]:
+    """A dpdm U-Net (EDM loss, K draws, label dropout) with a fixed batch of draws: (make_model, loss_fn, batch)."""
+    from dpimages.api import create
+    from dpimages.nets.edm import edm_loss
+
+    synth = create("dpdm", "cpu", **preset_overrides)
+    synth.num_classes, synth.image_shape, synth.device = 10, (28, 28, 1), torch.device("cpu")
+    cfg = synth.config
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = synth.new_model()
+        with torch.no_grad():  # move off the zero-initialised output layers, as after a few steps
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return model
+
+    def loss_fn(model: Callable, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n: torch.Tensor,
+                d: torch.Tensor) -> torch.Tensor:
+        return edm_loss(model, x, torch.where(d, 10, y.unsqueeze(1).expand(d.shape)), s, n, cfg.sigma_data)
+
+    x = torch.rand(batch, 1, 28, 28, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (batch,), generator=g)
+    sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn((batch, k), generator=g))
+    z = torch.randn((batch, k, 1, 28, 28), generator=g)
+    drop = torch.rand((batch, k), generator=g) < cfg.label_dropout
+    return make, loss_fn, (x, y, sigma, z, drop)
 
 
 def measure_noise_source(repeats: int, batch: int) -> dict:
@@ -266,35 +316,50 @@ def main() -> None:
     ap.add_argument("--no-ledger-file", action="store_true", help="skip timing a spend written to privacy.json")
     ap.add_argument("--noise", action="store_true", help="secure against seeded noise on the dpdm cpu U-Net")
     ap.add_argument("--batch", type=int, default=2048, help="--noise: expected batch (the dpdm cpu preset's)")
+    ap.add_argument("--unet-batch", type=int, default=2048, help="batch of the dpdm cpu U-Net (its preset's)")
+    ap.add_argument("--paper-batch", type=int, default=256, help="batch of the paper U-Net (4,096 on a GPU)")
+    ap.add_argument("--physical", type=int, default=None,
+                    help="dpimages' physical batch on the U-Nets (default: the engine's 'auto')")
+    ap.add_argument("--only", default="", help="measure only the models whose name contains this")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--multiplicity", type=int, default=1, help="K noise draws per example on the U-Nets "
+                    "(K > 1: no Opacus columns, Opacus clips rows, not examples)")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, every step
     if args.noise:
         main_noise(args)
         return
     load_start = list(os.getloadavg())
     rows = []
+    device = torch.device(args.device)
+    k = args.multiplicity
+    opacus_modes = ("opacus_gsm", "opacus_ghost")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         g = torch.Generator().manual_seed(0)
-        cases = [
-            ("SmallCNN (GroupNorm, tanh)", SmallCNN, classifier_loss, 256),
-            ("SmallCNN (GroupNorm, tanh)", SmallCNN, classifier_loss, 1024),
-            ("TinyUNet (denoising loss)", TinyUNet, denoise_loss, 64),
-        ]
-        for name, make, loss_fn, b in cases:
+        cases = []
+        for b in (256, 1024):
             x = torch.rand(b, 1, 28, 28, generator=g) * 2 - 1
-            other = torch.randint(0, 10, (b,), generator=g) if loss_fn is classifier_loss else torch.randn(
-                b, 1, 28, 28, generator=g)
-            row = measure(name, make, loss_fn, (x, other), args.repeats, not args.no_ledger_file)
-            row = {"threads": threads, **row}
+            cases.append(("SmallCNN (GroupNorm, tanh; dpsgd-classifier)", SmallCNN, classifier_loss,
+                          (x, torch.randint(0, 10, (b,), generator=g)), None))
+        make, loss_fn, batch = _edm_case({}, args.unet_batch, g, k)
+        cases.append((f"dpdm cpu preset U-Net (EDM loss, K={k})", make, loss_fn, batch, args.physical))
+        make, loss_fn, batch = _edm_case(PAPER_UNET, args.paper_batch, g, k)
+        cases.append((f"dpdm paper U-Net (EDM loss, K={k})", make, loss_fn, batch, args.physical))
+        for name, make, loss_fn, batch, physical in cases:
+            if args.only and args.only not in name:
+                continue
+            modes = opacus_modes if k == 1 or "U-Net" not in name else ()  # Opacus: one row per example
+            row = {"threads": threads, "device": str(device),
+                   **measure(name, make, loss_fn, batch, args.repeats, not args.no_ledger_file, physical, modes,
+                             device)}
             rows.append(row)
-            s = row["step_s"]
-            print(f"[{threads} thread(s)] {name}, {row['parameters']} params, batch {b}: "
-                  f"non-private {s['nonprivate']:.4f} s, "
-                  f"dpimages DP {s['dpimages']:.4f} s ({row['ratio_dpimages_vs_nonprivate']:.2f}x), "
-                  f"Opacus GSM {s['opacus']:.4f} s ({row['ratio_opacus_vs_nonprivate']:.2f}x); "
-                  f"dpimages/Opacus {row['ratio_dpimages_vs_opacus']:.2f}"
-                  + (f"; ledger spend to privacy.json {row['ledger_spend_with_privacy_json_s']:.4f} s"
-                     if "ledger_spend_with_privacy_json_s" in row else ""), flush=True)
+            s, r = row["step_s"], row["ratio_vs_nonprivate"]
+            print(f"[{threads} thread(s)] {name}, {row['parameters']} params, batch {row['batch']}: "
+                  f"non-private {s['nonprivate']:.4f} s; "
+                  + "; ".join(f"{k} {s[k]:.4f} s ({r[k]:.2f}x)" for k in r)
+                  + f"; dpimages uses {row['dpimages_per_example']} (physical batch {row['dpimages_physical_batch']})",
+                  flush=True)
     out = {
         "machine": args.machine,
         "load_average_at_start": load_start,

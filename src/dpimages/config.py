@@ -58,10 +58,13 @@ def positive_ints() -> Constraint:
     return Constraint(lambda v: len(v) > 0 and all(int(x) == x and x >= 1 for x in v), "must be positive ints")
 
 
+# how the DP-SGD engine computes per-example clipped sums (speed only; see dpimages.privacy.dpsgd)
+PER_EXAMPLE_METHODS = ("auto", "book-keeping", "torch.func")
+
 # run-control fields: checked for every config that has them
 RUN_CONTROL_CONSTRAINTS: dict[str, Constraint] = {
     "log_every": at_least(1), "grid_every": at_least(1), "checkpoint_every": at_least(1), "eval_every": at_least(1),
-    "sample_batch": at_least(1), "physical_batch": at_least(1),
+    "sample_batch": at_least(1), "physical_batch": at_least(1), "per_example": one_of(*PER_EXAMPLE_METHODS),
     "max_minutes": at_least(0, "(0: no limit)"), "steps_per_run": at_least(0, "(0: no limit)"),
 }
 

@@ -8,12 +8,27 @@ Each logical step of `DPSGD`:
 1. takes the examples of one Poisson batch (`PoissonSampler`: every example
    independently with probability ``q``; ``q`` is the sampler's, never
    ``batch / len(data)``);
-2. computes per-example gradients of the caller's per-example loss with
-   ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), in
-   physical chunks of at most ``max_physical_batch`` examples (virtual
-   batches; the result equals one big batch up to float summation order;
-   the default "auto" picks chunks whose per-example gradients take about
-   32 MiB on a CPU, which is faster than one big batch, 2 GiB on a GPU);
+2. computes per-example gradient norms and clipped sums of the caller's
+   per-example loss, in physical chunks of at most ``max_physical_batch``
+   examples (virtual batches; the result equals one big batch up to float
+   summation order; the default "auto" picks chunks whose per-example
+   gradients take about 32 MiB on a CPU, 2 GiB on a GPU), by one of two
+   paths that compute the same thing (``per_example``):
+
+   * ``"book-keeping"`` (`dpimages.privacy.bookkeeping`): one ordinary
+     forward and backward with layer hooks, per-layer norms formed directly
+     or by the ghost-norm identity, whichever is cheaper, and the clipped sum
+     from the stored activations. Used by ``"auto"`` on a CPU (where it was
+     measured faster; on a GPU "auto" keeps torch.func until measured) when
+     every trainable parameter sits in a supported layer, the loss is
+     deterministic (``randomness="error"``) and, on the first chunk of at
+     least two examples, its norms and clipped sum match the ``torch.func``
+     path's to 1e-4 (this guards what structure cannot show: a loss that
+     mixes examples, a parameter used outside its layer's forward, rows not
+     grouped per example). The check's outcome changes only speed, never
+     what is released, and is never logged beyond the method's name;
+   * ``"torch.func"``: ``vmap`` over ``grad`` of a ``functional_call``, any
+     module that works under ``torch.func``;
 3. clips each example's gradient (all trainable parameters together) to L2
    norm ``C`` and sums them, so adding or removing one example moves the sum
    by at most ``C``;
@@ -68,6 +83,7 @@ a wrapped model is unwrapped.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -75,14 +91,17 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dpimages.config import PER_EXAMPLE_METHODS
 from dpimages.distributed import comm_device, dist_world
 from dpimages.errors import InputError
+from dpimages.privacy.bookkeeping import BookKeeping, NotBookKeepable
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, check_positive
 from dpimages.privacy.rng import NoiseSource
 
 LossFn = Callable[..., torch.Tensor]
 # memory for one chunk's per-example gradients when max_physical_batch="auto"
 PER_EXAMPLE_GRAD_BYTES = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
+PROBE_EXAMPLES = 4  # examples of the first chunk on which book-keeping is checked against torch.func
 
 __all__ = [
     "DPSGD", "LossFn", "PoissonSampler", "StepInfo", "auto_physical_batch", "check_model", "mean_over_repeats",
@@ -241,6 +260,7 @@ class DPSGD:
         label: str = "dp-sgd",
         max_physical_batch: int | str | None = "auto",
         randomness: str = "error",
+        per_example: str = "auto",
     ) -> None:
         check_positive("noise_multiplier", noise_multiplier)
         check_positive("clip_norm", clip_norm)
@@ -253,6 +273,8 @@ class DPSGD:
             )
         if randomness not in ("error", "different", "same"):
             raise InputError(f"randomness must be 'error', 'different' or 'same', got {randomness!r}")
+        if per_example not in PER_EXAMPLE_METHODS:
+            raise InputError(f"per_example must be one of {', '.join(PER_EXAMPLE_METHODS)}, got {per_example!r}")
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         check_model(module)
         self.module = module
@@ -283,6 +305,23 @@ class DPSGD:
                     torch.distributed.broadcast(buf, src=0)
                     t.copy_(buf.to(t.device))
         self._per_example = vmap(grad(self._example_loss), in_dims=(None, None, 0), randomness=randomness)
+        self._bookkeeping: BookKeeping | None = None
+        self._checked = per_example == "book-keeping"  # an explicit choice is trusted (tests compare the paths)
+        # "auto": book-keeping where it was measured faster (CPU, benchmarks/results/dpsgd_overhead.json); on a GPU
+        # torch.func stays the default until a GPU run of benchmarks/dpsgd_overhead.py --device cuda says otherwise
+        wanted = per_example == "book-keeping" or (per_example == "auto" and randomness == "error"
+                                                    and ref.device.type == "cpu")
+        if wanted:
+            try:
+                self._bookkeeping = BookKeeping(module)
+            except NotBookKeepable as err:
+                if per_example == "book-keeping":
+                    raise InputError(f"per_example='book-keeping' does not apply to this model: {err}") from None
+
+    @property
+    def per_example(self) -> str:
+        """The path computing per-example norms and clipped sums now: "book-keeping" or "torch.func"."""
+        return "torch.func" if self._bookkeeping is None else "book-keeping"
 
     # -- accounting ------------------------------------------------------------
     @property
@@ -352,15 +391,56 @@ class DPSGD:
         if b == 0:
             return
         chunk = self.max_physical_batch or b
-        params, rest = self._state()
         for start in range(0, b, chunk):
             part = tuple(t[start : start + chunk] for t in batch)
-            grads = self._per_example(params, rest, part)
-            flat = [grads[n].reshape(part[0].shape[0], -1) for n, _ in self._named]
-            norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat]), dim=0)
-            factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
-            for view, g in zip(self._views, flat, strict=True):
-                view.view(-1).addmv_(g.t(), factor)
+            if self._bookkeeping is not None and not self._checked and part[0].shape[0] >= 2:
+                self._check_bookkeeping(tuple(t[:PROBE_EXAMPLES] for t in part))
+            if self._bookkeeping is not None:
+                sums, _ = self._bookkeeping.clipped_sum(self.loss_fn, part, self.clip_norm)
+                for (_, p), view in zip(self._named, self._views, strict=True):
+                    if p in sums:
+                        view.add_(sums[p])
+            else:
+                self._add_clipped_torch_func(part)
+
+    def _clipped_torch_func(self, part: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(per-parameter clipped sums, per-example norms) of `part` by vmap over grad."""
+        params, rest = self._state()
+        grads = self._per_example(params, rest, part)
+        flat = [grads[n].reshape(part[0].shape[0], -1) for n, _ in self._named]
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat]), dim=0)
+        factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        return [(g.t() @ factor).view_as(p) for g, (_, p) in zip(flat, self._named, strict=True)], norms
+
+    def _add_clipped_torch_func(self, part: tuple[torch.Tensor, ...]) -> None:
+        sums, _ = self._clipped_torch_func(part)
+        for view, s in zip(self._views, sums, strict=True):
+            view.add_(s)
+
+    def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> None:
+        """Keep book-keeping only if it reproduces the torch.func norms and clipped sum on `probe`.
+
+        Nothing here is released or logged: a mismatch only switches this
+        engine to the torch.func path, with a warning naming no value.
+        """
+        assert self._bookkeeping is not None
+        self._checked = True
+        reason = ""
+        try:
+            sums, norms = self._bookkeeping.clipped_sum(self.loss_fn, probe, self.clip_norm)
+            ref_sums, ref_norms = self._clipped_torch_func(probe)
+            scale = float(ref_norms.max()) + 1e-6
+            same = torch.allclose(norms, ref_norms, rtol=1e-4, atol=1e-6 * scale) and all(
+                torch.allclose(sums.get(p, torch.zeros_like(r)), r, rtol=1e-4, atol=1e-6 * self.clip_norm)
+                for (_, p), r in zip(self._named, ref_sums, strict=True))
+            if not same:
+                reason = "its per-example norms differ from torch.func's on the first batch"
+        except (NotBookKeepable, RuntimeError) as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if reason:
+            self._bookkeeping = None
+            warnings.warn(f"DP-SGD engine {self.label!r}: book-keeping clipping does not apply ({reason}); "
+                          "using torch.func per-example gradients", RuntimeWarning, stacklevel=3)
 
     def add_noise(self) -> StepInfo:
         """Spend one step, add N(0, (sigma*C)^2) to the clipped sum, divide by q*N, set `.grad`.

@@ -73,7 +73,8 @@ class DPAFConfig(MethodConfig):
     lr_f2: float = 5e-4
     beta1: float = 0.5
     ema: float = 0.995
-    physical_batch: int = 256  # examples per vmap chunk in the DP-SGD steps (memory only)
+    physical_batch: int = 256  # examples per physical chunk in the DP-SGD steps (memory only)
+    per_example: str = "auto"  # DP-SGD per-example path: auto, book-keeping or torch.func (speed only)
     sample_batch: int = 1000
     # run control
     max_minutes: float = 0.0  # > 0: checkpoint and stop after this many minutes (dpaf: at the next cycle end)

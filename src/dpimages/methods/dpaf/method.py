@@ -148,7 +148,7 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
         assert sigma is not None
         return DPSGD(model, loss, sampler=PoissonSampler.for_batch_size(n, batch, ctx.noise), noise_multiplier=sigma,
                      clip_norm=cfg.grad_clip, ledger=ctx.ledger, noise=ctx.noise, label=label,
-                     max_physical_batch=cfg.physical_batch)
+                     max_physical_batch=cfg.physical_batch, per_example=cfg.per_example)
 
     def _restore(self, nets: Nets, tensors: dict[str, torch.Tensor], state: dict[str, Any], plan: NoisePlan) -> None:
         if state.get("noise") != asdict(plan):

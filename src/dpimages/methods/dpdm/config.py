@@ -57,7 +57,8 @@ class DPDMConfig(RunControl):
     epochs: float = 300.0  # steps = round(epochs * N / batch_size)
     multiplicity: int = 32  # K noise draws per example, averaged before clipping
     clip_norm: float = 1.0
-    physical_batch: int = 256  # examples per vmap chunk (virtual batches); memory only
+    physical_batch: int = 256  # examples per physical chunk (virtual batches); memory only
+    per_example: str = "auto"  # DP-SGD per-example path: auto, book-keeping or torch.func (speed only)
     # optimiser (post-processing of the noisy gradients)
     lr: float = 3e-4
     ema: float = 0.999

@@ -183,7 +183,8 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             ema = self.new_model().to(self.device)
         sampler = PoissonSampler.for_batch_size(n, cfg.batch_size, ctx.noise)
         engine = DPSGD(model, self._loss_fn, sampler=sampler, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
-                       ledger=ctx.ledger, noise=ctx.noise, label=RELEASE_LABEL, max_physical_batch=cfg.physical_batch)
+                       ledger=ctx.ledger, noise=ctx.noise, label=RELEASE_LABEL, max_physical_batch=cfg.physical_batch,
+                       per_example=cfg.per_example)
         engine.plan(steps)
         self.train_info = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "dataset_size": n,
                            "parameters": num_parameters(model), "train_s": 0.0}

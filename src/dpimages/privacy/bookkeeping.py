@@ -1,0 +1,220 @@
+"""Per-example clipped gradient sums from one ordinary backward pass (book-keeping, ghost norms).
+
+What it computes is exactly what `DPSGD`'s ``torch.func`` path computes for
+the same examples: ``sum_i min(1, C / (||g_i|| + 1e-6)) g_i`` with ``g_i`` the
+gradient of example i's loss over all trainable parameters, and the norms
+``||g_i||``. It only gets there faster. One forward pass with hooks keeps each
+layer's input; one ``torch.autograd.grad`` returns the gradients of the
+layers' *outputs* (the parameter gradients are never formed by autograd);
+then, layer by layer, example i's gradient norm is computed either
+
+* by forming its per-example weight gradient ``g_i = G_i^T A_i`` (B small
+  matrices; cheap when the layer has few positions T), or
+* without forming it, by the ghost-norm identity
+  ``||G_i^T A_i||^2 = <A_i A_i^T, G_i G_i^T>`` (Li et al. 2022; cheap when
+  T^2 (d + p) < T d p),
+
+whichever costs fewer multiply-adds (Bu et al. 2023's mixed ghost clipping).
+The clipped sum is then one weighted product per layer (book-keeping: the
+stored inputs and output gradients are reused, no second backward).
+
+Contract (checked, else the caller must use the ``torch.func`` path):
+
+* every trainable parameter belongs, as ``weight`` or ``bias``, to a layer of
+  a supported type (`SUPPORTED`: Linear, Conv2d with groups=1 and numeric
+  padding, GroupNorm, Embedding without padding_idx/max_norm), and each such
+  layer runs at most once per forward;
+* every such layer's batch dimension holds ``K`` consecutive rows per
+  example (``K = rows / B``; K > 1 is noise multiplicity as built by
+  `repeat_examples` or ``expand(B, K, ...).reshape(B * K, ...)``);
+* the loss of example i depends on example i's rows only.
+
+The last two cannot be seen from the module's structure, so `DPSGD` checks
+them on its first batch against the ``torch.func`` path before it trusts this
+one (see ``DPSGD.per_example``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpimages.errors import InputError
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
+
+__all__ = ["SUPPORTED", "BookKeeping", "NotBookKeepable", "unsupported_parameters"]
+
+
+class NotBookKeepable(RuntimeError):
+    """This model or loss breaks the book-keeping contract; use the torch.func path."""
+
+
+def _layer_ok(m: nn.Module) -> bool:
+    if type(m) is nn.Conv2d:
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if type(m) is nn.Embedding:
+        return m.padding_idx is None and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
+    return type(m) in (nn.Linear, nn.GroupNorm)
+
+
+def unsupported_parameters(module: nn.Module) -> list[str]:
+    """Names of trainable parameters that the hooks cannot account for (empty: book-keeping applies)."""
+    bad = []
+    for mname, m in module.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if p.requires_grad and (not _layer_ok(m) or pname not in ("weight", "bias")):
+                bad.append(f"{mname}.{pname}" if mname else pname)
+    return bad
+
+
+@dataclass
+class _Part:
+    """One parameter's per-example squared norms and how to form its clipped sum from per-example factors."""
+
+    param: nn.Parameter
+    sq_norms: torch.Tensor  # (B,)
+    weighted_sum: Callable[[torch.Tensor], torch.Tensor]  # (B,) factors -> gradient shaped like param
+
+
+def _ghost_cheaper(t: int, d: int, p: int) -> bool:
+    """Ghost norm (T^2 (d + p) multiply-adds per example) beats forming the p x d gradient (T d p)."""
+    return t * (d + p) < d * p
+
+
+def _ghost_part(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> _Part:
+    """Weight gradient sum_t g_t a_t^T per example, a (B, T, d), g (B, T, p), never formed per example."""
+    b, t, d = a.shape
+    p = g.shape[2]
+    sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+    def weighted(c: torch.Tensor) -> torch.Tensor:
+        return ((g * c.view(b, 1, 1)).reshape(b * t, p).t() @ a.reshape(b * t, d)).view_as(param)
+
+    return _Part(param, sq, weighted)
+
+
+def _formed_part(param: nn.Parameter, per_example: torch.Tensor) -> _Part:
+    """A parameter whose per-example gradients (B, ...) are formed: squared norms and the weighted sum."""
+    flat = per_example.reshape(per_example.shape[0], -1)
+    return _Part(param, flat.pow(2).sum(1), lambda c: (c @ flat).view_as(param))
+
+
+def _matrix_part(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> _Part:
+    """Linear weight: a (B, T, d), g (B, T, p); the cheaper of ghost norm and forming (B, p, d)."""
+    if _ghost_cheaper(a.shape[1], a.shape[2], g.shape[2]):
+        return _ghost_part(param, a, g)
+    return _formed_part(param, torch.bmm(g.transpose(1, 2), a))
+
+
+def _conv_weight_part(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int) -> _Part:
+    """Conv2d weight; x (B*K, Cin, H, W), g (B*K, Cout, H', W').
+
+    Formed per example by one grouped weight-gradient convolution (groups = B,
+    the K rows of an example in its batch dimension, which sums them), or by
+    the ghost norm over unfolded patches where that is cheaper.
+    """
+    w = m.weight
+    k = x.shape[0] // b
+    cout, cin = w.shape[0], w.shape[1]
+    positions = k * g.shape[2] * g.shape[3]
+    if _ghost_cheaper(positions, w[0].numel(), cout):
+        u = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B*K, d, L)
+        a = u.view(b, k, u.shape[1], u.shape[2]).transpose(2, 3).reshape(b, positions, u.shape[1])
+        gg = g.reshape(b, k, cout, -1).transpose(2, 3).reshape(b, positions, cout)
+        return _ghost_part(w, a, gg)
+    xs = x.view(b, k, *x.shape[1:]).transpose(0, 1).reshape(k, b * cin, *x.shape[2:])
+    gs = g.view(b, k, *g.shape[1:]).transpose(0, 1).reshape(k, b * cout, *g.shape[2:])
+    per_example = torch.nn.grad.conv2d_weight(xs, (b * cout, cin, *w.shape[2:]), gs, m.stride, m.padding,
+                                              m.dilation, groups=b)
+    return _formed_part(w, per_example.view(b, *w.shape))
+
+
+def _parts(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> list[_Part]:
+    """The parts of layer `m` with input `x` and output gradient `g` (first dim B*K rows, K per example)."""
+    rows = x.shape[0]
+    if rows % b or g.shape[0] != rows:
+        raise NotBookKeepable(f"{type(m).__name__}: {rows} rows is not a multiple of the batch of {b} examples")
+    w, bias = m.weight, m.bias if hasattr(m, "bias") else None
+    out: list[_Part] = []
+    if isinstance(m, nn.Linear):
+        a, gg = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        if w.requires_grad:
+            out.append(_matrix_part(w, a, gg))
+        if bias is not None and bias.requires_grad:
+            out.append(_formed_part(bias, gg.sum(1)))
+    elif isinstance(m, nn.Conv2d):
+        cout = g.shape[1]
+        if w.requires_grad:
+            out.append(_conv_weight_part(m, x, g, b))
+        if bias is not None and bias.requires_grad:
+            out.append(_formed_part(bias, g.reshape(b, -1, cout, g[0, 0].numel()).sum((1, 3))))
+    elif isinstance(m, nn.GroupNorm):
+        c = x.shape[1]
+        gg = g.reshape(b, -1, c, g[0, 0].numel())
+        if w is not None and w.requires_grad:
+            xhat = F.group_norm(x, m.num_groups, None, None, m.eps).reshape(gg.shape)
+            out.append(_formed_part(w, (gg * xhat).sum((1, 3))))
+        if bias is not None and bias.requires_grad:
+            out.append(_formed_part(bias, gg.sum((1, 3))))
+    elif isinstance(m, nn.Embedding) and w.requires_grad:
+        idx, gg = x.reshape(b, -1), g.reshape(b, -1, g.shape[-1])
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(gg.dtype)
+        sq = (same * torch.bmm(gg, gg.transpose(1, 2))).sum((1, 2))
+
+        def weighted(c: torch.Tensor) -> torch.Tensor:
+            rows_g = (gg * c.view(b, 1, 1)).reshape(-1, gg.shape[-1])
+            return torch.zeros_like(w).index_add_(0, idx.reshape(-1), rows_g)
+
+        out.append(_Part(w, sq, weighted))
+    return out
+
+
+class BookKeeping:
+    """Clipped per-example gradient sums of `module` by hooks (see the module docstring for the contract)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        bad = unsupported_parameters(module)
+        if bad:
+            raise NotBookKeepable("parameters outside supported layers: " + ", ".join(bad[:5]))
+        self.module = module
+        self.layers = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def clipped_sum(self, loss_fn: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...],
+                    clip_norm: float) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
+        """({param: sum_i c_i g_i}, per-example norms (B,)) with c_i = min(1, C / (||g_i|| + 1e-6))."""
+        b = batch[0].shape[0]
+        seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+
+        def keep(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            seen.append((m, inputs[0].detach(), output))
+
+        handles = [m.register_forward_hook(keep) for m in self.layers]
+        try:
+            with torch.enable_grad():
+                losses = loss_fn(self.module, *batch)
+        finally:
+            for h in handles:
+                h.remove()
+        if losses.shape != (b,):
+            raise InputError(f"loss_fn must return one loss per example, shape (B,); "
+                             f"got {tuple(losses.shape)} for B={b}")
+        if len({id(m) for m, _, _ in seen}) != len(seen):
+            raise NotBookKeepable("a layer ran more than once in one forward pass")
+        outputs = [o for _, _, o in seen]
+        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+        parts = [part for (m, x, o), g in zip(seen, grads, strict=True)
+                 for part in _parts(m, x, torch.zeros_like(o) if g is None else g.detach(), b)]
+        sq = torch.zeros(b, dtype=losses.dtype, device=losses.device)
+        for part in parts:
+            sq = sq + part.sq_norms
+        norms = sq.sqrt()
+        factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        for part in parts:
+            sums[part.param] = part.weighted_sum(factor)
+        return sums, norms

@@ -1,0 +1,213 @@
+"""Book-keeping clipping: the same clipped sums as a per-example loop, for every layer type our nets use.
+
+Each case runs `DPSGD.clip_and_accumulate` with ``per_example="book-keeping"``
+(noise multiplicity K > 1 and virtual batches of 3 where the loss allows)
+and compares with an explicit loop: one backward per example, clip, sum.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpimages.errors import InputError
+from dpimages.nets import SmallCNN
+from dpimages.nets.unet import UNet
+from dpimages.privacy import NoiseSource, PrivacyLedger, bookkeeping
+from dpimages.privacy.bookkeeping import unsupported_parameters
+from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, mean_over_repeats, repeat_examples
+
+torch.set_num_threads(1)
+CLIP = 0.3  # below most per-example norms here, so clipping acts
+
+
+def _engine(model: nn.Module, loss_fn, per_example: str = "book-keeping", chunk: int | None = 3) -> DPSGD:
+    noise = NoiseSource.seeded(0)
+    return DPSGD(model, loss_fn, sampler=PoissonSampler(100, 0.1, noise), noise_multiplier=1.0, clip_norm=CLIP,
+                 ledger=PrivacyLedger(1e6, 1e-5), noise=noise, max_physical_batch=chunk, per_example=per_example)
+
+
+def _loop_clipped_sum(model: nn.Module, loss_fn, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """sum_i min(1, C / (||g_i|| + 1e-6)) g_i with one backward per example (the definition)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    for i in range(batch[0].shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, *(t[i : i + 1] for t in batch)).sum().backward()
+        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double()
+        total += min(1.0, CLIP / (float(g.norm()) + 1e-6)) * g
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def _assert_matches_loop(model: nn.Module, loss_fn, batch: tuple[torch.Tensor, ...], chunk: int | None = 3) -> None:
+    eng = _engine(model, loss_fn, chunk=chunk)
+    assert eng.per_example == "book-keeping"
+    eng.clip_and_accumulate(*batch)
+    ref = _loop_clipped_sum(model, loss_fn, batch)
+    assert ref.norm() > 0.5 * CLIP  # something to compare
+    torch.testing.assert_close(eng.accumulated().double(), ref, rtol=1e-5, atol=1e-5 * CLIP)
+
+
+def _k_loss(k: int, loss_of_rows):
+    """Noise multiplicity: each example repeated K times (inner noise z (B, K, ...)), the K losses averaged."""
+
+    def loss(model, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        xk = repeat_examples(x, k) + z.reshape(-1, *x.shape[1:])
+        return mean_over_repeats(loss_of_rows(model, xk, repeat_examples(y, k)), k)
+
+    return loss
+
+
+def _xent(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y, reduction="none") * 20.0
+
+
+class _SeqLinear(nn.Module):
+    """Linear layers over a sequence of positions (T = 12 > 1: per-example gradients formed, not ghost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.reshape(x.shape[0], 12, 3)))).mean(1)
+
+
+class _WideConv(nn.Module):
+    """Many channels on few positions: the conv weight's ghost-norm branch; stride 2; GroupNorm with affine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 48, 3, padding=1)
+        self.norm = nn.GroupNorm(6, 48)
+        self.wide = nn.Conv2d(48, 64, 3, stride=2, padding=1)  # 2x2 positions: 4 (432 + 64) < 432 * 64
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.wide(torch.tanh(self.norm(self.conv(x[:, :, :4, :4]))))
+        return self.head(h.mean((2, 3)))
+
+
+class _Embedded(nn.Module):
+    """Class embedding + linear: the embedding's per-example gradient when rows of one example differ in label."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(4, 5)
+        self.lin = nn.Linear(64, 5)
+        self.out = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x.flatten(1)) + self.emb(labels))).squeeze(1)
+
+
+def test_small_cnn_conv_groupnorm_linear_with_multiplicity_and_virtual_batches() -> None:
+    torch.manual_seed(0)
+    x, y, z = torch.randn(7, 1, 28, 28), torch.randint(0, 10, (7,)), 0.3 * torch.randn(7, 3, 1, 28, 28)
+    _assert_matches_loop(SmallCNN(), _k_loss(3, _xent), (x, y, z))
+
+
+def test_linear_over_positions_and_ghost_norm_conv() -> None:
+    torch.manual_seed(1)
+    x, y, z = torch.randn(7, 1, 6, 6), torch.randint(0, 3, (7,)), 0.3 * torch.randn(7, 2, 1, 6, 6)
+    _assert_matches_loop(_SeqLinear(), _xent, (x, y))
+    wide = _WideConv()
+    assert bookkeeping._ghost_cheaper(2 * 2 * 2, 48 * 9, 64)  # K=2 rows of 2x2 positions: the ghost branch
+    _assert_matches_loop(wide, _k_loss(2, _xent), (x, y, z))
+
+
+def test_embedding_rows_of_one_example_with_different_labels() -> None:
+    torch.manual_seed(2)
+    k, b = 3, 6
+    x = torch.randn(b, 1, 8, 8)
+    labels = torch.randint(0, 4, (b, k))  # e.g. labels dropped to a null class in some of the K draws
+
+    def loss(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return mean_over_repeats(model(repeat_examples(x, k), labels.reshape(-1)).pow(2) * 10.0, k)
+
+    _assert_matches_loop(_Embedded(), loss, (x, labels))
+
+
+def test_dpdm_unet_with_attention_label_dropout_and_k_draws() -> None:
+    from dpimages.nets.edm import EDMDenoiser, edm_loss
+
+    torch.manual_seed(3)
+    net = EDMDenoiser(UNet(8, 1, 3, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)))
+    for p in net.parameters():  # the zero-initialised output layers would hide most layers' gradients
+        p.data.add_(0.05 * torch.randn_like(p))
+    b, k = 5, 2
+    x, y = torch.rand(b, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (b,))
+    sigma = net.training_sigmas((b, k), torch.Generator().manual_seed(0))
+    noise, drop = torch.randn(b, k, 1, 8, 8), torch.rand(b, k) < 0.4
+
+    def loss(model, x, y, sigma, noise, drop):
+        return edm_loss(model, x, torch.where(drop, 3, y.unsqueeze(1).expand(drop.shape)), sigma, noise)
+
+    _assert_matches_loop(net, loss, (x, y, sigma, noise, drop), chunk=2)
+
+
+def test_a_wrong_layer_norm_breaks_the_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation: under-count GroupNorm's bias norm; the loop comparison fails and "auto" refuses book-keeping."""
+    real = bookkeeping._formed_part
+
+    def broken(param, per_example):
+        part = real(param, per_example)
+        if param.ndim == 1 and param.shape[0] == 16:  # SmallCNN's GroupNorm/conv vectors of 16 channels
+            part.sq_norms = part.sq_norms * 0.25
+        return part
+
+    monkeypatch.setattr(bookkeeping, "_formed_part", broken)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    with pytest.raises(AssertionError):
+        _assert_matches_loop(SmallCNN(), _xent, (x, y))
+    eng = _engine(SmallCNN(), _xent, per_example="auto")
+    with pytest.warns(RuntimeWarning, match="book-keeping clipping does not apply"):
+        eng.clip_and_accumulate(x, y)
+    assert eng.per_example == "torch.func"
+    torch.testing.assert_close(eng.accumulated().double(), _loop_clipped_sum(eng.module, _xent, (x, y)),
+                               rtol=1e-5, atol=1e-5 * CLIP)
+
+
+def test_auto_keeps_torch_func_where_book_keeping_cannot_see() -> None:
+    torch.manual_seed(4)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+
+    def batch_mixing(model, x, y):  # each loss depends on the whole batch: only the vmap path is per-example
+        out = model(x)
+        return F.cross_entropy(out - out.mean(0, keepdim=True), y, reduction="none") * 20.0
+
+    eng = _engine(SmallCNN(), batch_mixing, per_example="auto")
+    with pytest.warns(RuntimeWarning, match="norms differ"):
+        eng.clip_and_accumulate(x, y)
+    assert eng.per_example == "torch.func"
+
+    class Loose(nn.Module):  # a parameter used outside any layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(784, 10)
+            self.scale = nn.Parameter(torch.ones(10))
+
+        def forward(self, x):
+            return self.lin(x.flatten(1)) * self.scale
+
+    assert unsupported_parameters(Loose()) == ["scale"]
+    assert unsupported_parameters(nn.Sequential(nn.ConvTranspose2d(2, 2, 3))) == ["0.weight", "0.bias"]
+    assert _engine(Loose(), _xent, per_example="auto").per_example == "torch.func"
+    with pytest.raises(InputError, match="does not apply"):
+        _engine(Loose(), _xent, per_example="book-keeping")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deterministic, per-example loss on supported layers: no fallback
+        ok = _engine(SmallCNN(), _xent, per_example="auto")
+        ok.clip_and_accumulate(x, y)
+        assert ok.per_example == "book-keeping"
+    noise = NoiseSource.seeded(0)
+    random_loss = DPSGD(SmallCNN(), _xent, sampler=PoissonSampler(100, 0.1, noise), noise_multiplier=1.0,
+                        clip_norm=1.0, ledger=PrivacyLedger(1e6, 1e-5), noise=noise, randomness="different")
+    assert random_loss.per_example == "torch.func"  # random ops in the loss: the probe could not compare
