@@ -11,8 +11,9 @@ an idle machine: other jobs on the same cores distort every number.
 
 Each configuration reports DP examples per CPU-second (steps/s x expected
 batch / cores used). ``--baseline "per_example=torch.func physical_batch=64"``
-also runs every configuration with those overrides (the engine and preset
-before book-keeping clipping) and reports the speed-up of the default.
+also runs every configuration with those overrides and with
+``DPIMAGES_KEEP_FREED_MEMORY=0`` (the engine, preset and allocator before
+book-keeping clipping) and reports the speed-up of the default.
 
 Each configuration is a separate run directory under a temporary folder
 (removed afterwards); its ledger spends a fraction of a budget on data that
@@ -44,7 +45,7 @@ CONFIGS = {  # name: (processes, threads per process)
 
 
 def run_config(processes: int, threads: int, preset: str, steps: int, overrides: list[str], run_dir: Path,
-               total: int, batch: int) -> dict:
+               total: int, batch: int, extra_env: dict[str, str]) -> dict:
     fit = ["fit", "dpdm", "--data", "fashion-mnist", "--epsilon", "10", "--preset", preset, "--device", "cpu",
            "--run-dir", str(run_dir), f"steps_per_run={steps}", *overrides]
     if processes == 1:
@@ -52,7 +53,7 @@ def run_config(processes: int, threads: int, preset: str, steps: int, overrides:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "dpimages", *fit]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **extra_env}
     t = time.time()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.time() - t
@@ -85,7 +86,9 @@ def main() -> None:
         for name, (procs, threads) in CONFIGS.items():
             for variant, overrides in variants.items():
                 run_dir = Path(tmp) / f"{variant}_{name.replace(' ', '_')}"
-                row = run_config(procs, threads, args.preset, args.steps, overrides, run_dir, total, cfg.batch_size)
+                env = {"DPIMAGES_KEEP_FREED_MEMORY": "0"} if variant == "baseline" else {}
+                row = run_config(procs, threads, args.preset, args.steps, overrides, run_dir, total, cfg.batch_size,
+                                 env)
                 result.setdefault(variant, {})[name] = row
                 print(f"{variant:9s} {name:34s} {row['steps_per_s']:.3f} DP steps/s, "
                       f"{row['dp_examples_per_cpu_s']} DP examples per CPU-s -> preset fit "

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpimages.memory import keep_freed_memory
 from dpimages.methods.dpdm.config import PAPER_UNET
 from dpimages.nets import SmallCNN, num_parameters
 from dpimages.privacy import NoiseSource, PrivacyLedger
@@ -326,6 +327,7 @@ def main() -> None:
                     "(K > 1: no Opacus columns, Opacus clips rows, not examples)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, every step
+    allocator = keep_freed_memory()  # as `dpimages fit` does: every column runs with it
     if args.noise:
         main_noise(args)
         return
@@ -368,6 +370,7 @@ def main() -> None:
         "opacus": __import__("opacus").__version__,
         "repeats": args.repeats,
         "statistic": "median of interleaved steps",
+        "keep_freed_memory": allocator,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "results": rows,
     }

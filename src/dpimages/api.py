@@ -37,6 +37,7 @@ from dpimages.config import MethodConfig, parse_overrides, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.distributed import dist_world, rank0_first, same_on_all_ranks
 from dpimages.errors import DPImagesError, InputError
+from dpimages.memory import keep_freed_memory
 from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
 from dpimages.report import render_report
 from dpimages.runs import Run
@@ -275,6 +276,7 @@ def fit_run(
     private labels.
     """
     cls = method_class(method)
+    keep_freed_memory()  # large tensors every step: reuse freed memory rather than page-fault it back in
     rank, world = dist_world()
     check_distributed(cls, world)
     overrides = overrides if isinstance(overrides, dict) else list(overrides)

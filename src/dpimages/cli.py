@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import click
 
 from dpimages.errors import DPImagesError, InputError, require_empty_folder
+from dpimages.memory import keep_freed_memory
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -518,6 +519,7 @@ def audit_cmd(method: str, epsilon: float, delta: float, canaries: int | None, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: map errors to exit codes with one line on stderr."""
+    keep_freed_memory()
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="dpimages", standalone_mode=False)
     except click.exceptions.Exit as e:

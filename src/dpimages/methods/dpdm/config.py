@@ -88,7 +88,7 @@ class DPDMConfig(RunControl):
         },
         "cpu": {
             "channels": 8, "channel_mult": (1, 2, 4), "num_res_blocks": 1, "attn_resolutions": (7,),
-            "batch_size": 2048, "epochs": 28.0, "multiplicity": 1, "physical_batch": 64, "sample_steps": 8, "lr": 1e-3,
+            "batch_size": 2048, "epochs": 28.0, "multiplicity": 1, "physical_batch": 512, "sample_steps": 8, "lr": 1e-3,
             "log_every": 10, "grid_every": 100, "checkpoint_every": 50,
         },
         "gpu": {**PAPER_UNET, "batch_size": 4096, "epochs": 300.0, "multiplicity": 32, "physical_batch": 256,
