@@ -4,16 +4,19 @@ Presets change sizes only (never code paths):
 
 * ``smoke``: a tiny U-Net and a handful of steps; for tests, no quality claim.
 * ``cpu``: the whole fit within 60 minutes on 2 CPU cores (Fashion-MNIST,
-  55,000 images, 752 DP steps) as two single-thread torchrun processes: 43
-  minutes measured, 60 as one process with 2 threads, 79 on one idle thread,
-  84 beside another job (benchmarks/results/dpdm_cores.json, fmnist.md): a
+  55,000 images, 756 DP steps of expected batch 2,400) as two single-thread
+  torchrun processes: ~55 minutes extrapolated from 0.269 steps/s at batch
+  2,048 (benchmarks/results/dpdm_cores.json, 2026-12-05; book-keeping
+  clipping, physical batch 512), ~61 as one process with 2 threads: a
   ~0.18 M-parameter U-Net (channels 8, multipliers 1,2,4, attention at 7x7),
-  expected batch 2,048, K = 1, 28 epochs, Adam lr 1e-3. Chosen on the
-  benchmark (benchmarks/results/fmnist.md, epsilon 10): lr 3e-4 left the
-  denoiser grainy at 750 steps (68.3% against 73.2% CNN at batch 512, K = 2);
-  at the same compute batch 1,024 with K = 1 gave 73.9%; twice that compute
-  spent on batch 2,048 over the same ~750 steps (noise norm in the averaged
-  gradient 0.17 instead of 0.26) gave 75.3% CNN, 78.7% MLP, FID 1.36.
+  K = 1, 33 epochs, Adam lr 1e-3. Chosen on the benchmark
+  (benchmarks/results/fmnist.md, epsilon 10): lr 3e-4 left the denoiser
+  grainy at 750 steps (68.3% against 73.2% CNN at batch 512, K = 2); at the
+  same compute batch 1,024 with K = 1 gave 73.9%; twice that compute spent on
+  batch 2,048 over the same ~750 steps (noise norm in the averaged gradient
+  0.17 instead of 0.26) gave 75.3% CNN, 78.7% MLP, FID 1.36. The faster
+  DP-SGD engine (issue 21: 1.30x under torchrun) is spent the same way: batch
+  2,400 over the same ~750 steps.
 * ``gpu``: the DPDM paper's (F)MNIST setting: ~1.75 M-parameter U-Net
   (channels 32, multipliers 1,2,2, attention at 7x7), expected batch 4,096
   (virtual batches), K = 32, 300 epochs; resumable.
@@ -88,7 +91,7 @@ class DPDMConfig(RunControl):
         },
         "cpu": {
             "channels": 8, "channel_mult": (1, 2, 4), "num_res_blocks": 1, "attn_resolutions": (7,),
-            "batch_size": 2048, "epochs": 28.0, "multiplicity": 1, "physical_batch": 512, "sample_steps": 8, "lr": 1e-3,
+            "batch_size": 2400, "epochs": 33.0, "multiplicity": 1, "physical_batch": 512, "sample_steps": 8, "lr": 1e-3,
             "log_every": 10, "grid_every": 100, "checkpoint_every": 50,
         },
         "gpu": {**PAPER_UNET, "batch_size": 4096, "epochs": 300.0, "multiplicity": 32, "physical_batch": 256,
