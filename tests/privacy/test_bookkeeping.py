@@ -199,6 +199,11 @@ def test_auto_keeps_torch_func_where_book_keeping_cannot_see() -> None:
 
     assert unsupported_parameters(Loose()) == ["scale"]
     assert unsupported_parameters(nn.Sequential(nn.ConvTranspose2d(2, 2, 3))) == ["0.weight", "0.bias"]
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight  # one parameter, two layers: its norm has a cross term
+    assert unsupported_parameters(tied) == ["1.weight"]
+    shared = nn.Linear(4, 4)
+    assert unsupported_parameters(nn.Sequential(shared, nn.Tanh(), shared)) == ["2.weight", "2.bias"]
     assert _engine(Loose(), _xent, per_example="auto").per_example == "torch.func"
     with pytest.raises(InputError, match="does not apply"):
         _engine(Loose(), _xent, per_example="book-keeping")

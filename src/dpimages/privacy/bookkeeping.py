@@ -20,8 +20,8 @@ stored inputs and output gradients are reused, no second backward).
 
 Contract (checked, else the caller must use the ``torch.func`` path):
 
-* every trainable parameter belongs, as ``weight`` or ``bias``, to a layer of
-  a supported type (`SUPPORTED`: Linear, Conv2d with groups=1 and numeric
+* every trainable parameter belongs, as ``weight`` or ``bias``, to exactly one
+  layer of a supported type (`SUPPORTED`: Linear, Conv2d with groups=1 and numeric
   padding, GroupNorm, Embedding without padding_idx/max_norm), and each such
   layer runs at most once per forward;
 * every such layer's batch dimension holds ``K`` consecutive rows per
@@ -63,12 +63,18 @@ def _layer_ok(m: nn.Module) -> bool:
 
 
 def unsupported_parameters(module: nn.Module) -> list[str]:
-    """Names of trainable parameters that the hooks cannot account for (empty: book-keeping applies)."""
-    bad = []
-    for mname, m in module.named_modules():
+    """Names of trainable parameters that the hooks cannot account for (empty: book-keeping applies).
+
+    Besides parameters outside supported layers: a parameter shared by two layers (tied weights), whose
+    per-example norm is not the sum of the two layers' squared norms.
+    """
+    bad, owners = [], set()
+    for mname, m in module.named_modules(remove_duplicate=False):
         for pname, p in m.named_parameters(recurse=False):
-            if p.requires_grad and (not _layer_ok(m) or pname not in ("weight", "bias")):
-                bad.append(f"{mname}.{pname}" if mname else pname)
+            name = f"{mname}.{pname}" if mname else pname
+            if p.requires_grad and (not _layer_ok(m) or pname not in ("weight", "bias") or id(p) in owners):
+                bad.append(name)
+            owners.add(id(p))
     return bad
 
 
