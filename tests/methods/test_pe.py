@@ -383,3 +383,16 @@ def test_fit_with_public_data_and_no_api_path_trains_the_public_model_once(tmp_p
     assert load_synthesizer(tmp_path / "a", "cpu").sample(10, seed=1).images.shape == (10, 28, 28, 1)
     with pytest.raises(InputError, match="--public SPEC to train one"):
         fit_run("pe", private, run_dir=tmp_path / "c", **{**kw, "public": None})
+
+
+def test_public_model_training_shows_a_progress_bar(capsys):
+    from dpimages.config import resolve_config
+    from dpimages.data.toy import toy_bars
+    from dpimages.methods.pe.config import PublicModelConfig
+    from dpimages.methods.pe.diffusion_api import train_public_model
+
+    cfg = resolve_config(PublicModelConfig, "smoke", ["batch_size=8", "max_steps=2"])
+    _, facts = train_public_model(toy_bars(32, num_classes=2, seed=1), cfg, progress=True)
+    assert facts["steps"] == 2
+    err = capsys.readouterr().err
+    assert "public model (public data, no privacy cost)" in err and "2/2" in err

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from dpimages import __version__
 from dpimages.data import ImageData, to_uint8
@@ -78,10 +79,11 @@ def train_public_model(
     *,
     device: torch.device | str = "cpu",
     log: Callable[..., None] | None = None,
+    progress: bool = False,
 ) -> tuple[EDMDenoiser, dict[str, Any]]:
     """Train the EMA denoiser on PUBLIC images (never call this on private data; no privacy accounting).
 
-    Returns the EMA model (eval mode) and facts for ``model.json``.
+    Returns the EMA model (eval mode) and facts for ``model.json``. `progress`: a tqdm bar over the steps.
     """
     dev = torch.device(device)
     g = torch.Generator().manual_seed(int(cfg.seed))
@@ -94,6 +96,9 @@ def train_public_model(
     x_all = public.to_tensor()
     n = x_all.shape[0]
     step, clock, running = 0, RunClock(cfg.max_minutes, cfg.max_steps, unit_name="max_steps"), 0.0
+    total = cfg.epochs * len(in_batches(n, cfg.batch_size))
+    bar = tqdm(total=min(total, cfg.max_steps) if cfg.max_steps else total, disable=not progress,
+               desc="public model (public data, no privacy cost)")
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=g)
         for b in in_batches(n, cfg.batch_size):
@@ -107,11 +112,13 @@ def train_public_model(
             loss.backward()
             opt.step()
             step += 1
+            bar.update(1)
             ema_update(ema, model, warmup_decay(cfg.ema, step))
             value = loss.item()
             running = 0.98 * running + 0.02 * value if step > 1 else value
             if log is not None and step % cfg.log_every == 0:
                 log(step=step, epoch=epoch + 1, loss=round(running, 5), train_s=round(clock.elapsed(), 1))
+    bar.close()
     ema.eval()
     facts = {"epochs": cfg.epochs, "steps": step, "epochs_done": round(step * cfg.batch_size / n, 2),
              "final_loss_ema": round(running, 5),

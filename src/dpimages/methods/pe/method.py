@@ -124,7 +124,8 @@ class PE(TrainedSynthesizer[PEConfig]):
                 ctx.run.log(0, event="public_model_training", **{"train_" + k if k == "step" else k: v
                                                                   for k, v in kv.items()})
 
-        path = cached_public_model(public, self.config.public_model_preset, device=self.device, log=log)
+        path = cached_public_model(public, self.config.public_model_preset, device=self.device, log=log,
+                                   progress=ctx.progress)
         self.train_info["api_path"] = str(path)
 
     def load_api(self) -> ImageAPI:

@@ -28,11 +28,12 @@ from dpimages.methods.pe.diffusion_api import model_arch, sample_grid, save_publ
 
 
 def train_and_save_public_model(public: ImageData, cfg: PublicModelConfig, out: str | Path, *, preset: str | None,
-                                device: torch.device, log: Callable[..., None] | None = None) -> tuple[Path, dict]:
+                                device: torch.device, log: Callable[..., None] | None = None,
+                                progress: bool = False) -> tuple[Path, dict]:
     """Train an EDM U-Net on `public` per `cfg`, save it (+ samples.png) in the new folder `out`; (path, meta)."""
     require_empty_folder(out)
     t0 = time.time()
-    model, facts = train_public_model(public, cfg, device=device, log=log)
+    model, facts = train_public_model(public, cfg, device=device, log=log, progress=progress)
     meta: dict[str, Any] = {
         "arch": model_arch(cfg), "image_shape": list(public.image_shape), "trained_on": public.name,
         "public_fingerprint": public.public_id, "public_size": len(public), "preset": preset,
@@ -44,7 +45,7 @@ def train_and_save_public_model(public: ImageData, cfg: PublicModelConfig, out: 
 
 
 def cached_public_model(public: ImageData, preset: str, *, device: torch.device,
-                        log: Callable[..., None] | None = None) -> Path:
+                        log: Callable[..., None] | None = None, progress: bool = False) -> Path:
     """The public model for `public` at `preset` sizes: trained once, then reused from the cache.
 
     Cached under ``$DPIMAGES_CACHE/public-models/KEY`` where KEY hashes the public data's fingerprint and the
@@ -60,7 +61,7 @@ def cached_public_model(public: ImageData, preset: str, *, device: torch.device,
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{path.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    train_and_save_public_model(public, cfg, tmp, preset=preset, device=device, log=log)
+    train_and_save_public_model(public, cfg, tmp, preset=preset, device=device, log=log, progress=progress)
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished first: keep its model
