@@ -18,7 +18,7 @@ multiplier from `dpimages.privacy.calibrate`):
   bin; score = the noisy count of its bin(s).
 * ``dpsgd`` (dpdm, dpaf, dpsgd-classifier): the `DPSGD` engine with Poisson
   sampling on a small linear model; each canary's per-example gradient is a
-  "Dirac" gradient of norm 100 on its own coordinate of a canary bias
+  "Dirac" gradient of norm 100 on its own coordinate of a canary weight
   (white box); score = the total movement of that coordinate over training.
 * ``gaussian-release`` (dpdfd): `gaussian_release` with declared
   sensitivity 2C; each canary adds a vector of norm 2C.
@@ -320,15 +320,20 @@ def _run_histogram(size: AuditSize, included: np.ndarray, variant: str, noise: N
 
 
 class _CanaryNet(nn.Module):
-    """A linear classifier plus one bias coordinate per canary (the white-box gradient canaries)."""
+    """A linear classifier plus one weight per canary (the white-box gradient canaries).
+
+    Both parts are Linear layers, so the engine's default per-example path (book-keeping on a CPU) is the one
+    audited.
+    """
 
     def __init__(self, dim: int, classes: int, canaries: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, classes)
-        self.canary_bias = nn.Parameter(torch.zeros(canaries))
+        self.canary = nn.Linear(canaries, 1, bias=False)  # canary i's coordinate: canary.weight[0, i]
+        nn.init.zeros_(self.canary.weight)
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.linear(x), (onehot * self.canary_bias).sum(dim=-1, keepdim=True)], dim=-1)
+        return torch.cat([self.linear(x), self.canary(onehot)], dim=-1)
 
 
 def _canary_loss(model: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -384,9 +389,9 @@ def _run_dpsgd(size: AuditSize, included: np.ndarray, variant: str, noise: Noise
         engine.step(x[batch], y[batch], onehot[batch])
         opt.step()
     # Each step's noise is one flat vector over the trainable parameters in named_parameters order (the engine's
-    # layout); plain SGD moves the canary bias, which starts at 0, by -lr / (q N) times its slice of it.
+    # layout); plain SGD moves the canary weights, which starts at 0, by -lr / (q N) times its slice of it.
     trainable = [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
-    start = sum(numel for _, numel in trainable[:[name for name, _ in trainable].index("canary_bias")])
+    start = sum(numel for _, numel in trainable[:[name for name, _ in trainable].index("canary.weight")])
     scale = -lr / sampler.expected_batch_size
 
     def noise_part(draws: list[torch.Tensor]) -> np.ndarray:
@@ -395,7 +400,7 @@ def _run_dpsgd(size: AuditSize, included: np.ndarray, variant: str, noise: Noise
             moved += z[start:start + m].double()
         return (scale * moved).numpy()
 
-    return _Run(model.canary_bias.detach().double().numpy(), _claim(ledger), noise_part)
+    return _Run(model.canary.weight[0].detach().double().numpy(), _claim(ledger), noise_part)
 
 
 _RUNNERS = {
