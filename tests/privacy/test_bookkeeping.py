@@ -216,3 +216,85 @@ def test_auto_keeps_torch_func_where_book_keeping_cannot_see() -> None:
     random_loss = DPSGD(SmallCNN(), _xent, sampler=PoissonSampler(100, 0.1, noise), noise_multiplier=1.0,
                         clip_norm=1.0, ledger=PrivacyLedger(1e6, 1e-5), noise=noise, randomness="different")
     assert random_loss.per_example == "torch.func"  # random ops in the loss: the probe could not compare
+
+
+class _SharedTable(nn.Module):
+    """A layer run once on a shared table, then indexed per example, behind a zero-initialised head.
+
+    Its rows are not examples; at the initial weights every gradient upstream of the head is 0, so only a probe
+    with perturbed weights, or the rows-per-example check on a later chunk, can tell.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(8, 4, generator=torch.Generator().manual_seed(5)))
+        self.emb = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x + self.emb(self.table)[t])).squeeze(1)
+
+
+def _table_loss(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (model(x, t) - 1.0) ** 2
+
+
+def test_rows_that_are_not_examples_fall_back_even_behind_a_zero_initialised_layer() -> None:
+    torch.manual_seed(6)
+    x, t = torch.randn(4, 4), torch.tensor([6, 1, 1, 4])
+    eng = _engine(_SharedTable(), _table_loss, per_example="auto", chunk=4)
+    with pytest.warns(RuntimeWarning, match="book-keeping clipping does not apply"):
+        eng.clip_and_accumulate(x, t)
+    assert eng.per_example == "torch.func"
+    # trusted explicitly, the rows-per-example check still refuses a chunk of another size
+    explicit = _engine(_SharedTable(), _table_loss, chunk=4)
+    explicit.clip_and_accumulate(x, t)
+    with pytest.warns(RuntimeWarning, match="rows for 2 examples"):
+        explicit.clip_and_accumulate(x[:2], t[:2])
+    assert explicit.per_example == "torch.func"
+
+
+def test_probe_failures_of_any_kind_keep_torch_func() -> None:
+    class Keyword(nn.Module):  # the hook sees no positional input
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(input=x).squeeze(1)
+
+    eng = _engine(Keyword(), lambda m, x: m(x) ** 2, per_example="auto", chunk=4)
+    with pytest.warns(RuntimeWarning, match="without a positional tensor input"):
+        eng.clip_and_accumulate(torch.randn(4, 3))
+    assert eng.per_example == "torch.func"
+
+    class Drop(nn.Module):  # random ops with randomness="error": the probe's torch.func run refuses them
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.drop = nn.Linear(3, 1), nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.drop(x)).squeeze(1)
+
+    eng = _engine(Drop(), lambda m, x: m(x) ** 2, per_example="auto", chunk=1)  # probed on the batch, not a chunk
+    before = [p.detach().clone() for p in eng.module.parameters()]
+    with pytest.warns(RuntimeWarning, match="does not apply"), pytest.raises(RuntimeError, match="randomness"):
+        eng.clip_and_accumulate(torch.randn(4, 3))  # then torch.func refuses the random op, as it always did
+    assert eng.per_example == "torch.func"
+    assert all(torch.equal(a, b) for a, b in zip(before, eng.module.parameters(), strict=True))  # weights restored
+
+
+def test_ghost_norm_of_a_zero_gradient_is_not_nan() -> None:
+    """Cancelling positions: the true norm is 0 and the ghost identity may round below it; no NaN."""
+    lin = nn.Linear(16, 16, bias=False)
+
+    def loss(model, a: torch.Tensor) -> torch.Tensor:  # +a and -a at two positions: gradient exactly 0
+        out = model(torch.stack([a, -a], dim=1))
+        return out.sum((1, 2))
+
+    assert bookkeeping._ghost_cheaper(2, 16, 16)
+    eng = _engine(lin, loss, chunk=None)
+    eng.clip_and_accumulate(torch.randn(50, 16) * 1e3)
+    assert torch.isfinite(eng.accumulated()).all()

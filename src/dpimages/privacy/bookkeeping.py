@@ -1,9 +1,14 @@
 """Per-example clipped gradient sums from one ordinary backward pass (book-keeping, ghost norms).
 
-What it computes is exactly what `DPSGD`'s ``torch.func`` path computes for
-the same examples: ``sum_i min(1, C / (||g_i|| + 1e-6)) g_i`` with ``g_i`` the
-gradient of example i's loss over all trainable parameters, and the norms
-``||g_i||``. It only gets there faster. One forward pass with hooks keeps each
+Under its contract (below) it computes what `DPSGD`'s ``torch.func`` path
+computes for the same examples: ``sum_i min(1, C / (||g_i|| + 1e-6)) g_i``
+with ``g_i`` the gradient of example i's loss over all trainable parameters,
+and the norms ``||g_i||``, only faster. Each layer's norm and its share of
+the clipped sum come from the same stored input and output gradient, so a
+model that breaks the contract in other ways (an in-place change of a
+layer's output, a hook that changes it) gets a wrong gradient that is still
+clipped to C; only rows that mix examples break the bound, and those are
+what the checks below are for. One forward pass with hooks keeps each
 layer's input; one ``torch.autograd.grad`` returns the gradients of the
 layers' *outputs* (the parameter gradients are never formed by autograd);
 then, layer by layer, example i's gradient norm is computed either
@@ -30,8 +35,10 @@ Contract (checked, else the caller must use the ``torch.func`` path):
 * the loss of example i depends on example i's rows only.
 
 The last two cannot be seen from the module's structure, so `DPSGD` checks
-them on its first batch against the ``torch.func`` path before it trusts this
-one (see ``DPSGD.per_example``).
+them on its first batch against the ``torch.func`` path, with every weight
+perturbed so that no zero-initialised layer hides the others' gradients,
+before it trusts this one (``DPSGD._check_bookkeeping``), and each layer's
+rows per example found there are enforced on every later call.
 """
 
 from __future__ import annotations
@@ -181,7 +188,12 @@ def _parts(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> list[_Part
 
 
 class BookKeeping:
-    """Clipped per-example gradient sums of `module` by hooks (see the module docstring for the contract)."""
+    """Clipped per-example gradient sums of `module` by hooks (see the module docstring for the contract).
+
+    `rows_per_example` (layer -> K), recorded by the first call (DPSGD's probe), is enforced on every later call: a
+    layer whose number of rows does not stay K times the number of examples is not per example (e.g. a layer run
+    on a shared table and then indexed), and raises `NotBookKeepable`.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         bad = unsupported_parameters(module)
@@ -189,14 +201,20 @@ class BookKeeping:
             raise NotBookKeepable("parameters outside supported layers: " + ", ".join(bad[:5]))
         self.module = module
         self.layers = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.rows_per_example: dict[nn.Module, int] = {}
 
     def clipped_sum(self, loss_fn: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...],
                     clip_norm: float) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
-        """({param: sum_i c_i g_i}, per-example norms (B,)) with c_i = min(1, C / (||g_i|| + 1e-6))."""
+        """({param: sum_i c_i g_i}, per-example norms (B,)) with c_i = min(1, C / (||g_i|| + 1e-6)).
+
+        The first call records each layer's rows per example; later calls must match it.
+        """
         b = batch[0].shape[0]
         seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
 
         def keep(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                raise NotBookKeepable(f"{type(m).__name__} called without a positional tensor input")
             seen.append((m, inputs[0].detach(), output))
 
         handles = [m.register_forward_hook(keep) for m in self.layers]
@@ -211,6 +229,13 @@ class BookKeeping:
                              f"got {tuple(losses.shape)} for B={b}")
         if len({id(m) for m, _, _ in seen}) != len(seen):
             raise NotBookKeepable("a layer ran more than once in one forward pass")
+        record = not self.rows_per_example
+        for m, x, _ in seen:
+            if record:
+                self.rows_per_example[m] = x.shape[0] // b
+            if x.shape[0] != self.rows_per_example.get(m, -1) * b:
+                raise NotBookKeepable(f"{type(m).__name__}: {x.shape[0]} rows for {b} examples, not the "
+                                      "probe's rows per example")
         outputs = [o for _, _, o in seen]
         grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
         parts = [part for (m, x, o), g in zip(seen, grads, strict=True)
@@ -218,7 +243,7 @@ class BookKeeping:
         sq = torch.zeros(b, dtype=losses.dtype, device=losses.device)
         for part in parts:
             sq = sq + part.sq_norms
-        norms = sq.sqrt()
+        norms = sq.clamp_min(0.0).sqrt()  # ghost norms can round below 0 where the true norm is 0
         factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
         sums: dict[nn.Parameter, torch.Tensor] = {}
         for part in parts:

@@ -20,13 +20,18 @@ Each logical step of `DPSGD`:
      or by the ghost-norm identity, whichever is cheaper, and the clipped sum
      from the stored activations. Used by ``"auto"`` on a CPU (where it was
      measured faster; on a GPU "auto" keeps torch.func until measured) when
-     every trainable parameter sits in a supported layer, the loss is
-     deterministic (``randomness="error"``) and, on the first chunk of at
-     least two examples, its norms and clipped sum match the ``torch.func``
-     path's to 1e-4 (this guards what structure cannot show: a loss that
-     mixes examples, a parameter used outside its layer's forward, rows not
-     grouped per example). The check's outcome changes only speed, never
-     what is released, and is never logged beyond the method's name;
+     every trainable parameter sits in exactly one supported layer, the loss
+     is deterministic (``randomness="error"``) and, on the first batch's
+     first examples (at least two) with every weight perturbed, its norms
+     and clipped sum match the ``torch.func`` path's to 1e-4; each layer's
+     rows per example seen there must then hold on every later chunk. These
+     checks guard what structure cannot show: a loss that mixes examples, a
+     parameter used outside its layer's forward, rows not grouped per
+     example. A model or loss that fails them falls back to torch.func with
+     a warning that names no value. The outcome is the same for every data
+     set when the model and loss keep the contract; for one that does not,
+     it may depend on the probed examples, and it shows only as that warning
+     and the speed (not counted by the ledger);
    * ``"torch.func"``: ``vmap`` over ``grad`` of a ``functional_call``, any
      module that works under ``torch.func``;
 3. clips each example's gradient (all trainable parameters together) to L2
@@ -101,7 +106,7 @@ from dpimages.privacy.rng import NoiseSource
 LossFn = Callable[..., torch.Tensor]
 # memory for one chunk's per-example gradients when max_physical_batch="auto"
 PER_EXAMPLE_GRAD_BYTES = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
-PROBE_EXAMPLES = 4  # examples of the first chunk on which book-keeping is checked against torch.func
+PROBE_EXAMPLES = 4  # examples of the first batch on which book-keeping is checked against torch.func
 
 __all__ = [
     "DPSGD", "LossFn", "PoissonSampler", "StepInfo", "auto_physical_batch", "check_model", "mean_over_repeats",
@@ -390,18 +395,22 @@ class DPSGD:
         b = batch[0].shape[0]
         if b == 0:
             return
+        if self._bookkeeping is not None and not self._checked and b >= 2:
+            self._check_bookkeeping(tuple(t[:PROBE_EXAMPLES] for t in batch))
         chunk = self.max_physical_batch or b
         for start in range(0, b, chunk):
             part = tuple(t[start : start + chunk] for t in batch)
-            if self._bookkeeping is not None and not self._checked and part[0].shape[0] >= 2:
-                self._check_bookkeeping(tuple(t[:PROBE_EXAMPLES] for t in part))
-            if self._bookkeeping is not None:
-                sums, _ = self._bookkeeping.clipped_sum(self.loss_fn, part, self.clip_norm)
-                for (_, p), view in zip(self._named, self._views, strict=True):
-                    if p in sums:
-                        view.add_(sums[p])
-            else:
-                self._add_clipped_torch_func(part)
+            if self._bookkeeping is not None and self._checked:
+                try:
+                    sums, _ = self._bookkeeping.clipped_sum(self.loss_fn, part, self.clip_norm)
+                except NotBookKeepable as err:  # nothing was added: this chunk goes the torch.func way
+                    self._fall_back(str(err))
+                else:
+                    for (_, p), view in zip(self._named, self._views, strict=True):
+                        if p in sums:
+                            view.add_(sums[p])
+                    continue
+            self._add_clipped_torch_func(part)
 
     def _clipped_torch_func(self, part: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(per-parameter clipped sums, per-example norms) of `part` by vmap over grad."""
@@ -420,13 +429,21 @@ class DPSGD:
     def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> None:
         """Keep book-keeping only if it reproduces the torch.func norms and clipped sum on `probe`.
 
-        Nothing here is released or logged: a mismatch only switches this
-        engine to the torch.func path, with a warning naming no value.
+        Both paths run with every trainable weight perturbed (a fixed, public
+        generator; the weights are restored), so that zero-initialised layers
+        do not hide the other layers' gradients. Nothing here is released or
+        logged: a mismatch only switches this engine to the torch.func path,
+        with a warning naming no value.
         """
         assert self._bookkeeping is not None
-        self._checked = True
         reason = ""
+        saved = [p.detach().clone() for _, p in self._named]
+        gen = torch.Generator(device=saved[0].device).manual_seed(20211)
         try:
+            with torch.no_grad():
+                for _, p in self._named:
+                    spread = float(p.std()) if p.numel() > 1 else 0.0
+                    p.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * (spread or 0.05))
             sums, norms = self._bookkeeping.clipped_sum(self.loss_fn, probe, self.clip_norm)
             ref_sums, ref_norms = self._clipped_torch_func(probe)
             scale = float(ref_norms.max()) + 1e-6
@@ -435,12 +452,22 @@ class DPSGD:
                 for (_, p), r in zip(self._named, ref_sums, strict=True))
             if not same:
                 reason = "its per-example norms differ from torch.func's on the first batch"
-        except (NotBookKeepable, RuntimeError) as err:
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of the probe means: do not trust book-keeping
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        finally:
+            with torch.no_grad():
+                for (_, p), v in zip(self._named, saved, strict=True):
+                    p.copy_(v)
+        self._checked = True
         if reason:
-            self._bookkeeping = None
-            warnings.warn(f"DP-SGD engine {self.label!r}: book-keeping clipping does not apply ({reason}); "
-                          "using torch.func per-example gradients", RuntimeWarning, stacklevel=3)
+            self._fall_back(reason)
+
+    def _fall_back(self, reason: str) -> None:
+        self._bookkeeping = None
+        warnings.warn(f"DP-SGD engine {self.label!r}: book-keeping clipping does not apply ({reason}); "
+                      "using torch.func per-example gradients", RuntimeWarning, stacklevel=4)
 
     def add_noise(self) -> StepInfo:
         """Spend one step, add N(0, (sigma*C)^2) to the clipped sum, divide by q*N, set `.grad`.
