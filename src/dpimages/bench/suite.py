@@ -43,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -206,6 +206,7 @@ class BenchOptions:
     variant: str | None = None
     insecure_seeded_noise: bool = False  # tests only: reproducible noise from the seed (not private)
     repeats: int = 1  # fits per (method, epsilon) cell; repeat k uses seed + k
+    commit: str | None = field(default_factory=git_commit)  # the code that runs: taken when bench starts
 
     @property
     def noise_source(self) -> str:
@@ -243,7 +244,7 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
         line["classifier_protocol"] = ev.get("classifier_protocol")
     line.update(values)
     line.update(device=machine_description(dev), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                commit=git_commit(), run_dir=_display_path(run_dir), suite=suite.name, seed=opts.seed,
+                commit=opts.commit, run_dir=_display_path(run_dir), suite=suite.name, seed=opts.seed,
                 dpimages_version=__version__)
     line["run_dirs"] = [line["run_dir"]]
     return line
