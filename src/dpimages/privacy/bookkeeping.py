@@ -66,7 +66,7 @@ def _layer_ok(m: nn.Module) -> bool:
         return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
     if type(m) is nn.Embedding:
         return m.padding_idx is None and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
-    return type(m) in (nn.Linear, nn.GroupNorm)
+    return type(m) in SUPPORTED  # Linear and GroupNorm: any settings
 
 
 def unsupported_parameters(module: nn.Module) -> list[str]:
@@ -144,7 +144,7 @@ def _conv_weight_part(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int) ->
     gs = g.view(b, k, *g.shape[1:]).transpose(0, 1).reshape(k, b * cout, *g.shape[2:])
     per_example = torch.nn.grad.conv2d_weight(xs, (b * cout, cin, *w.shape[2:]), gs, m.stride, m.padding,
                                               m.dilation, groups=b)
-    return _formed_part(w, per_example.view(b, *w.shape))
+    return _formed_part(w, per_example.reshape(b, *w.shape))
 
 
 def _parts(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> list[_Part]:
