@@ -149,9 +149,8 @@ def _conv_weight_part(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int) ->
 
 def _parts(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> list[_Part]:
     """The parts of layer `m` with input `x` and output gradient `g` (first dim B*K rows, K per example)."""
-    rows = x.shape[0]
-    if rows % b or g.shape[0] != rows:
-        raise NotBookKeepable(f"{type(m).__name__}: {rows} rows is not a multiple of the batch of {b} examples")
+    if g.shape[0] != x.shape[0]:  # (rows = K * b is checked by the caller)
+        raise NotBookKeepable(f"{type(m).__name__}: {g.shape[0]} output rows for {x.shape[0]} input rows")
     w, bias = m.weight, m.bias if hasattr(m, "bias") else None
     out: list[_Part] = []
     if isinstance(m, nn.Linear):

@@ -400,31 +400,27 @@ class DPSGD:
         chunk = self.max_physical_batch or b
         for start in range(0, b, chunk):
             part = tuple(t[start : start + chunk] for t in batch)
+            sums = None
             if self._bookkeeping is not None and self._checked:
                 try:
                     sums, _ = self._bookkeeping.clipped_sum(self.loss_fn, part, self.clip_norm)
                 except NotBookKeepable as err:  # nothing was added: this chunk goes the torch.func way
                     self._fall_back(str(err))
-                else:
-                    for (_, p), view in zip(self._named, self._views, strict=True):
-                        if p in sums:
-                            view.add_(sums[p])
-                    continue
-            self._add_clipped_torch_func(part)
+            if sums is None:
+                sums, _ = self._clipped_torch_func(part)
+            for (_, p), view in zip(self._named, self._views, strict=True):
+                if p in sums:  # book-keeping leaves out the layers that did not run: their gradient is 0
+                    view.add_(sums[p])
 
-    def _clipped_torch_func(self, part: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(per-parameter clipped sums, per-example norms) of `part` by vmap over grad."""
+    def _clipped_torch_func(self, part: tuple[torch.Tensor, ...]) -> tuple[dict[nn.Parameter, torch.Tensor],
+                                                                             torch.Tensor]:
+        """({param: clipped sum}, per-example norms) of `part` by vmap over grad (as `BookKeeping.clipped_sum`)."""
         params, rest = self._state()
         grads = self._per_example(params, rest, part)
         flat = [grads[n].reshape(part[0].shape[0], -1) for n, _ in self._named]
         norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat]), dim=0)
         factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
-        return [(g.t() @ factor).view_as(p) for g, (_, p) in zip(flat, self._named, strict=True)], norms
-
-    def _add_clipped_torch_func(self, part: tuple[torch.Tensor, ...]) -> None:
-        sums, _ = self._clipped_torch_func(part)
-        for view, s in zip(self._views, sums, strict=True):
-            view.add_(s)
+        return {p: (g.t() @ factor).view_as(p) for g, (_, p) in zip(flat, self._named, strict=True)}, norms
 
     def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> None:
         """Keep book-keeping only if it reproduces the torch.func norms and clipped sum on `probe`.
@@ -449,7 +445,7 @@ class DPSGD:
             scale = float(ref_norms.max()) + 1e-6
             same = torch.allclose(norms, ref_norms, rtol=1e-4, atol=1e-6 * scale) and all(
                 torch.allclose(sums.get(p, torch.zeros_like(r)), r, rtol=1e-4, atol=1e-6 * self.clip_norm)
-                for (_, p), r in zip(self._named, ref_sums, strict=True))
+                for p, r in ref_sums.items())
             if not same:
                 reason = "its per-example norms differ from torch.func's on the first batch"
         except InputError:
