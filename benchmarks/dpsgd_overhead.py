@@ -48,6 +48,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -199,14 +200,17 @@ def measure(name: str, make_model: Callable[[], nn.Module], loss_fn: Callable, b
     return row
 
 
-def _edm_case(preset_overrides: dict, batch: int, g: torch.Generator, k: int) -> tuple[Callable, Callable, tuple]:
-    """A dpdm U-Net (EDM loss, K draws, label dropout) with a fixed batch of draws: (make_model, loss_fn, batch)."""
+def _edm_case(preset_overrides: dict, batch: int, g: torch.Generator,
+              k: int | None = None) -> tuple[Callable, Callable, tuple, Any]:
+    """A dpdm U-Net (EDM loss, K draws, label dropout) with a fixed batch of draws: (make_model, loss_fn, batch,
+    config); K defaults to the preset's."""
     from dpimages.api import create
     from dpimages.nets.edm import edm_loss
 
     synth = create("dpdm", "cpu", **preset_overrides)
     synth.num_classes, synth.image_shape, synth.device = 10, (28, 28, 1), torch.device("cpu")
     cfg = synth.config
+    k = cfg.multiplicity if k is None else k
 
     def make() -> nn.Module:
         torch.manual_seed(0)
@@ -225,34 +229,17 @@ def _edm_case(preset_overrides: dict, batch: int, g: torch.Generator, k: int) ->
     sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn((batch, k), generator=g))
     z = torch.randn((batch, k, 1, 28, 28), generator=g)
     drop = torch.rand((batch, k), generator=g) < cfg.label_dropout
-    return make, loss_fn, (x, y, sigma, z, drop)
+    return make, loss_fn, (x, y, sigma, z, drop), cfg
 
 
 def measure_noise_source(repeats: int, batch: int) -> dict:
     """Secure (OS CSPRNG) against seeded noise: the dpdm cpu preset's whole DP step, and the raw draws."""
-    from dpimages.api import create
-    from dpimages.nets.edm import edm_loss
-
-    synth = create("dpdm", "cpu")
-    cfg = synth.config
-    synth.num_classes, synth.image_shape, synth.device = 10, (28, 28, 1), torch.device("cpu")
+    make, loss_fn, draws_batch, cfg = _edm_case({}, batch, torch.Generator().manual_seed(0))
     n_data, k = 55_000, cfg.multiplicity
-    g = torch.Generator().manual_seed(0)
-    base = synth.new_model()
-    x = torch.rand(batch, 1, 28, 28, generator=g) * 2 - 1
-    y = torch.randint(0, 10, (batch,), generator=g)
-    sigma = base.training_sigmas((batch, k), g)
-    z = torch.randn((batch, k, 1, 28, 28), generator=g)
-    drop = torch.rand((batch, k), generator=g) < cfg.label_dropout
-
-    def loss_fn(model: Callable, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n: torch.Tensor,
-                d: torch.Tensor) -> torch.Tensor:
-        labels = torch.where(d, 10, y.unsqueeze(1).expand(d.shape))
-        return edm_loss(model, x, labels, s, n, cfg.sigma_data)
+    base = make()
 
     def engine_step(noise: NoiseSource) -> Callable[[], None]:
-        model = synth.new_model()
-        model.load_state_dict(base.state_dict())
+        model = make()
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sampler = PoissonSampler.for_batch_size(n_data, batch, noise)
         engine = DPSGD(model, loss_fn, sampler=sampler, noise_multiplier=1.0, clip_norm=cfg.clip_norm,
@@ -261,7 +248,7 @@ def measure_noise_source(repeats: int, batch: int) -> dict:
 
         def step() -> None:
             sampler.sample()  # the Poisson mask over N, from the same source (its indices are not used here)
-            engine.clip_and_accumulate(x, y, sigma, z, drop)
+            engine.clip_and_accumulate(*draws_batch)
             engine.add_noise()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -344,9 +331,9 @@ def main() -> None:
             x = torch.rand(b, 1, 28, 28, generator=g) * 2 - 1
             cases.append(("SmallCNN (GroupNorm, tanh; dpsgd-classifier)", SmallCNN, classifier_loss,
                           (x, torch.randint(0, 10, (b,), generator=g)), None))
-        make, loss_fn, batch = _edm_case({}, args.unet_batch, g, k)
+        make, loss_fn, batch, _ = _edm_case({}, args.unet_batch, g, k)
         cases.append((f"dpdm cpu preset U-Net (EDM loss, K={k})", make, loss_fn, batch, args.physical))
-        make, loss_fn, batch = _edm_case(PAPER_UNET, args.paper_batch, g, k)
+        make, loss_fn, batch, _ = _edm_case(PAPER_UNET, args.paper_batch, g, k)
         cases.append((f"dpdm paper U-Net (EDM loss, K={k})", make, loss_fn, batch, args.physical))
         for name, make, loss_fn, batch, physical in cases:
             if args.only and args.only not in name:
