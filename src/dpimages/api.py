@@ -38,7 +38,7 @@ from dpimages.data import ImageData, load
 from dpimages.distributed import dist_world, rank0_first, same_on_all_ranks
 from dpimages.errors import DPImagesError, InputError
 from dpimages.memory import keep_freed_memory
-from dpimages.privacy import NoiseSource, PrivacyLedger, validate_budget
+from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger, validate_budget
 from dpimages.report import render_report
 from dpimages.runs import Run
 from dpimages.seeds import seeded_init, stream_generator, stream_seed
@@ -89,6 +89,12 @@ class FitContext:
     resume_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     progress: bool = True
     method: str = ""
+    epsilon_target: float | None = None  # a stage of a larger plan: calibrate to this share, not the budget
+
+    @property
+    def target_epsilon(self) -> float:
+        """The epsilon this fit calibrates its own releases to: the ledger's budget, or a stage's share of it."""
+        return self.ledger.epsilon_budget if self.epsilon_target is None else float(self.epsilon_target)
 
     def generator(self, name: str, device: torch.device | str = "cpu") -> torch.Generator:
         """The run's seed stream `name` (public randomness: initialisation, training draws; never privacy noise)."""
@@ -164,6 +170,16 @@ class Synthesizer(Generic[ConfigT]):
 
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
         raise NotImplementedError
+
+    def planned_events(self, private: ImageData, public: ImageData | None, epsilon: float,
+                       delta: float) -> list[PrivacyEvent]:
+        """The ledger events a fit calibrated to (epsilon, delta) will spend, from public facts only.
+
+        A method that implements this can be the first stage of another method's joint plan (a DP prior): the
+        caller calibrates its own releases over these events plus its own, reserves them all, then fits this
+        synthesizer with ``FitContext(epsilon_target=epsilon)``. Must read no pixel or label of `private`.
+        """
+        raise InputError(f"{self.name} cannot be a stage of another method's plan (no planned_events)")
 
     @classmethod
     def smoke_requirements(cls, workdir: Path) -> dict[str, Any]:

@@ -88,9 +88,16 @@ def calibrate(make_events: EventFactory, target_epsilon: float, delta: float) ->
     return hi
 
 
-def calibrate_dpsgd(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Noise multiplier for `steps` Poisson-subsampled Gaussian steps at rate `sample_rate`."""
-    return calibrate(lambda s: [PrivacyEvent.subsampled_gaussian(s, sample_rate, steps)], target_epsilon, delta)
+def calibrate_dpsgd(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    before: Sequence[PrivacyEvent] = ()) -> float:
+    """Noise multiplier for `steps` Poisson-subsampled Gaussian steps at rate `sample_rate`.
+
+    `before`: fixed events of earlier stages of the same run; the multiplier is calibrated over them and the
+    steps together (one PLD composition), so the whole plan meets the target.
+    """
+    fixed = list(before)
+    return calibrate(lambda s: [*fixed, PrivacyEvent.subsampled_gaussian(s, sample_rate, steps)], target_epsilon,
+                     delta)
 
 
 def calibrate_gaussian(target_epsilon: float, delta: float, count: int = 1) -> float:

@@ -230,15 +230,30 @@ class PrivacyLedger:
     def reserve(self, *events: PrivacyEvent) -> None:
         """Check a whole planned schedule at once (before any private access).
 
-        Steps already spent of the same release count towards the
-        reservation, so a resumed run reserves its full plan again.
+        A reservation declares the planned total of each release (kind,
+        noise, rate, label): reserving a release again keeps the larger of
+        the two totals instead of adding them, so a resumed run, or a stage
+        of a joint plan that its caller has already reserved, declares its
+        plan again without counting it twice. Steps already spent of a
+        release count towards its reservation. Reservations only move the
+        budget check earlier: every spend beyond them is checked on its own.
         """
-        self._reserved.extend(events)
+        before = list(self._reserved)
+        totals: dict[tuple, PrivacyEvent] = {}
+        for e in events:
+            k = e.release_key()
+            totals[k] = replace(e, steps=totals[k].steps + e.steps) if k in totals else e
+        for k, e in totals.items():
+            i = next((j for j, r in enumerate(self._reserved) if r.release_key() == k), None)
+            if i is None:
+                self._reserved.append(e)
+            elif e.steps > self._reserved[i].steps:
+                self._reserved[i] = e
         try:
             planned = self._unspent_reservations()
             self._bound = (self.check(*planned), self.epsilon_rdp(planned))
         except BudgetExceeded:
-            del self._reserved[len(self._reserved) - len(events) :]
+            self._reserved = before
             raise
 
     def _unspent_reservations(self) -> list[PrivacyEvent]:

@@ -97,12 +97,17 @@ def clipped_gaussian_class_sums(
     ledger: PrivacyLedger,
     noise: NoiseSource,
     label: str,
+    sample_rate: float | None = None,
 ) -> torch.Tensor:
-    """Noisy per-class sums of clipped rows, released as one event (classes are disjoint)."""
+    """Noisy per-class sums of clipped rows, released as one event (classes are disjoint).
+
+    `sample_rate`: the rows are a Poisson sample at this rate (the event is a subsampled Gaussian).
+    """
     check_positive("clip_norm", clip_norm)
     sums = class_sums(clip_rows(rows, clip_norm), labels, num_classes)
     return gaussian_release(
-        sums, sensitivity=clip_norm, noise_multiplier=noise_multiplier, ledger=ledger, noise=noise, label=label
+        sums, sensitivity=clip_norm, noise_multiplier=noise_multiplier, ledger=ledger, noise=noise, label=label,
+        sample_rate=sample_rate,
     )
 
 

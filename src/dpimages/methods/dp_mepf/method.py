@@ -53,7 +53,8 @@ from dpimages.methods.dp_mepf.trunks import build_trunks, restore_trunks, trunk_
 from dpimages.methods.kit import RunClock, ema_update, write_grid
 from dpimages.nets.features import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
-from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
+from dpimages.privacy import PrivacyEvent
+from dpimages.runs import Run, load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 
 @register
@@ -79,6 +80,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         self.cell_proportions: list[list[float]] = []
         self.cell_bits = max(config.cell_bits, 0)
         self._sample_prefix = "best"
+        self._trunks: tuple[list, dict] | None = None
 
     # -- building blocks -----------------------------------------------------------------
     def _new_generator(self) -> ConditionalGenerator:
@@ -124,6 +126,39 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         self.cell_bits = released.cells.bit_length() - 1
         self.cell_proportions = released.cell_proportions().tolist()
 
+    # -- the release plan (public facts only) ------------------------------------------
+    def _build_trunks(self, channels: int, public: ImageData | None, run: Run | None) -> tuple[list, dict]:
+        """The feature trunks (random, or trained on PUBLIC data), built once per synthesizer and then reused."""
+        if self._trunks is None:
+            log = None if run is None else partial(run.log, 0, event="public_feature_training")
+            self._trunks = build_trunks(self.config, channels, public, log)
+        return self._trunks
+
+    def _plan(self, n: int, dims: tuple[int, ...], epsilon: float, delta: float) -> tuple[rel.Weights, float,
+                                                                                           rel.ReleasePlan]:
+        """Budget weights, common scale and release plan for N = `n` images at (epsilon, delta); sets the cells."""
+        cfg = self.config
+        if self.released is None:
+            self.cell_bits = self._resolve_cell_bits(n, dims[0], epsilon, delta)
+        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, self.cell_bits,
+                        cfg.weight_centres)
+        scale, plan = rel.calibrate_plan(epsilon, delta, w, self.cells)
+        return w, scale, plan
+
+    def planned_events(self, private: ImageData, public: ImageData | None, epsilon: float,
+                       delta: float) -> list[PrivacyEvent]:
+        """The events a fit at (epsilon, delta) will spend, from public facts only (N, shape, classes, config).
+
+        Reads no pixel or label of `private`: its size, image shape and class list are public facts.
+        """
+        self.num_classes, self.image_shape = private.num_classes, private.image_shape
+        channels = self.image_shape[2]
+        trunks, _ = self._build_trunks(channels, public, None)
+        cfg = self.config
+        dims = FeatureExtractor(trunks, cfg.feature_layers, cfg.feature_pool, cfg.second_moment,
+                                cfg.feature_balance).dims((channels, *self.image_shape[:2]))
+        return self._plan(len(private), dims, epsilon, delta)[2].events()
+
     # -- fit ----------------------------------------------------------------------------
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
         """Release the noisy statistics once, then train the generator on them (see the module docstring)."""
@@ -140,19 +175,13 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             trunks = restore_trunks(cfg, channels, tensors, int(state.get("feature_trunks", 0)),
                                     self.train_info.get("features", {}))
         else:
-            log = None if run is None else partial(run.log, 0, event="public_feature_training")
-            trunks, features = build_trunks(cfg, channels, public, log)
+            trunks, features = self._build_trunks(channels, public, run)
             self.train_info = {"features": features}
         extractor = FeatureExtractor(trunks, cfg.feature_layers, cfg.feature_pool, cfg.second_moment,
                                      cfg.feature_balance).to(self.device)
         self.extractor = extractor
         dims = extractor.dims((channels, *self.image_shape[:2]))
-        if self.released is None:
-            self.cell_bits = self._resolve_cell_bits(private.images.shape[0], dims[0], ctx.ledger.epsilon_budget,
-                                                     ctx.ledger.delta)
-        w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, self.cell_bits,
-                        cfg.weight_centres)
-        scale, plan = rel.calibrate_plan(ctx.ledger.epsilon_budget, ctx.ledger.delta, w, self.cells)
+        w, scale, plan = self._plan(len(private), dims, ctx.target_epsilon, ctx.ledger.delta)
         self.train_info["release"] = {"scale": scale, "weights": list(w), "dims": list(dims), **asdict(plan)}
         if self.released is None:
             self._set_released(rel.release(

@@ -62,6 +62,19 @@ class DPDMConfig(RunControl):
     clip_norm: float = 1.0
     physical_batch: int = 256  # examples per physical chunk (virtual batches); memory only
     per_example: str = "auto"  # DP-SGD per-example path: auto, book-keeping or torch.func (speed only)
+    # warm start (dpimages.methods.dpdm.warm): a first stage whose images pretrain the U-Net before DP-SGD
+    warm_start: str = "none"  # none, central (DP-FETA), dp-mepf (ours) or public (--public images)
+    warm_share: float = 0.2  # the stage's share of epsilon (its own calibration); DP-SGD gets the rest jointly
+    warm_preset: str = "cpu"  # dp-mepf's preset for warm_start=dp-mepf
+    warm_images: int = 60000  # samples drawn from the DP prior for pretraining
+    warm_epochs: float = 5.0  # pretraining passes over the stage's images (no privacy cost)
+    warm_batch: int = 256
+    warm_lr: float = 1e-3
+    warm_ema: float = 0.999
+    central_batch: int = 11000  # expected Poisson batch of each central-image release (rate central_batch / N)
+    central_releases: int = 10  # central images per class
+    central_size: int = 14  # central images are released at central_size x central_size pixels
+    central_kappa: float = 7.0  # the counting coordinate of each row (sets the counts' share of the noise)
     # optimiser (post-processing of the noisy gradients)
     lr: float = 3e-4
     ema: float = 0.999
@@ -88,6 +101,8 @@ class DPDMConfig(RunControl):
             "epochs": 1.0, "max_steps": 12, "multiplicity": 2, "physical_batch": 16, "sample_steps": 4,
             "sample_batch": 64,
             "log_every": 2, "grid_every": 3, "checkpoint_every": 2,
+            "warm_preset": "smoke", "warm_images": 64, "warm_epochs": 1.0, "warm_batch": 16, "central_batch": 32,
+            "central_releases": 2, "central_size": 7,
         },
         "cpu": {
             "channels": 8, "channel_mult": (1, 2, 4), "num_res_blocks": 1, "attn_resolutions": (7,),
@@ -109,6 +124,13 @@ class DPDMConfig(RunControl):
         "ema": in_range(0.0, 1.0),
         "label_dropout": in_range(0.0, 1.0),
         "max_steps": at_least(0, "(0: no cap)"),
+        **dict.fromkeys(("warm_images", "warm_batch", "central_batch", "central_releases", "central_size"),
+                        at_least(1)),
+        **dict.fromkeys(("warm_epochs", "warm_lr", "central_kappa"), positive()),
+        "warm_share": in_range(0.0, 1.0, "neither"),
+        "warm_ema": in_range(0.0, 1.0),
+        "warm_start": one_of("none", "central", "dp-mepf", "public"),
+        "warm_preset": one_of("smoke", "cpu", "gpu", "gpu-short"),
         "sampler": one_of(*SAMPLERS),
     }
 

@@ -61,6 +61,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -72,9 +73,11 @@ from dpimages.data import ImageData
 from dpimages.distributed import rank0_values
 from dpimages.errors import InputError
 from dpimages.methods.common import TrainedSynthesizer, load_frozen
+from dpimages.methods.dpdm import warm
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.dpdm.draws import keyed_normals, step_key
 from dpimages.methods.kit import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
+from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
 from dpimages.privacy import calibrate_dpsgd
@@ -83,6 +86,33 @@ from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 RELEASE_LABEL = "dpdm"
+
+
+def warm_report(info: dict[str, Any], cfg: DPDMConfig) -> list[str]:
+    """The report's lines on the warm start (its stage, share and pretraining), from `train_info["warm"]`."""
+    mode = info.get("mode", "none")
+    if mode == "none":
+        return ["- Warm start: none (DP-SGD from a random initialisation, as published)."]
+    what = {
+        "central": f"{cfg.central_releases} noisy central images per class (DP-FETA): per-class means of "
+                   f"{cfg.central_size}x{cfg.central_size} downsampled images over Poisson batches of rate "
+                   f"{info.get('central_rate', 0.0):.4g}, noise multiplier {info.get('central_noise', 0.0):.4g}",
+        "dp-mepf": f"a DP-MEPF prior (preset {cfg.warm_preset}) fitted on the private data; "
+                   f"{cfg.warm_images:,} of its samples",
+        "public": "the public images (no privacy cost)",
+    }[mode]
+    pre = info.get("pretrain", {})
+    lines = [f"- Warm start `{mode}`: {what}. Pretraining (post-processing, no privacy cost): "
+             f"{pre.get('steps', 0)} steps of batch {cfg.warm_batch} ({pre.get('epochs_done', 0)} passes, "
+             f"{'class-conditional' if info.get('conditional') else 'null label'}), {pre.get('train_s', 0)} s; "
+             "then DP-SGD from the pretrained weights."]
+    if info.get("events"):
+        lines.append(f"- Joint plan: the stage's releases ({'; '.join(info['events'])}) were calibrated to "
+                     f"epsilon {info.get('epsilon_share', 0.0):.4g} (share {cfg.warm_share:g} of the budget) on "
+                     "their own; DP-SGD's noise multiplier was then calibrated over the stage's events and the "
+                     "DP-SGD steps together (one PLD composition), and all of it was reserved in the ledger "
+                     "before any private pixel was read.")
+    return lines
 
 
 def schedule(n: int, batch_size: int, epochs: float, max_steps: int = 0) -> tuple[float, int]:
@@ -176,7 +206,8 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         n = len(private)
         # 1. the schedule and sigma, from public choices only, before any private pixel is read
         q, steps = schedule(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
-        sigma = calibrate_dpsgd(ctx.ledger.epsilon_budget, ctx.ledger.delta, q, steps)
+        stage = warm.plan(cfg, private, public, ctx.target_epsilon, ctx.ledger.delta)
+        sigma = calibrate_dpsgd(ctx.target_epsilon, ctx.ledger.delta, q, steps, stage.events)
         (sigma,) = rank0_values(sigma)  # a process group: every rank records rank 0's sigma
         with ctx.seeded_init("model"):
             model = self.new_model().to(self.device)
@@ -185,21 +216,29 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         engine = DPSGD(model, self._loss_fn, sampler=sampler, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
                        ledger=ctx.ledger, noise=ctx.noise, label=RELEASE_LABEL, max_physical_batch=cfg.physical_batch,
                        per_example=cfg.per_example)
+        ctx.ledger.reserve(*stage.events)  # the whole joint plan is reserved before any private access
         engine.plan(steps)
         self.train_info = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "dataset_size": n,
-                           "parameters": num_parameters(model), "train_s": 0.0}
+                           "parameters": num_parameters(model), "train_s": 0.0, "warm": stage.describe()}
+        resumed = "ema.net.conv_in.weight" in tensors
+        if not resumed and stage.mode != "none":
+            self._warm_start(stage, private, public, ctx, model)
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         g = ctx.generator("train", self.device)  # training randomness, apart from the privacy noise
-        if "ema.net.conv_in.weight" in tensors:
+        if resumed:
             model.load_state_dict(unprefixed("model", tensors))
             ema.load_state_dict(unprefixed("ema", tensors))
             load_optimizer("opt", opt, tensors, state["optimizer"], self.device)
             set_rng_state(g, state["train_rng"])
             self.train_info["train_s"] = float(state.get("train_s", 0.0))
+            self.train_info["warm"] = state.get("warm", self.train_info["warm"])
             if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
                 raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
+        elif stage.mode != "none" and ctx.run is not None:
+            self.ema_model = ema
+            self._checkpoint(ctx, model, ema, opt, g, 0, finished=False)  # a crash after this keeps the stage
         self.ema_model = ema
         if state.get("finished"):
             return
@@ -207,6 +246,38 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         x_all = private.to_tensor(self.device)
         y_all = private.label_tensor(self.device)
         self._train(ctx, engine, model, ema, opt, g, x_all, y_all)
+
+    def _warm_start(self, stage: warm.WarmStart, private: ImageData, public: ImageData | None, ctx: FitContext,
+                    model: EDMDenoiser) -> None:
+        """Run the warm start's stage (its DP releases, in the reserved plan) and pretrain `model` on its images.
+
+        Pretraining is post-processing of the stage's releases (or public images): no ledger, no noise. A run
+        that stopped inside the stage (its events spent, no checkpoint after it) cannot go on without spending
+        them again, so it is refused.
+        """
+        cfg = self.config
+        if any(ctx.ledger.steps(like=e) for e in stage.events):
+            raise InputError("--resume: the run stopped during its warm-start stage (its releases are spent, their "
+                             "results were not saved); start a new run")
+        images, labels = warm.run_stage(stage, cfg, private, public, ctx)
+        with ctx.seeded_init("warm-ema"):
+            ema = self.new_model().to(self.device)
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
+        schedule = PretrainSchedule(epochs=cfg.warm_epochs, batch_size=cfg.warm_batch, lr=cfg.warm_lr,
+                                    ema=cfg.warm_ema, label_dropout=cfg.label_dropout,
+                                    augment=stage.mode == "central")
+        log = None if ctx.run is None else partial(ctx.run.log, 0, event="warm_start_pretraining")
+        facts = train_denoiser(model, ema, images, labels, schedule, ctx.generator("pretrain"), device=self.device,
+                               progress=ctx.progress, desc=f"dpdm pretraining on {stage.mode} images (no privacy cost)",
+                               log=log)
+        model.load_state_dict(ema.state_dict())  # DP-SGD starts from the pretrained EMA weights
+        self.train_info["warm"].update(images=int(images.shape[0]), conditional=labels is not None, pretrain=facts)
+        if stage.prior is not None:
+            self.train_info["warm"]["prior"] = stage.prior.train_info if hasattr(stage.prior, "train_info") else {}
+        if ctx.run is not None:
+            ctx.run.log(0, event="warm_start_done", mode=stage.mode, images=int(images.shape[0]),
+                        pretrain_steps=facts["steps"], pretrain_s=facts["train_s"])
 
     def _train(self, ctx: FitContext, engine: DPSGD, model: EDMDenoiser, ema: EDMDenoiser,
                opt: torch.optim.Optimizer, g: torch.Generator, x_all: torch.Tensor, y_all: torch.Tensor) -> None:
@@ -247,7 +318,8 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         state = {
             "step": step, "finished": finished, "optimizer": opt_groups, "train_rng": rng_state(g),
             "noise_rng": ctx.noise_state(), "noise_multiplier": self.train_info["noise_multiplier"],
-            "train_s": round(float(self.train_info["train_s"]), 2), **self.meta(),
+            "train_s": round(float(self.train_info["train_s"]), 2), "warm": self.train_info.get("warm", {}),
+            **self.meta(),
         }
         ctx.run.save_checkpoint(tensors, state)
 
@@ -310,6 +382,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             f"training time {t.get('train_s', 0.0):.0f} s.",
             f"- Sampling: {cfg.sampler} sampler, {cfg.sample_steps} EDM steps (sigma {cfg.sigma_max:g} to "
             f"{cfg.sigma_min:g}, rho {cfg.rho:g}), guidance {cfg.guidance:g}.",
+            *warm_report(t.get("warm", {}), cfg),
             "- Logged during training: only the noisy gradient's norm (a function of released values) and the EMA "
             "decay; times only for a whole run (a step's time grows with its private batch size).",
         ])

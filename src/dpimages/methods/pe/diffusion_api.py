@@ -33,14 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from dpimages import __version__
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
-from dpimages.methods.kit import RunClock, ema_update, warmup_decay
 from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 from dpimages.methods.pe.config import PublicModelConfig
+from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.nets.edm import EDMDenoiser, get_sampler
 from dpimages.nets.unet import UNet, num_parameters
 from dpimages.seeds import seeded_init
@@ -92,37 +91,13 @@ def train_public_model(
         ema = build_model(model_arch(cfg), public.image_shape).to(dev)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    x_all = public.to_tensor()
-    n = x_all.shape[0]
-    step, clock, running = 0, RunClock(cfg.max_minutes, cfg.max_steps, unit_name="max_steps"), 0.0
-    total = cfg.epochs * len(in_batches(n, cfg.batch_size))
-    bar = tqdm(total=min(total, cfg.max_steps) if cfg.max_steps else total, disable=not progress,
-               desc="public model (public data, no privacy cost)")
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
-        for b in in_batches(n, cfg.batch_size):
-            if clock.pause_reason(step):
-                break
-            x = x_all[perm[b]].to(dev)
-            sigma = model.training_sigmas((x.shape[0],), g).to(dev)
-            noise = torch.randn(x.shape, generator=g).to(dev)
-            loss = model.loss(x, None, sigma, noise).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(1)
-            ema_update(ema, model, warmup_decay(cfg.ema, step))
-            value = loss.item()
-            running = 0.98 * running + 0.02 * value if step > 1 else value
-            if log is not None and step % cfg.log_every == 0:
-                log(step=step, epoch=epoch + 1, loss=round(running, 5), train_s=round(clock.elapsed(), 1))
-    bar.close()
+    schedule = PretrainSchedule(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, ema=cfg.ema,
+                                max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every)
+    facts = train_denoiser(model, ema, public.to_tensor(), None, schedule, g, device=dev, log=log,
+                           progress=progress, desc="public model (public data, no privacy cost)")
     ema.eval()
-    facts = {"epochs": cfg.epochs, "steps": step, "epochs_done": round(step * cfg.batch_size / n, 2),
-             "final_loss_ema": round(running, 5),
-             "train_s": round(clock.elapsed(), 1), "parameters": num_parameters(model)}
+    facts = {"epochs": cfg.epochs, **{k: facts[k] for k in ("steps", "epochs_done", "final_loss_ema", "train_s")},
+             "parameters": num_parameters(model)}
     return ema, facts
 
 

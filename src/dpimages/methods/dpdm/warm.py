@@ -1,0 +1,147 @@
+"""DPDM's warm start: a cheap first stage whose images pretrain the U-Net before DP-SGD.
+
+Modes (``warm_start``):
+
+* ``none``: DP-SGD from a random initialisation (the published method).
+* ``central`` (after DP-FETA, Li et al. 2025): ``central_releases`` noisy
+  per-class means of Poisson-sampled batches of the private images,
+  downsampled to ``central_size`` pixels. Each release is one Poisson-
+  subsampled Gaussian mechanism (rate ``central_batch / N``): every sampled
+  image contributes the row ``[x, kappa]`` (x its downsampled pixels in
+  [0, 1], ``kappa = central_kappa`` a constant coordinate that counts it),
+  clipped to L2 norm ``C = sqrt(D + kappa^2)`` (the largest norm such a row
+  can have, so no row is changed), summed per class. Classes are disjoint,
+  so adding or removing one image moves the stacked sums by at most C. The
+  central image of a class is its noisy pixel sum over its noisy count
+  (post-processing), upsampled to the image size. Pretraining uses random
+  flips and shifts.
+* ``dp-mepf`` (ours): a DP-MEPF fit (`dpimages.methods.dp_mepf`, at preset
+  ``warm_preset``) calibrated to the stage's share of epsilon; its samples
+  (post-processing) pretrain the U-Net class-conditionally.
+* ``public`` (PrivImage-like, without its DP class selection): the public
+  images (``--public``) pretrain the U-Net, with their labels when their
+  class names are the private ones, else under the null label. No privacy
+  cost.
+
+Joint plan: the stage's events are fixed from public facts before any
+private access (`WarmStart.events`; ``warm_share`` of epsilon, calibrated
+on their own), and DPDM's noise multiplier is then calibrated over the
+stage's events plus the DP-SGD schedule together with one PLD accountant,
+so the whole run meets (epsilon, delta). All of it is reserved in the ledger
+before the stage reads any private pixel. Pretraining is post-processing
+(`dpimages.methods.pretrain`: no ledger, no noise).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dpimages.api import FitContext, Synthesizer, create
+from dpimages.data import ImageData
+from dpimages.errors import InputError
+from dpimages.methods.dpdm.config import DPDMConfig
+from dpimages.privacy import PrivacyEvent, calibrate
+from dpimages.privacy.dpsgd import PoissonSampler
+from dpimages.privacy.mechanisms import clipped_gaussian_class_sums
+from dpimages.seeds import stream_seed
+
+CENTRAL_LABEL = "dpdm warm start: per-class sums of downsampled images and counts (central images)"
+WARM_STARTS = ("none", "central", "dp-mepf", "public")
+
+
+@dataclass
+class WarmStart:
+    """The planned first stage: its events (public facts only) and what it needs to run."""
+
+    mode: str
+    epsilon: float = 0.0  # the stage's own epsilon target (its share); 0 without releases
+    events: list[PrivacyEvent] = field(default_factory=list)
+    prior: Synthesizer | None = None
+    central_noise: float = 0.0
+    central_rate: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "epsilon_share": self.epsilon, "events": [e.label for e in self.events],
+                **({"central_noise": self.central_noise, "central_rate": self.central_rate}
+                   if self.mode == "central" else {})}
+
+
+def central_clip(cfg: DPDMConfig, channels: int) -> float:
+    """The rows' norm bound sqrt(D + kappa^2): D downsampled pixels in [0, 1] plus the counting coordinate."""
+    return math.sqrt(cfg.central_size**2 * channels + cfg.central_kappa**2)
+
+
+def plan(cfg: DPDMConfig, private: ImageData, public: ImageData | None, epsilon: float, delta: float) -> WarmStart:
+    """The warm start's planned events at ``warm_share * epsilon``: public facts only (N, shapes, config)."""
+    mode = cfg.warm_start
+    if mode == "none":
+        return WarmStart(mode)
+    if mode == "public":
+        if public is None:
+            raise InputError("warm_start=public needs public images: pass --public SPEC")
+        if public.image_shape != private.image_shape:
+            raise InputError(f"warm_start=public: public images are {public.image_shape} (H, W, C), the private "
+                             f"ones {private.image_shape}")
+        return WarmStart(mode)
+    share = cfg.warm_share * epsilon
+    if mode == "dp-mepf":
+        prior = create("dp-mepf", cfg.warm_preset)
+        return WarmStart(mode, share, prior.planned_events(private, public, share, delta), prior=prior)
+    n = len(private)
+    if not 1 <= cfg.central_batch <= n:
+        raise InputError(f"central_batch must be in [1, {n}] (the data set size), got {cfg.central_batch}")
+    rate = cfg.central_batch / n
+    noise = calibrate(lambda s: [PrivacyEvent.subsampled_gaussian(s, rate, cfg.central_releases, CENTRAL_LABEL)],
+                      share, delta)
+    event = PrivacyEvent.subsampled_gaussian(noise, rate, cfg.central_releases, CENTRAL_LABEL)
+    return WarmStart(mode, share, [event], central_noise=noise, central_rate=rate)
+
+
+def run_stage(warm: WarmStart, cfg: DPDMConfig, private: ImageData, public: ImageData | None,
+              ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Make the stage's releases (through `dpimages.privacy` only) and return its pretraining images.
+
+    Returns (images (M, C, H, W) in [-1, 1], labels (M,) or None for the null label): samples of the DP prior,
+    the noisy central images, or the public images. Everything returned is a DP release or public.
+    """
+    if warm.mode == "public":
+        assert public is not None
+        same = list(public.classes) == list(private.classes) and public.labels is not None
+        return public.to_tensor(), (public.label_tensor() if same else None)
+    if warm.mode == "dp-mepf":
+        assert warm.prior is not None
+        stage = FitContext(ledger=ctx.ledger, noise=ctx.noise, run=None, device=ctx.device, seed=ctx.seed,
+                           progress=ctx.progress, method="dp-mepf", epsilon_target=warm.epsilon)
+        warm.prior.fit(private, public, stage)
+        samples = warm.prior.sample(cfg.warm_images, seed=stream_seed(ctx.seed, "dpdm", "warm-samples"))
+        return samples.to_tensor(), samples.label_tensor()
+    return central_images(warm, cfg, private, ctx)
+
+
+def central_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData,
+                   ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """``central_releases`` noisy per-class central images (see the module docstring): (R K, C, H, W), labels."""
+    h, w, c = private.image_shape
+    k, size = private.num_classes, cfg.central_size
+    clip = central_clip(cfg, c)
+    sampler = PoissonSampler(len(private), warm.central_rate, ctx.noise)
+    x_all, y_all = private.to_tensor(), private.label_tensor()
+    images, labels = [], []
+    for _ in range(cfg.central_releases):
+        idx = sampler.sample()
+        small = F.adaptive_avg_pool2d((x_all[idx] + 1.0) / 2.0, (size, size)).reshape(len(idx), -1)
+        rows = torch.cat([small, torch.full((len(idx), 1), cfg.central_kappa)], dim=1).double()
+        sums = clipped_gaussian_class_sums(rows, y_all[idx], k, clip_norm=clip, noise_multiplier=warm.central_noise,
+                                           ledger=ctx.ledger, noise=ctx.noise, label=CENTRAL_LABEL,
+                                           sample_rate=warm.central_rate)
+        # post-processing: noisy sum / noisy count (at least one image), back to [-1, 1] at full size
+        counts = (sums[:, -1] / cfg.central_kappa).clamp(min=1.0)
+        means = (sums[:, :-1] / counts[:, None]).clamp(0.0, 1.0).float().reshape(k, c, size, size)
+        images.append(F.interpolate(means, size=(h, w), mode="bilinear", align_corners=False) * 2.0 - 1.0)
+        labels.append(torch.arange(k))
+    return torch.cat(images), torch.cat(labels)
