@@ -101,7 +101,7 @@ class DPDMConfig(RunControl):
             "epochs": 1.0, "max_steps": 12, "multiplicity": 2, "physical_batch": 16, "sample_steps": 4,
             "sample_batch": 64,
             "log_every": 2, "grid_every": 3, "checkpoint_every": 2,
-            "warm_preset": "smoke", "warm_images": 64, "warm_epochs": 1.0, "warm_batch": 16, "central_batch": 32,
+            "warm_preset": "smoke", "warm_images": 64, "warm_epochs": 5.0, "warm_batch": 16, "central_batch": 32,
             "central_releases": 2, "central_size": 7,
         },
         "cpu": {

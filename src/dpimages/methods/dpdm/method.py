@@ -61,7 +61,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -266,8 +265,10 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         ema.requires_grad_(False)
         schedule = PretrainSchedule(epochs=cfg.warm_epochs, batch_size=cfg.warm_batch, lr=cfg.warm_lr,
                                     ema=cfg.warm_ema, label_dropout=cfg.label_dropout,
-                                    augment=stage.mode == "central")
-        log = None if ctx.run is None else partial(ctx.run.log, 0, event="warm_start_pretraining")
+                                    augment=stage.mode == "central", log_every=10 * cfg.log_every)
+        run = ctx.run
+        log = None if run is None else (  # losses on the stage's (DP or public) images: post-processing
+            lambda step, **values: run.log(0, event="warm_start_pretraining", pretrain_step=step, **values))
         facts = train_denoiser(model, ema, images, labels, schedule, ctx.generator("pretrain"), device=self.device,
                                progress=ctx.progress, desc=f"dpdm pretraining on {stage.mode} images (no privacy cost)",
                                log=log)

@@ -76,6 +76,16 @@ def central_clip(cfg: DPDMConfig, channels: int) -> float:
     return math.sqrt(cfg.central_size**2 * channels + cfg.central_kappa**2)
 
 
+def central_rows(x: torch.Tensor, cfg: DPDMConfig) -> torch.Tensor:
+    """Each image's released row ``[downsampled pixels in [0, 1], kappa]``: (B, C, H, W) in [-1, 1] -> (B, D + 1).
+
+    Its norm is at most `central_clip` (all pixels 1), so the mechanism's clipping never changes a row.
+    """
+    size = cfg.central_size
+    small = F.adaptive_avg_pool2d((x.double() + 1.0) / 2.0, (size, size)).reshape(x.shape[0], -1)
+    return torch.cat([small, torch.full((x.shape[0], 1), cfg.central_kappa, dtype=torch.float64)], dim=1)
+
+
 def plan(cfg: DPDMConfig, private: ImageData, public: ImageData | None, epsilon: float, delta: float) -> WarmStart:
     """The warm start's planned events at ``warm_share * epsilon``: public facts only (N, shapes, config)."""
     mode = cfg.warm_start
@@ -134,11 +144,9 @@ def central_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData,
     images, labels = [], []
     for _ in range(cfg.central_releases):
         idx = sampler.sample()
-        small = F.adaptive_avg_pool2d((x_all[idx] + 1.0) / 2.0, (size, size)).reshape(len(idx), -1)
-        rows = torch.cat([small, torch.full((len(idx), 1), cfg.central_kappa)], dim=1).double()
-        sums = clipped_gaussian_class_sums(rows, y_all[idx], k, clip_norm=clip, noise_multiplier=warm.central_noise,
-                                           ledger=ctx.ledger, noise=ctx.noise, label=CENTRAL_LABEL,
-                                           sample_rate=warm.central_rate)
+        sums = clipped_gaussian_class_sums(
+            central_rows(x_all[idx], cfg), y_all[idx], k, clip_norm=clip, noise_multiplier=warm.central_noise,
+            ledger=ctx.ledger, noise=ctx.noise, label=CENTRAL_LABEL, sample_rate=warm.central_rate)
         # post-processing: noisy sum / noisy count (at least one image), back to [-1, 1] at full size
         counts = (sums[:, -1] / cfg.central_kappa).clamp(min=1.0)
         means = (sums[:, :-1] / counts[:, None]).clamp(0.0, 1.0).float().reshape(k, c, size, size)

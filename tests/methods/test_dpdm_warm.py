@@ -1,0 +1,169 @@
+"""DPDM's warm start: the joint plan, the central-image release's sensitivity, resume and refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+
+from dpimages.api import create
+from dpimages.data import ImageData
+from dpimages.errors import InputError
+from dpimages.methods.dpdm import warm
+from dpimages.methods.dpdm.config import DPDMConfig
+from dpimages.methods.pretrain import augment
+from dpimages.privacy import PrivacyEvent, PrivacyLedger
+from dpimages.privacy.ledger import merge_events
+from tests.methods.test_dpdm import dpimages
+
+
+def toy(n: int = 200, classes: int = 10) -> ImageData:
+    rng = np.random.default_rng(0)
+    return ImageData(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, classes, n),
+                     [f"c{i}" for i in range(classes)], "toy")
+
+
+def pld(events: list[PrivacyEvent], delta: float) -> float:
+    """epsilon of `events` straight from dp-accounting (independent of dpimages' ledger code)."""
+    acc = dp_accounting.pld.PLDAccountant()
+    for e in events:
+        g = dp_accounting.GaussianDpEvent(e.noise_multiplier)
+        one = g if e.kind == "gaussian" else dp_accounting.PoissonSampledDpEvent(e.sample_rate, g)
+        acc.compose(one, e.steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("mode", ["central", "dp-mepf"])
+def test_the_stage_is_calibrated_to_its_share_and_the_whole_plan_to_the_budget(mode):
+    cfg = create("dpdm", "smoke", warm_start=mode, warm_share=0.3).config
+    stage = warm.plan(cfg, toy(), None, 4.0, 1e-5)
+    assert stage.events and stage.epsilon == pytest.approx(1.2)
+    assert 1.2 * 0.98 <= pld(stage.events, 1e-5) <= 1.2 * 1.001  # the stage alone meets its share
+    if mode == "central":
+        (e,) = stage.events
+        assert (e.kind, e.sample_rate, e.steps) == ("subsampled_gaussian", 32 / 200, 2)
+    from dpimages.privacy import calibrate_dpsgd
+
+    sigma = calibrate_dpsgd(4.0, 1e-5, 0.16, 12, stage.events)
+    alone = calibrate_dpsgd(4.0, 1e-5, 0.16, 12)
+    dpsgd = PrivacyEvent.subsampled_gaussian(sigma, 0.16, 12)
+    assert 4.0 * 0.98 <= pld([*stage.events, dpsgd], 1e-5) <= 4.0 * 1.001  # jointly at the budget
+    assert sigma > alone  # the stage's share costs DP-SGD some noise
+
+
+@pytest.mark.parametrize("mode", ["central", "dp-mepf", "public"])
+def test_fit_spends_exactly_the_planned_stage_then_dp_sgd(tiny_npz, tmp_path, mode):
+    cache = str(tmp_path / "cache")
+    run = tmp_path / "run"
+    extra = ["--public", f"npz:{tiny_npz}"] if mode == "public" else []
+    res = dpimages("fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "6", "--preset", "smoke",
+                   "--run-dir", str(run), "--json", "--insecure-seeded-noise", f"warm_start={mode}", *extra,
+                   env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    ledger = PrivacyLedger.load(run / "privacy.json")
+    data = ImageData(**{k: v for k, v in np.load(tiny_npz).items() if k != "classes"},
+                     classes=list(np.load(tiny_npz)["classes"]), name="tiny")
+    cfg = create("dpdm", "smoke", warm_start=mode).config
+    stage = warm.plan(cfg, data, data if mode == "public" else None, 6.0, 1e-5)
+    events = merge_events(ledger.events)
+    assert [e for e in events if e.label != "dpdm"] == merge_events(stage.events)  # the plan, spent once
+    (dp,) = [e for e in events if e.label == "dpdm"]
+    assert dp.steps == 6 and events[-1].label == "dpdm"  # the stage comes first
+    assert 6.0 * 0.98 <= pld(events, 1e-5) <= 6.0 * 1.001
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    done = [m for m in metrics if m.get("event") == "warm_start_done"]
+    assert len(done) == 1 and done[0]["mode"] == mode
+    report = (run / "report.md").read_text()
+    assert f"Warm start `{mode}`" in report
+    assert ("Joint plan" in report) == (mode != "public")
+
+
+def test_central_rows_never_clipped_and_neighbours_move_one_class_by_at_most_c():
+    cfg = DPDMConfig(central_size=14, central_kappa=7.0)
+    clip = warm.central_clip(cfg, 1)
+    white = torch.ones(1, 1, 28, 28)
+    assert warm.central_rows(white, cfg).norm().item() == pytest.approx(clip)  # the largest row norm is C
+    x = torch.rand(50, 1, 28, 28) * 2 - 1
+    y = torch.arange(50) % 10
+    from dpimages.privacy.mechanisms import class_sums, clip_rows
+
+    rows = warm.central_rows(x, cfg)
+    assert torch.equal(clip_rows(rows, clip), rows)
+    full = class_sums(clip_rows(rows, clip), y, 10)
+    for i in (0, 17, 49):
+        keep = torch.arange(50) != i
+        less = class_sums(clip_rows(rows[keep], clip), y[keep], 10)
+        moved = (full - less).norm(dim=1)
+        assert (moved > 0).sum() == 1 and moved.max() <= clip + 1e-9  # one class, at most C
+    # the downsampled pixels are block means in [0, 1]; the last coordinate counts the image
+    assert rows[:, -1].eq(7.0).all() and rows[:, :-1].min() >= 0 and rows[:, :-1].max() <= 1
+    ref = ((x[0, 0] + 1) / 2).reshape(14, 2, 14, 2).mean(dim=(1, 3)).flatten().double()
+    assert torch.allclose(rows[0, :-1], ref, atol=1e-6)
+
+
+def test_resume_after_the_stage_does_not_spend_it_again_and_a_crash_inside_it_is_refused(tiny_npz, tmp_path):
+    cache = str(tmp_path / "cache")
+    run = tmp_path / "run"
+    common = ["fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "6", "--preset", "smoke", "--run-dir",
+              str(run), "--insecure-seeded-noise", "warm_start=central", "steps_per_run=3"]
+    assert dpimages(*common, env_cache=cache).returncode == 0
+    res = dpimages(*common, "--resume", env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    steps = {e.label: e.steps for e in merge_events(PrivacyLedger.load(run / "privacy.json").events)}
+    assert steps == {warm.CENTRAL_LABEL: 2, "dpdm": 6}
+    # a run whose stage was spent but whose checkpoint is gone cannot go on without spending it again
+    run2 = tmp_path / "run2"
+    common2 = [*common[:9], str(run2), *common[10:]]
+    assert dpimages(*common2, env_cache=cache).returncode == 0
+    shutil.rmtree(run2 / "checkpoints")
+    before = (run2 / "privacy.json").read_text()
+    res = dpimages(*common2, "--resume", env_cache=cache)
+    assert res.returncode == 2 and "warm-start stage" in res.stderr and "Traceback" not in res.stderr
+    assert (run2 / "privacy.json").read_text() == before
+
+
+def test_bad_warm_start_settings_exit_2_and_spend_nothing(tiny_npz, tmp_path):
+    cache = str(tmp_path / "cache")
+    for i, (args, says) in enumerate(((["warm_start=public"], "--public"), (["warm_share=1"], "warm_share"),
+                                      (["warm_start=feta"], "warm_start"), (["warm_start=central",
+                                                                            "central_batch=500"], "central_batch"))):
+        run = tmp_path / f"r{i}"
+        res = dpimages("fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "6", "--preset", "smoke",
+                       "--run-dir", str(run), *args, env_cache=cache)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+        assert not (run / "privacy.json").exists() or PrivacyLedger.load(run / "privacy.json").events == []
+
+
+def test_planned_events_need_no_pixels_and_other_methods_refuse_to_be_a_stage():
+    data = toy()
+    prior = create("dp-mepf", "smoke")
+    blank = ImageData(np.zeros_like(data.images), np.zeros_like(data.labels), data.classes, "blank")
+    assert prior.planned_events(data, None, 2.0, 1e-5) == create("dp-mepf", "smoke").planned_events(
+        blank, None, 2.0, 1e-5)  # the plan depends on N, shape and classes only
+    with pytest.raises(InputError, match="cannot be a stage"):
+        create("dpaf", "smoke").planned_events(data, None, 2.0, 1e-5)
+
+
+def test_reserving_a_release_again_does_not_count_it_twice():
+    ledger = PrivacyLedger(2.0, 1e-5)
+    e = PrivacyEvent.gaussian(3.0, 1, "a")
+    ledger.reserve(e, PrivacyEvent.subsampled_gaussian(2.0, 0.01, 100, "b"))
+    ledger.reserve(e)  # a stage declaring its plan again
+    assert sum(r.steps for r in ledger._reserved if r.label == "a") == 1
+    with pytest.raises(Exception, match="budget"):
+        ledger.reserve(PrivacyEvent.gaussian(3.0, 5, "a"))  # a larger total is checked
+    assert sum(r.steps for r in ledger._reserved if r.label == "a") == 1  # and a refused one is not kept
+
+
+def test_augment_keeps_shape_and_range_and_moves_pixels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-1, 1, 4 * 28 * 28).reshape(4, 1, 28, 28)
+    out = augment(x, g)
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    assert not torch.equal(out, x)
+    assert math.isclose(float(augment(x, g, flip=False, shift=0).sub(x).abs().max()), 0.0)
