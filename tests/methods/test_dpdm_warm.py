@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import dp_accounting
 import numpy as np
@@ -120,7 +119,9 @@ def test_resume_after_the_stage_does_not_spend_it_again_and_a_crash_inside_it_is
     run2 = tmp_path / "run2"
     common2 = [*common[:9], str(run2), *common[10:]]
     assert dpimages(*common2, env_cache=cache).returncode == 0
-    shutil.rmtree(run2 / "checkpoints")
+    for f in (run2 / "checkpoints").iterdir():  # the stage's checkpoint lost (a crash inside the stage)
+        if f.name != "data-check.json":
+            f.unlink()
     before = (run2 / "privacy.json").read_text()
     res = dpimages(*common2, "--resume", env_cache=cache)
     assert res.returncode == 2 and "warm-start stage" in res.stderr and "Traceback" not in res.stderr

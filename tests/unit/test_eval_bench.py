@@ -65,6 +65,13 @@ def test_bench_smoke_run_writes_lines_reports_and_table(tmp_path, monkeypatch) -
     assert md_path.read_text().startswith("# Benchmark results: fmnist") and png.exists()
     assert "| test-noise (smoke eval) | smoke | 1 | 0 |" in md
     assert "(seeded)" not in md and " ± " not in md  # secret noise, one fit each: plain numbers
+    # the generator row saved a 10x10 class grid of its synthetic images, shown in the gallery; `real` saved none
+    from PIL import Image
+
+    grid = out / "grids" / "test-noise-eps1-smoke.png"
+    assert noise["grid"] == str(grid) and real.get("grid") is None
+    assert Image.open(grid).size == (10 * 30 + 2, 10 * 30 + 2)  # ten 28x28 images per class row, 2-pixel gaps
+    assert "## Gallery" in md and "![test-noise epsilon 1](grids/test-noise-eps1-smoke.png) | - |" in md
 
 
 def test_bench_repeats_write_one_line_with_mean_and_sd(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001

@@ -207,6 +207,7 @@ class BenchOptions:
     insecure_seeded_noise: bool = False  # tests only: reproducible noise from the seed (not private)
     repeats: int = 1  # fits per (method, epsilon) cell; repeat k uses seed + k
     commit: str | None = field(default_factory=git_commit)  # the code that runs: taken when bench starts
+    grids_dir: Path | None = None  # where each row's 10x10 class grid of synthetic images goes (OUT/grids)
 
     @property
     def noise_source(self) -> str:
@@ -265,6 +266,12 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
     synth = res.synthesizer
     samples = synth.sample(n, synth.balanced_labels(n), seed=opts.seed)
     sample_s = time.time() - t
+    grid = None
+    if opts.grids_dir is not None:  # synthetic images only: shareable, small enough to commit
+        from dpimages.eval.grid import save_grid
+
+        grid = _display_path(save_grid(opts.grids_dir / f"{run_dir.name}.png", samples.images, samples.labels,
+                                       samples.num_classes, per_class=10, scale=1))
     t = time.time()
     ev = evaluate(samples, real, artifacts=res.run.private_eval_prefix(), options=_eval_options(opts))
     eval_s = time.time() - t
@@ -272,7 +279,7 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
                  noise_source=res.ledger.noise_source,
                  epsilon_rdp=res.ledger.epsilon_rdp(), fit_s=round(fit_s, 1), sample_s=round(sample_s, 1),
                  eval_s=round(eval_s, 1), n_samples=n, public=None if public is None else public.name,
-                 overrides=list(opts.overrides), **synth.bench_extras()), ev
+                 overrides=list(opts.overrides), grid=grid, **synth.bench_extras()), ev
 
 
 def _reference_config(suite: Suite, method: str, epsilon: float, opts: BenchOptions, real) -> dict:  # noqa: ANN001
@@ -480,7 +487,9 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
             for k, run_dir in enumerate(run_dirs):
                 fit = f" fit {k + 1}/{reps}" if reps > 1 else ""
                 bar.set_postfix_str(f"{method} eps={eps:g}{fit}")
-                line = _one_fit(suite, method, eps, replace(opts, seed=opts.seed + k), run_dir, real, public,
+                line = _one_fit(suite, method, eps, replace(opts, seed=opts.seed + k,
+                                                            grids_dir=out_dir / "grids" if k == 0 else None),
+                                run_dir, real, public,
                                 None if reps == 1 else (k + 1, reps), failures)
                 bar.update(1)
                 if line is None:
@@ -650,9 +659,31 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
                 "| method | preset | epsilon | student accuracy | CNN on synthetic images |", "|---|---|---|---|---|"]
         out += [f"| {_method_cell(r)} | {r['preset']} | {_fmt(r['epsilon'])} | "
                 f"{_cell(r, 'student_test_accuracy', pct)} | {_cell(r, 'acc_cnn', pct)} |" for r in students]
+    out += gallery(rows)
     devices = sorted({r["device"] for r in rows if r.get("device")})
     out += ["", "Measured on: " + "; ".join(devices) if devices else ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def gallery(rows: list[dict], epsilons: tuple[float, ...] = (1.0, 10.0)) -> list[str]:
+    """Markdown lines: one 10x10 class grid per method and preset at each of `epsilons` (rows that saved one).
+
+    The grids are written by `bench` under OUT/grids (ten synthetic images per class, one class per row) and
+    linked relative to OUT, where SUITE.md lives.
+    """
+    cells: dict[tuple[str, str], dict[float, str]] = {}
+    for r in rows:
+        if r.get("grid") and r["epsilon"] in epsilons and not is_seeded(r):
+            cells.setdefault((row_label(r), r["preset"]), {})[r["epsilon"]] = Path(r["grid"]).name
+    if not cells:
+        return []
+    head = " | ".join(f"epsilon {e:g}" for e in epsilons)
+    out = ["", "## Gallery", "", "Ten synthetic images per class (one class per row) from the first fit of each "
+           "row above.", "", f"| method | preset | {head} |", "|---|---|" + "---|" * len(epsilons)]
+    for (label, preset), grids in sorted(cells.items()):
+        imgs = " | ".join(f"![{label} epsilon {e:g}](grids/{grids[e]})" if e in grids else "-" for e in epsilons)
+        out.append(f"| {label} | {preset} | {imgs} |")
+    return out
 
 
 def plot_accuracy(rows: list[dict], path: str | Path) -> Path:

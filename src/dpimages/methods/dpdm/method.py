@@ -77,6 +77,7 @@ from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.dpdm.draws import keyed_normals, step_key
 from dpimages.methods.kit import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
 from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
+from dpimages.methods.prior import refuse_spent_stage
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
 from dpimages.privacy import calibrate_dpsgd
@@ -255,9 +256,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         them again, so it is refused.
         """
         cfg = self.config
-        if any(ctx.ledger.steps(like=e) for e in stage.events):
-            raise InputError("--resume: the run stopped during its warm-start stage (its releases are spent, their "
-                             "results were not saved); start a new run")
+        refuse_spent_stage(ctx.ledger, stage.events, "warm-start")
         images, labels = warm.run_stage(stage, cfg, private, public, ctx)
         with ctx.seeded_init("warm-ema"):
             ema = self.new_model().to(self.device)
@@ -275,7 +274,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         model.load_state_dict(ema.state_dict())  # DP-SGD starts from the pretrained EMA weights
         self.train_info["warm"].update(images=int(images.shape[0]), conditional=labels is not None, pretrain=facts)
         if stage.prior is not None:
-            self.train_info["warm"]["prior"] = stage.prior.train_info if hasattr(stage.prior, "train_info") else {}
+            self.train_info["warm"]["prior"] = getattr(stage.prior.synthesizer, "train_info", {})
         if ctx.run is not None:
             ctx.run.log(0, event="warm_start_done", mode=stage.mode, images=int(images.shape[0]),
                         pretrain_steps=facts["steps"], pretrain_s=facts["train_s"])

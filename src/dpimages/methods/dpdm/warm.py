@@ -41,10 +41,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dpimages.api import FitContext, Synthesizer, create
+from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.dpdm.config import DPDMConfig
+from dpimages.methods.prior import Prior, fit_prior, plan_prior
 from dpimages.privacy import PrivacyEvent, calibrate
 from dpimages.privacy.dpsgd import PoissonSampler
 from dpimages.privacy.mechanisms import clipped_gaussian_class_sums
@@ -61,7 +62,7 @@ class WarmStart:
     mode: str
     epsilon: float = 0.0  # the stage's own epsilon target (its share); 0 without releases
     events: list[PrivacyEvent] = field(default_factory=list)
-    prior: Synthesizer | None = None
+    prior: Prior | None = None
     central_noise: float = 0.0
     central_rate: float = 0.0
 
@@ -100,8 +101,8 @@ def plan(cfg: DPDMConfig, private: ImageData, public: ImageData | None, epsilon:
         return WarmStart(mode)
     share = cfg.warm_share * epsilon
     if mode == "dp-mepf":
-        prior = create("dp-mepf", cfg.warm_preset)
-        return WarmStart(mode, share, prior.planned_events(private, public, share, delta), prior=prior)
+        prior = plan_prior(cfg.warm_preset, private, public, share, delta)
+        return WarmStart(mode, share, prior.events, prior=prior)
     n = len(private)
     if not 1 <= cfg.central_batch <= n:
         raise InputError(f"central_batch must be in [1, {n}] (the data set size), got {cfg.central_batch}")
@@ -125,10 +126,8 @@ def run_stage(warm: WarmStart, cfg: DPDMConfig, private: ImageData, public: Imag
         return public.to_tensor(), (public.label_tensor() if same else None)
     if warm.mode == "dp-mepf":
         assert warm.prior is not None
-        stage = FitContext(ledger=ctx.ledger, noise=ctx.noise, run=None, device=ctx.device, seed=ctx.seed,
-                           progress=ctx.progress, method="dp-mepf", epsilon_target=warm.epsilon)
-        warm.prior.fit(private, public, stage)
-        samples = warm.prior.sample(cfg.warm_images, seed=stream_seed(ctx.seed, "dpdm", "warm-samples"))
+        fit_prior(warm.prior, private, public, ctx)
+        samples = warm.prior.synthesizer.sample(cfg.warm_images, seed=stream_seed(ctx.seed, "dpdm", "warm-samples"))
         return samples.to_tensor(), samples.label_tensor()
     return central_images(warm, cfg, private, ctx)
 

@@ -24,7 +24,7 @@ from dpimages.config import Constraint, MethodConfig, at_least, in_range, one_of
 from dpimages.errors import InputError
 from dpimages.nets.edm import SAMPLERS
 
-APIS = ("diffusion", "diffusers")
+APIS = ("diffusion", "diffusers", "dp-prior")
 NN_BACKENDS = ("torch", "faiss")
 
 
@@ -35,7 +35,10 @@ class PEConfig(MethodConfig):
     API: ``api=diffusion`` loads a model written by ``dpimages public-model
     train`` from ``api_path``; ``api=diffusers`` loads a user's local
     diffusers pipeline directory from ``api_path`` (``pip install
-    dpimages[diffusers]``). Votes are cast in the space of a feature network
+    dpimages[diffusers]``); ``api=dp-prior`` trains the diffusion API on
+    ``prior_images`` samples of a DP prior (dp-mepf) fitted first with
+    ``prior_share`` of epsilon, in the same calibrated plan as the votes.
+    Votes are cast in the space of a feature network
     never trained on private data: ``features=public`` (a conv net trained
     at fit time on ``--public``), ``features=path`` (``feature_path``: a
     directory from ``dpimages features train`` or a torchvision-style VGG
@@ -52,7 +55,11 @@ class PEConfig(MethodConfig):
     # generative-model API
     api: str = "diffusion"
     api_path: str = ""  # empty with api=diffusion and --public: train the public model first (cached)
-    public_model_preset: str = "cpu"  # the PublicModelConfig preset of that first stage
+    public_model_preset: str = "cpu"  # the PublicModelConfig preset of that first stage (and of api=dp-prior's)
+    # api=dp-prior: the diffusion API is trained on samples of a DP prior (dpimages.methods.prior) fitted first
+    prior_share: float = 0.3  # the prior's share of epsilon; the votes are calibrated jointly over the rest
+    prior_preset: str = "cpu"  # the prior's (dp-mepf's) preset
+    prior_images: int = 5000  # prior samples the API is trained on (the size of mnist-5k: same training time)
     api_batch: int = 500
     sampler: str = "heun"
     sample_steps: int = 8  # solver steps of `random` (a fresh sample)
@@ -85,7 +92,8 @@ class PEConfig(MethodConfig):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {
-            "public_model_preset": "smoke", "api_batch": 64, "sample_steps": 2, "variation_steps": 2,
+            "public_model_preset": "smoke", "prior_preset": "smoke", "prior_images": 64,
+            "api_batch": 64, "sample_steps": 2, "variation_steps": 2,
             "feature_channels": (8, 16),
             "public_epochs": 1, "population_per_class": 4, "iterations": 2, "lookahead": 1, "grid_per_class": 4,
         },
@@ -100,6 +108,8 @@ class PEConfig(MethodConfig):
     constraints: ClassVar[dict[str, Constraint]] = {
         "api": one_of(*APIS), "nn_backend": one_of(*NN_BACKENDS), "sampler": one_of(*SAMPLERS),
         "public_model_preset": one_of("smoke", "cpu", "gpu"),
+        "prior_preset": one_of("smoke", "cpu", "gpu", "gpu-short"), "prior_share": in_range(0, 1, "neither"),
+        "prior_images": at_least(1),
         **dict.fromkeys(("api_batch", "sample_steps", "variation_steps", "embed_chunk", "population_per_class",
                          "iterations", "nn_chunk", "grid_per_class"), at_least(1)),
         "lookahead": at_least(0),

@@ -79,6 +79,7 @@ def train_public_model(
     device: torch.device | str = "cpu",
     log: Callable[..., None] | None = None,
     progress: bool = False,
+    desc: str = "public model (public data, no privacy cost)",
 ) -> tuple[EDMDenoiser, dict[str, Any]]:
     """Train the EMA denoiser on PUBLIC images (never call this on private data; no privacy accounting).
 
@@ -94,7 +95,7 @@ def train_public_model(
     schedule = PretrainSchedule(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, ema=cfg.ema,
                                 max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every)
     facts = train_denoiser(model, ema, public.to_tensor(), None, schedule, g, device=dev, log=log,
-                           progress=progress, desc="public model (public data, no privacy cost)")
+                           progress=progress, desc=desc)
     ema.eval()
     facts = {"epochs": cfg.epochs, **{k: facts[k] for k in ("steps", "epochs_done", "final_loss_ema", "train_s")},
              "parameters": num_parameters(model)}

@@ -39,6 +39,8 @@ so later releases get the noise an uninterrupted run would have drawn).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpimages.api import FitContext, register
+from dpimages.config import resolve_config
 from dpimages.data import ImageData, to_uint8, to_unit_range
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
@@ -58,6 +61,7 @@ from dpimages.methods.pe.api import ImageAPI, check_degree, model_sha256
 from dpimages.methods.pe.config import PEConfig, PublicModelConfig
 from dpimages.methods.pe.diffusion_api import DiffusionAPI, model_arch, save_public_model, train_public_model
 from dpimages.methods.pe.report import report_text
+from dpimages.methods.prior import Prior, fit_prior, plan_prior, refuse_spent_stage
 from dpimages.nets.features import (
     FeatureExtractor,
     Trunk,
@@ -68,6 +72,7 @@ from dpimages.nets.features import (
     trunk_from_config,
 )
 from dpimages.runs import prefixed, rng_state, set_rng_state, unprefixed
+from dpimages.seeds import stream_seed
 
 
 def _path_sha256(path: Path) -> str:
@@ -128,6 +133,36 @@ class PE(TrainedSynthesizer[PEConfig]):
                                    progress=ctx.progress)
         self.train_info["api_path"] = str(path)
 
+    def _check_api(self) -> None:
+        api = self.load_api()
+        api.check_shape(self.image_shape)
+        api.set_classes(self.classes)
+
+    def _train_prior_api(self, prior: Prior, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
+        """api=dp-prior: fit the DP prior (its planned, reserved releases), train the diffusion API on its samples.
+
+        The API is post-processing of the prior's releases: trained without privacy accounting on
+        ``prior_images`` of its samples (unconditional: PE's votes decide which class a sample serves), saved
+        under the run's checkpoints (``prior-api``; a temporary folder without a run) and used like a public model.
+        """
+        cfg = self.config
+        refuse_spent_stage(ctx.ledger, prior.events, "dp-prior")
+        fit_prior(prior, private, public, ctx)
+        samples = prior.synthesizer.sample(cfg.prior_images, seed=stream_seed(ctx.seed, "pe", "prior-samples"))
+        model_cfg = resolve_config(PublicModelConfig, cfg.public_model_preset)
+        model, facts = train_public_model(samples, model_cfg, device=self.device, progress=ctx.progress,
+                                          desc="pe API on DP-prior samples (post-processing, no privacy cost)")
+        out = (ctx.run.checkpoint_dir / "prior-api") if ctx.run is not None else Path(tempfile.mkdtemp()) / "api"
+        shutil.rmtree(out, ignore_errors=True)
+        save_public_model(out, model.cpu(), {"arch": model_arch(model_cfg), "image_shape": list(samples.image_shape),
+                                             "trained_on": f"{cfg.prior_images} samples of the DP prior "
+                                                           f"({prior.synthesizer.name}, epsilon {prior.epsilon:.4g})",
+                                             **facts})
+        self.train_info["api_path"] = str(out)
+        self.api = None
+        if ctx.run is not None:
+            ctx.run.log(0, event="prior_api_trained", steps=facts["steps"], train_s=facts["train_s"])
+
     def load_api(self) -> ImageAPI:
         """The configured API (loaded once from ``api_path``, or the public model trained at fit); public inputs."""
         if self.api is not None:
@@ -141,7 +176,7 @@ class PE(TrainedSynthesizer[PEConfig]):
         if not Path(api_path).exists():
             raise InputError(f"pe: the public model {api_path} is gone (the cache was cleared?): refit, or pass "
                              "api_path=DIR")
-        if cfg.api == "diffusion":
+        if cfg.api in ("diffusion", "dp-prior"):
             api: ImageAPI = DiffusionAPI.load(api_path, sample_steps=cfg.sample_steps,
                                               variation_steps=cfg.variation_steps, sampler=cfg.sampler,
                                               batch=cfg.api_batch, device=self.device)
@@ -225,21 +260,33 @@ class PE(TrainedSynthesizer[PEConfig]):
         k, per, t_total = self.num_classes, cfg.population_per_class, cfg.iterations
         p = k * per
         degrees = cfg.degrees()
+        saved = dict(state.get("train_info", {}))
         # 1. public parts, checked first (cheap refusals before calibration)
-        if cfg.api == "diffusion" and not cfg.api_path and self.api is None and public is not None:
+        prior = None
+        if cfg.api == "dp-prior":  # planned here from public facts; fitted after the joint reservation
+            prior = plan_prior(cfg.prior_preset, private, public, cfg.prior_share * ctx.target_epsilon,
+                               ctx.ledger.delta)
+        elif cfg.api == "diffusion" and not cfg.api_path and self.api is None and public is not None:
             self._train_public_api(public, ctx)
-        api = self.load_api()
-        api.check_shape(self.image_shape)
-        api.set_classes(self.classes)
         if cfg.features == "public" and public is None:
             raise InputError("pe: features=public needs public data: pass --public SPEC (e.g. mnist-5k), or "
                              "use features=path feature_path=DIR or features=random")
-        # 2. the schedule, before any private access
-        sigma = rel.calibrate_votes(ctx.ledger.epsilon_budget, ctx.ledger.delta, t_total)
+        if prior is None:
+            self._check_api()
+        # 2. the schedule, before any private access: the votes calibrated jointly with a prior's events
+        before = [] if prior is None else prior.events
+        sigma = rel.calibrate_votes(ctx.target_epsilon, ctx.ledger.delta, t_total, before)
         planned = rel.vote_events(sigma, t_total)
-        ctx.ledger.reserve(*planned)
+        ctx.ledger.reserve(*before, *planned)
+        if prior is not None:
+            if saved.get("api_path"):  # resumed: the API trained on the prior's samples is in the run
+                self.train_info["api_path"] = saved["api_path"]
+            else:
+                self._train_prior_api(prior, private, public, ctx)
+            self.train_info["prior"] = prior.describe()
+            self._check_api()
+        api = self.load_api()
         h = cfg.threshold_sigmas * sigma
-        saved = dict(state.get("train_info", {}))
         if state and "feature_trunk" in state:
             trunk = trunk_from_config(state["feature_trunk"], "post")
             trunk.load_state_dict(unprefixed("features", tensors))
@@ -253,7 +300,7 @@ class PE(TrainedSynthesizer[PEConfig]):
             "threshold": h, "iterations": t_total, "degrees": degrees, "population_per_class": per,
             "lookahead": cfg.lookahead, "labels": "uniform", "train_s": float(saved.get("train_s", 0.0)),
             "lost_releases": int(saved.get("lost_releases", 0)),
-            **({"api_path": self.train_info["api_path"]} if "api_path" in self.train_info else {}),
+            **({k: self.train_info[k] for k in ("api_path", "prior") if k in self.train_info}),
         }
         run = ctx.run
         g = ctx.generator("api")  # API and resampling randomness: a seed stream, apart from the privacy noise

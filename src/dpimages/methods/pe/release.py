@@ -27,7 +27,7 @@ with its label):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,9 +47,13 @@ def vote_events(noise_multiplier: float, iterations: int) -> list[PrivacyEvent]:
     return [PrivacyEvent.gaussian(noise_multiplier, iterations, LABEL)]
 
 
-def calibrate_votes(epsilon: float, delta: float, iterations: int) -> float:
-    """Smallest noise multiplier whose T vote releases meet (epsilon, delta); no data involved."""
-    return calibrate(lambda s: vote_events(s, iterations), epsilon, delta)
+def calibrate_votes(epsilon: float, delta: float, iterations: int, before: Sequence[PrivacyEvent] = ()) -> float:
+    """Smallest noise multiplier whose T vote releases meet (epsilon, delta); no data involved.
+
+    `before`: fixed events of an earlier stage of the same run (a DP prior), composed with the votes.
+    """
+    fixed = list(before)
+    return calibrate(lambda s: [*fixed, *vote_events(s, iterations)], epsilon, delta)
 
 
 # -- nearest neighbours --------------------------------------------------------------------

@@ -39,6 +39,16 @@ def _features_text(cfg: PEConfig, feat: dict[str, Any]) -> str:
     return f"a seeded random conv net (seed {feat.get('seed')})"
 
 
+def _prior_lines(cfg: PEConfig, prior: dict[str, Any] | None) -> list[str]:
+    if not prior:
+        return []
+    return [f"- DP prior (`api=dp-prior`): a {prior.get('method')} fit (preset {cfg.prior_preset}) on the private "
+            f"data with epsilon {prior.get('epsilon_share', 0.0):.4g} (share {cfg.prior_share:g} of the budget, "
+            f"calibrated on its own; releases: {'; '.join(prior.get('events', []))}); the API was trained on "
+            f"{cfg.prior_images:,} of its samples. The vote noise was then calibrated over the prior's events and "
+            "the votes together (one PLD composition), and all of it was reserved before any private access."]
+
+
 def report_text(cfg: PEConfig, num_classes: int, image_shape: tuple[int, int, int], info: dict[str, Any]) -> str:
     """API, public data, feature network, releases and schedule."""
     h, w, c = image_shape
@@ -47,9 +57,12 @@ def report_text(cfg: PEConfig, num_classes: int, image_shape: tuple[int, int, in
     lost = info.get("lost_releases")
     lines = [
         f"PE (Private Evolution; Lin et al., ICLR 2024) on {h}x{w}x{c} images, {num_classes} classes. "
-        "No model is trained on private data: the private images only vote.",
+        + ("No model is trained on private data: the private images only vote." if not info.get("prior") else
+           "The API is trained on samples of a DP prior (post-processing); otherwise the private images only "
+           "vote."),
         "",
         f"- Generative-model API: {_api_text(info.get('api', {}))}.",
+        *_prior_lines(cfg, info.get("prior")),
         f"- Vote embeddings: {_features_text(cfg, info.get('features', {}))}; layers "
         f"{list(cfg.feature_layers) or 'all'}, pooling {list(cfg.feature_pool)}, dimension "
         f"{info.get('embedding_dim')}, unit norm. Never trained on private data.",
