@@ -9,6 +9,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
+from tests.methods.test_dpdm import dpimages
 
 from dpimages.api import create
 from dpimages.data import ImageData
@@ -18,7 +19,6 @@ from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.pretrain import augment
 from dpimages.privacy import PrivacyEvent, PrivacyLedger
 from dpimages.privacy.ledger import merge_events
-from tests.methods.test_dpdm import dpimages
 
 
 def toy(n: int = 200, classes: int = 10) -> ImageData:
@@ -119,13 +119,19 @@ def test_resume_after_the_stage_does_not_spend_it_again_and_a_crash_inside_it_is
     run2 = tmp_path / "run2"
     common2 = [*common[:9], str(run2), *common[10:]]
     assert dpimages(*common2, env_cache=cache).returncode == 0
-    for f in (run2 / "checkpoints").iterdir():  # the stage's checkpoint lost (a crash inside the stage)
-        if f.name != "data-check.json":
+    assert_lost_stage_is_refused(common2, run2, cache, "warm-start stage")
+
+
+def assert_lost_stage_is_refused(command: list[str], run, cache: str, says: str) -> None:  # noqa: ANN001
+    """Delete the checkpoint of the finished run `run` (a crash right after its stage), then `--resume`: exit 2,
+    `says` on stderr, the ledger untouched."""
+    for f in (run / "checkpoints").iterdir():
+        if f.is_file() and f.name != "data-check.json":
             f.unlink()
-    before = (run2 / "privacy.json").read_text()
-    res = dpimages(*common2, "--resume", env_cache=cache)
-    assert res.returncode == 2 and "warm-start stage" in res.stderr and "Traceback" not in res.stderr
-    assert (run2 / "privacy.json").read_text() == before
+    before = (run / "privacy.json").read_text()
+    res = dpimages(*command, "--resume", env_cache=cache)
+    assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert (run / "privacy.json").read_text() == before
 
 
 def test_bad_warm_start_settings_exit_2_and_spend_nothing(tiny_npz, tmp_path):

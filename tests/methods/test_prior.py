@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.methods.test_dpdm import dpimages
+from tests.methods.test_dpdm_warm import assert_lost_stage_is_refused, pld
 
 from dpimages.privacy import PrivacyLedger
 from dpimages.privacy.ledger import merge_events
-from tests.methods.test_dpdm import dpimages
-from tests.methods.test_dpdm_warm import pld
 
 VOTES = "pe vote histogram"
 
@@ -47,13 +47,7 @@ def test_pe_prior_stage_lost_in_a_crash_is_refused_and_bad_shares_exit_2(tiny_np
     common = ["fit", "pe", "--data", f"npz:{tiny_npz}", "--epsilon", "5", "--preset", "smoke", "--run-dir",
               str(run), "--insecure-seeded-noise", "api=dp-prior", "features=random"]
     assert dpimages(*common, env_cache=cache).returncode == 0
-    for f in (run / "checkpoints").iterdir():  # as if the process died right after the prior's releases
-        if f.is_file() and f.name != "data-check.json":
-            f.unlink()
-    before = (run / "privacy.json").read_text()
-    res = dpimages(*common, "--resume", env_cache=cache)
-    assert res.returncode == 2 and "dp-prior stage" in res.stderr and "Traceback" not in res.stderr
-    assert (run / "privacy.json").read_text() == before
+    assert_lost_stage_is_refused(common, run, cache, "dp-prior stage")  # as if it died after the prior
     for bad in ("prior_share=0", "prior_share=1.5", "prior_preset=huge"):
         res = dpimages("fit", "pe", "--data", f"npz:{tiny_npz}", "--epsilon", "5", "--preset", "smoke",
                        "--run-dir", str(tmp_path / bad), "api=dp-prior", "features=random", bad, env_cache=cache)
@@ -62,9 +56,10 @@ def test_pe_prior_stage_lost_in_a_crash_is_refused_and_bad_shares_exit_2(tiny_np
 
 @pytest.mark.parametrize("method", ["dpaf", "dpdfd", "pe", "dpdm"])
 def test_only_methods_with_a_plan_can_be_a_prior(method):
+    from tests.methods.test_dpdm_warm import toy
+
     from dpimages.api import create
     from dpimages.errors import InputError
-    from tests.methods.test_dpdm_warm import toy
 
     with pytest.raises(InputError, match="cannot be a stage"):
         create(method, "smoke").planned_events(toy(), None, 1.0, 1e-5)
