@@ -268,11 +268,11 @@ class PE(TrainedSynthesizer[PEConfig]):
                                ctx.ledger.delta)
         elif cfg.api == "diffusion" and not cfg.api_path and self.api is None and public is not None:
             self._train_public_api(public, ctx)
+        if prior is None:
+            self._check_api()
         if cfg.features == "public" and public is None:
             raise InputError("pe: features=public needs public data: pass --public SPEC (e.g. mnist-5k), or "
                              "use features=path feature_path=DIR or features=random")
-        if prior is None:
-            self._check_api()
         # 2. the schedule, before any private access: the votes calibrated jointly with a prior's events
         before = [] if prior is None else prior.events
         sigma = rel.calibrate_votes(ctx.target_epsilon, ctx.ledger.delta, t_total, before)
