@@ -16,7 +16,11 @@ Presets change sizes only (never code paths):
   batch 2,048 over the same ~750 steps (noise norm in the averaged gradient
   0.17 instead of 0.26) gave 75.3% CNN, 78.7% MLP, FID 1.36. The faster
   DP-SGD engine (issue 21: 1.30x under torchrun) is spent the same way: batch
-  2,400 over the same ~750 steps.
+  2,400 over the same ~750 steps. Since issue 22 the preset warm-starts
+  (``warm_start=dp-mepf``, share 0.2): a dp-mepf fit (~4 min), 5 passes of
+  pretraining on 60,000 of its samples (~8 min), then 24 epochs (550 DP
+  steps) of DP-SGD: 59 minutes in all, 79.3% CNN and FID 0.95 at epsilon 10
+  against 76.3% and 1.48 from a random start (benchmarks/results/fmnist.md).
 * ``gpu``: the DPDM paper's (F)MNIST setting: ~1.75 M-parameter U-Net
   (channels 32, multipliers 1,2,2, attention at 7x7), expected batch 4,096
   (virtual batches), K = 32, 300 epochs; resumable.
@@ -106,7 +110,8 @@ class DPDMConfig(RunControl):
         },
         "cpu": {
             "channels": 8, "channel_mult": (1, 2, 4), "num_res_blocks": 1, "attn_resolutions": (7,),
-            "batch_size": 2400, "epochs": 33.0, "multiplicity": 1, "physical_batch": 512, "sample_steps": 8, "lr": 1e-3,
+            "batch_size": 2400, "epochs": 24.0, "multiplicity": 1, "physical_batch": 512, "sample_steps": 8, "lr": 1e-3,
+            "warm_start": "dp-mepf",
             "log_every": 10, "grid_every": 100, "checkpoint_every": 50,
         },
         "gpu": {**PAPER_UNET, "batch_size": 4096, "epochs": 300.0, "multiplicity": 32, "physical_batch": 256,
