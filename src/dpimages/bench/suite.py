@@ -679,7 +679,7 @@ def gallery(rows: list[dict], epsilons: tuple[float, ...] = (1.0, 10.0)) -> list
         return []
     head = " | ".join(f"epsilon {e:g}" for e in epsilons)
     out = ["", "## Gallery", "", "Ten synthetic images per class (one class per row) from the first fit of each "
-           "row above.", "", f"| method | preset | {head} |", "|---|---|" + "---|" * len(epsilons)]
+           "results row.", "", f"| method | preset | {head} |", "|---|---|" + "---|" * len(epsilons)]
     for (label, preset), grids in sorted(cells.items()):
         imgs = " | ".join(f"![{label} epsilon {e:g}](grids/{grids[e]})" if e in grids else "-" for e in epsilons)
         out.append(f"| {label} | {preset} | {imgs} |")
