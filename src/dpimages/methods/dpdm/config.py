@@ -30,6 +30,9 @@ Presets change sizes only (never code paths):
   ``--resume`` continues it; ``steps_per_run`` does the same by step count).
   The number of steps is fixed in advance (it sets the noise multiplier);
   these limits only split the work between processes.
+  It warm-starts like the cpu preset (dp-mepf at its gpu-short preset,
+  share 0.2, pretraining batch 512); the first process runs that stage
+  before its ``max_minutes`` of DP-SGD start. Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ class DPDMConfig(RunControl):
         "gpu": {**PAPER_UNET, "batch_size": 4096, "epochs": 300.0, "multiplicity": 32, "physical_batch": 256,
                 "log_every": 10, "grid_every": 500, "checkpoint_every": 100},
         "gpu-short": {**PAPER_UNET, "batch_size": 2048, "epochs": 30.0, "multiplicity": 8, "physical_batch": 512,
-                      "max_minutes": 9.0, "log_every": 10, "grid_every": 200, "checkpoint_every": 50},
+                      "max_minutes": 9.0, "log_every": 10, "grid_every": 200, "checkpoint_every": 50,
+                      "warm_start": "dp-mepf", "warm_preset": "gpu-short", "warm_batch": 512},
     }
 
     constraints: ClassVar[dict[str, Constraint]] = {
