@@ -42,6 +42,21 @@ def rank0_values(*values: float) -> tuple[float, ...]:
     return tuple(float(v) for v in t.cpu().tolist())
 
 
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Give every rank of a process group rank 0's parameters and buffers (in place); nothing without one.
+
+    For state that rank 0 alone computed (DPDM's warm start: only rank 0 makes the stage's DP releases).
+    """
+    if dist_world()[1] == 1:
+        return
+    dev = comm_device()
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            buf = t.detach().to(dev).contiguous()
+            torch.distributed.broadcast(buf, src=0)
+            t.copy_(buf.to(t.device))
+
+
 def rank0_first(fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 alone and broadcast its result; the other ranks wait for it.
 

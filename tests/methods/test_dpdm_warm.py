@@ -174,3 +174,31 @@ def test_augment_keeps_shape_and_range_and_moves_pixels():
     assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
     assert not torch.equal(out, x)
     assert math.isclose(float(augment(x, g, flip=False, shift=0).sub(x).abs().max()), 0.0)
+
+
+@pytest.mark.parametrize("mode", ["central", "dp-mepf"])
+def test_torchrun_warm_start_is_made_once_by_rank_0_and_matches_one_process(tiny_npz, tmp_path, mode):
+    """Two processes: rank 0 alone makes the stage's releases; both start DP-SGD from its pretrained weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cache = str(tmp_path / "cache")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    common = ["fit", "dpdm", "--data", f"npz:{tiny_npz}", "--epsilon", "6", "--preset", "smoke", "--device", "cpu",
+              "--insecure-seeded-noise", f"warm_start={mode}"]
+    assert dpimages(*common, "--run-dir", str(single), env_cache=cache).returncode == 0
+    env = {**os.environ, "DPIMAGES_CACHE": cache, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dpimages", *common, "--run-dir", str(multi)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ledgers = [json.loads((r / "privacy.json").read_text())["events"] for r in (multi, single)]
+    assert ledgers[0] == ledgers[1]  # one stage release set, then the DP-SGD steps, as in one process
+    states = [json.loads((r / "checkpoints" / "state.json").read_text()) for r in (multi, single)]
+    weights = [load_file(str(r / "checkpoints" / s["tensors"])) for r, s in zip((multi, single), states,
+                                                                                 strict=True)]
+    for k in weights[1]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-5)

@@ -124,7 +124,9 @@ class PoissonSampler:
     receives its shard ``batch[rank::world_size]``.
     """
 
-    def __init__(self, n: int, sample_rate: float, noise: NoiseSource) -> None:
+    def __init__(self, n: int, sample_rate: float, noise: NoiseSource, *, shard: bool = True) -> None:
+        """`shard=False`: this process samples the whole batch itself, even in a process group (for a release
+        that rank 0 alone makes, such as DPDM's warm-start stage)."""
         if int(n) != n or n < 1:
             raise InputError(f"n (dataset size) must be a positive integer, got {n}")
         check_positive("sample_rate", sample_rate)
@@ -133,6 +135,7 @@ class PoissonSampler:
         self.n = int(n)
         self.sample_rate = float(sample_rate)
         self.noise = noise
+        self.shard = shard
 
     @classmethod
     def for_batch_size(cls, n: int, expected_batch_size: int, noise: NoiseSource) -> PoissonSampler:
@@ -152,7 +155,7 @@ class PoissonSampler:
     def sample(self) -> torch.Tensor:
         """Indices of one Poisson batch (this rank's shard in a process group)."""
         rank, world = dist_world()
-        if world == 1:
+        if world == 1 or not self.shard:
             return torch.nonzero(self.noise.bernoulli(self.n, self.sample_rate)).flatten()
         dev = comm_device()
         if rank == 0:

@@ -37,8 +37,15 @@ The only access to private data is `dpimages.privacy.dpsgd.DPSGD`:
    or without any one example in the batch: one example changes the clipped
    sum by one clipped gradient.
 
-The ledger holds one event: ``subsampled_gaussian(sigma, q, steps)`` labelled
-``dpdm``. A resumed run continues only the steps its ledger still lacks
+Warm start (``warm_start``, `dpimages.methods.dpdm.warm`): a first stage
+whose events are planned from public facts, sigma calibrated over them and
+the schedule together (one PLD composition), everything reserved before any
+private access; its releases go through `dpimages.privacy` mechanisms and
+the U-Net is pretrained on its images (post-processing) before step 1. In a
+process group rank 0 alone runs the stage and its weights are broadcast.
+
+Without a warm start the ledger holds one event: ``subsampled_gaussian(sigma, q, steps)`` labelled
+``dpdm``; with one, the stage's events come first. A resumed run continues only the steps its ledger still lacks
 (`DPSGD.steps_remaining`), so a crash can over-count but never under-count.
 ``max_minutes`` and ``steps_per_run`` only split the fixed schedule into several
 processes (`RunClock` in the kit's `TrainLoop`: each stops at a step boundary
@@ -69,7 +76,7 @@ from tqdm.auto import tqdm
 
 from dpimages.api import FitContext, register
 from dpimages.data import ImageData
-from dpimages.distributed import rank0_values
+from dpimages.distributed import broadcast_module, dist_world, rank0_values
 from dpimages.errors import InputError
 from dpimages.methods.common import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpdm import warm
@@ -222,7 +229,9 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
                            "parameters": num_parameters(model), "train_s": 0.0, "warm": stage.describe()}
         resumed = "ema.net.conv_in.weight" in tensors
         if not resumed and stage.mode != "none":
-            self._warm_start(stage, private, public, ctx, model)
+            if dist_world()[0] == 0:  # rank 0 alone makes the stage's releases (its ledger is the run's)
+                self._warm_start(stage, private, public, ctx, model)
+            broadcast_module(model)  # every rank starts DP-SGD from rank 0's pretrained weights
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -236,7 +245,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             self.train_info["warm"] = state.get("warm", self.train_info["warm"])
             if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
                 raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
-        elif stage.mode != "none" and ctx.run is not None:
+        elif stage.mode != "none" and ctx.run is not None and ctx.run.writer:
             self.ema_model = ema
             self._checkpoint(ctx, model, ema, opt, g, 0, finished=False)  # a crash after this keeps the stage
         self.ema_model = ema

@@ -138,7 +138,7 @@ def central_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData,
     h, w, c = private.image_shape
     k, size = private.num_classes, cfg.central_size
     clip = central_clip(cfg, c)
-    sampler = PoissonSampler(len(private), warm.central_rate, ctx.noise)
+    sampler = PoissonSampler(len(private), warm.central_rate, ctx.noise, shard=False)  # rank 0 alone (see fit)
     x_all, y_all = private.to_tensor(), private.label_tensor()
     images, labels = [], []
     for _ in range(cfg.central_releases):
