@@ -246,7 +246,6 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
                 raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
         elif stage.mode != "none" and ctx.run is not None and ctx.run.writer:
-            self.ema_model = ema
             self._checkpoint(ctx, model, ema, opt, g, 0, finished=False)  # a crash after this keeps the stage
         self.ema_model = ema
         if state.get("finished"):
