@@ -20,8 +20,11 @@ multiplier from `dpimages.privacy.calibrate`):
   sampling on a small linear model; each canary's per-example gradient is a
   "Dirac" gradient of norm 100 on its own coordinate of a canary weight
   (white box); score = the total movement of that coordinate over training.
-* ``gaussian-release`` (dpdfd): `gaussian_release` with declared
-  sensitivity 2C; each canary adds a vector of norm 2C.
+* ``gaussian-release`` (dpdfd): the teacher ensemble's release
+  (`dpdfd.release.aggregate`: each teacher's vector scaled to norm C, summed;
+  then `gaussian_release` with declared sensitivity 2C); each canary owns one
+  teacher whose raw vector (norm 100) points along the canary's direction when
+  it is included and against it when not.
 
 Deliberately broken variants (``--self-test``) are built here, at the
 harness level, never by a switch in the library: ``broken-no-noise`` (a
@@ -67,7 +70,7 @@ TARGETS = {
     "gaussian-sum": "clipped_gaussian_class_sums",
     "histogram": "noisy_histogram",
     "dpsgd": "DPSGD (Poisson sampling, per-example clipping)",
-    "gaussian-release": "gaussian_release (declared sensitivity 2C)",
+    "gaussian-release": "dpdfd teacher-ensemble sum, gaussian_release (declared sensitivity 2C)",
 }
 METHOD_TARGETS = {
     "dp-mepf": "gaussian-sum",
@@ -280,17 +283,30 @@ def _run_gaussian_sum(size: AuditSize, included: np.ndarray, variant: str, noise
 
 def _run_gaussian_release(size: AuditSize, included: np.ndarray, variant: str, noise: NoiseSource, epsilon: float,
                           delta: float, gen: torch.Generator) -> _Run:
+    """DPDFD's ensemble release: `dpdfd.release.aggregate` of teacher vectors, then `gaussian_release` (2C).
+
+    Every canary owns one teacher (its shard): the teacher's raw vector is
+    ``+CANARY_NORM d_i`` when the canary is included and ``-CANARY_NORM d_i``
+    when not (the worst case: scaled to C, the term moves by exactly 2C);
+    ``size.base`` further teachers hold random vectors. Score = d_i . release.
+    """
+    from dpimages.methods.dpdfd import release as dfd
+
     m = size.canaries
-    sensitivity = 2.0 * CLIP  # DPDFD: a normalised gradient of norm C moves by at most 2C
+    sensitivity = 2.0 * CLIP  # a teacher's term of norm C moves by at most 2C
     directions = _unit_rows(m, size.dim, gen)
-    base = (_unit_rows(size.base, size.dim, gen) * CLIP).sum(dim=0)
-    norm = {"broken-no-clipping": CANARY_NORM * sensitivity,
-            "broken-sensitivity": SENSITIVITY_FACTOR * sensitivity}.get(variant, sensitivity)
-    value = base + norm * directions[torch.from_numpy(included)].sum(dim=0)
+    sign = torch.from_numpy(np.where(included, 1.0, -1.0))
+    rows = CANARY_NORM * torch.cat([_unit_rows(size.base, size.dim, gen), sign[:, None] * directions])
+    patch = (mock.patch.object(dfd, "normalise_rows", lambda x, clip_norm: x) if variant == "broken-no-clipping"
+             else contextlib.nullcontext())
+    with patch:
+        value = dfd.aggregate(rows, CLIP)
+    if variant == "broken-sensitivity":  # canary teachers count 10 times in the sum
+        value = value + (SENSITIVITY_FACTOR - 1) * CLIP * (sign[:, None] * directions).sum(0)
     sigma = calibrate_gaussian(epsilon, delta)
     ledger = PrivacyLedger(epsilon, delta)
     release = mech.gaussian_release(value, sensitivity=sensitivity, noise_multiplier=sigma, ledger=ledger,
-                                    noise=noise, label="audit normalised release")
+                                    noise=noise, label="audit ensemble release")
 
     def score(released: torch.Tensor) -> np.ndarray:
         return (directions @ released).numpy()

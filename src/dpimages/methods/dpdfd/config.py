@@ -30,7 +30,8 @@ _TWO_CHANNELS = Constraint(lambda v: len(v) == 2 and all(int(c) == c and c >= 1 
 class DPDFDConfig(RunControl):
     """DPDFD settings (defaults: the ``cpu`` preset)."""
 
-    # teacher: non-private, in memory only (dpimages.nets.classifiers.SmallCNN)
+    # teachers: non-private, in memory only (dpimages.nets.classifiers.SmallCNN), one per disjoint shard
+    teachers: int = 1  # T shards of the private data (keyed hash of each image), one teacher each
     teacher_channels: tuple[int, ...] = (32, 64)
     teacher_hidden: int = 64
     teacher_epochs: int = 2
@@ -90,7 +91,7 @@ class DPDFDConfig(RunControl):
     }
 
     constraints: ClassVar[dict[str, Constraint]] = {
-        **dict.fromkeys(("teacher_hidden", "teacher_epochs", "teacher_batch", "student_hidden", "steps", "batch_size",
+        **dict.fromkeys(("teachers", "teacher_hidden", "teacher_epochs", "teacher_batch", "student_hidden", "steps", "batch_size",
                          "gen_channels", "z_dim", "gen_every", "gen_steps"), at_least(1)),
         **dict.fromkeys(("teacher_channels", "student_channels"), _TWO_CHANNELS),
         **dict.fromkeys(("teacher_lr", "student_lr", "clip_norm", "temperature", "gen_lr"), positive()),

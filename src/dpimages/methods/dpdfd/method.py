@@ -93,6 +93,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from dpimages.api import FitContext, register
 from dpimages.data import ImageData
@@ -149,6 +150,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
             raise InputError(f"dpdfd needs images of at least 16x16 pixels (SmallCNN), got {h}x{w}x{c}")
         if private.num_classes < 2:
             raise InputError(f"dpdfd needs at least 2 classes, got {private.num_classes}")
+        if cfg.teachers > len(private):
+            raise InputError(f"dpdfd: teachers={cfg.teachers} shards cannot exceed the {len(private)} private images")
         tensors, state = self.begin_fit(private, ctx)
         # 1. schedule and noise from public choices only, before any private pixel is read
         sigma = rel.calibrate_steps(ctx.ledger.epsilon_budget, ctx.ledger.delta, cfg.steps)
@@ -164,8 +167,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
             "steps": cfg.steps, "noise_multiplier": sigma, "sigma_methods_md": 2.0 * sigma, "clip_norm": cfg.clip_norm,
             "noise_std": 2.0 * cfg.clip_norm * sigma, "student_parameters": num_parameters(student),
             "generator_parameters": num_parameters(gen), "train_s": 0.0, "teacher_s": 0.0, "teacher_trainings": 0,
-            "student_test_accuracy": None, "student_test_set": None,
-            "update_scale": rel.update_scale(cfg.clip_norm, sigma, num_parameters(student)),
+            "student_test_accuracy": None, "student_test_set": None, "teachers": cfg.teachers,
+            "update_scale": rel.update_scale(cfg.clip_norm, sigma, num_parameters(student), cfg.teachers),
         }
         ckpt_step = 0
         if "student.head.1.weight" in tensors:
@@ -185,31 +188,42 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         if state.get("finished"):
             return
         spent = ctx.ledger.steps(like=rel.planned_event(sigma, 1))
-        d = num_parameters(student)
+        released = cfg.batch_size * self.num_classes if cfg.release_space == "outputs" else num_parameters(student)
         for _ in range(max(0, spent - ckpt_step)):  # releases lost in a crash: never reuse their noise
-            ctx.noise.standard_normal((d,))
+            ctx.noise.standard_normal((released,))
         if spent > ckpt_step and ctx.run is not None:
             ctx.run.log(spent, event="lost_steps", steps=spent - ckpt_step)
-        # 2. the non-private teacher: in memory only, retrained on every (re)start
-        teacher = self._train_teacher(private, ctx, spent) if spent < cfg.steps else None
+        # 2. the non-private teachers, one per shard: in memory only, retrained on every (re)start
+        teachers = self._train_teachers(private, ctx, spent) if spent < cfg.steps else []
         # 3. the noisy student steps alternating with generator steps
-        self._train(ctx, teacher, sopt, gopt, g, sigma, spent, test)
-        del teacher
+        self._train(ctx, teachers, sopt, gopt, g, sigma, spent, test)
+        del teachers
 
-    def _train_teacher(self, private: ImageData, ctx: FitContext, spent: int) -> torch.nn.Module:
-        """The non-private teacher (`release.train_teacher`): kept in memory only, its time and count recorded."""
+    def _train_teachers(self, private: ImageData, ctx: FitContext, spent: int) -> list[torch.nn.Module]:
+        """T non-private teachers (`release.train_teacher`), teacher i on shard i (`release.shard_of`).
+
+        Kept in memory only. Teacher i's initialisation and batch order come from seed streams of its own
+        (``teacher-i``), so it is a function of shard i (and the seed) alone. Time and count are recorded,
+        nothing about the shards (their sizes are exact statistics).
+        """
         cfg = self.config
         t0 = time.time()
-        with ctx.seeded_init("teacher"):
-            teacher = self.new_teacher().to(self.device)
-        teacher = rel.train_teacher(teacher, private.to_tensor(self.device), private.label_tensor(self.device),
-                                    epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
-                                    generator=ctx.generator("teacher"))
-        self.train_info["teacher_s"] = float(self.train_info["teacher_s"]) + time.time() - t0
-        self.train_info["teacher_trainings"] = int(self.train_info["teacher_trainings"]) + 1
+        shards = rel.shard_of(private.images, private.labels, cfg.teachers,
+                              key=ctx.generator("shards").initial_seed())
+        images, labels = private.to_tensor(self.device), private.label_tensor(self.device)
+        teachers = []
+        for i in tqdm(range(cfg.teachers), desc="dpdfd teachers", disable=not ctx.progress, leave=False):
+            idx = torch.from_numpy(np.flatnonzero(shards == i)).to(self.device)
+            with ctx.seeded_init(f"teacher-{i}"):
+                teacher = self.new_teacher().to(self.device)
+            teachers.append(rel.train_teacher(teacher, images[idx], labels[idx], epochs=cfg.teacher_epochs,
+                                              batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
+                                              generator=ctx.generator(f"teacher-{i}")))
+        self.train_info["teacher_s"] = float(self.train_info.get("teacher_s", 0.0)) + time.time() - t0
+        self.train_info["teacher_trainings"] = int(self.train_info.get("teacher_trainings", 0)) + 1
         if ctx.run is not None:
-            ctx.run.log(spent, event="teacher_trained", teacher_s=round(time.time() - t0, 1))
-        return teacher
+            ctx.run.log(spent, event="teacher_trained", teachers=cfg.teachers, teacher_s=round(time.time() - t0, 1))
+        return teachers
 
     def _draws(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent codes and labels of n synthetic images (public randomness)."""
@@ -240,7 +254,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
                  (("gen_ce", ce), ("gen_entropy", entropy), ("gen_balance", balance), ("gen_diversity", diversity))}
         return loss, terms
 
-    def _train(self, ctx: FitContext, teacher: torch.nn.Module | None, sopt: torch.optim.Optimizer,
+    def _train(self, ctx: FitContext, teachers: list[torch.nn.Module], sopt: torch.optim.Optimizer,
                gopt: torch.optim.Optimizer, g: torch.Generator, sigma: float, spent: int,
                test: ImageData | None) -> None:
         """The remaining steps in a `TrainLoop`, which pauses at ``max_minutes`` (counted from the end of the
@@ -252,16 +266,15 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         s_params = [p for p in student.parameters() if p.requires_grad]
         g_params = list(gen.parameters())
         outputs = cfg.release_space == "outputs"
-        scale = rel.update_scale(cfg.clip_norm, sigma, sum(p.numel() for p in s_params))  # parameters only
+        scale = rel.update_scale(cfg.clip_norm, sigma, sum(p.numel() for p in s_params), cfg.teachers)  # parameters
         student.train()
         gen.train()
 
         def step(t: int) -> dict[str, Any]:
-            assert teacher is not None
             z, y = self._draws(cfg.batch_size, g)
             with torch.no_grad():
                 x = gen(z, y)
-            update = rel.normalised_gradient(student, teacher, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
+            update = rel.ensemble_gradient(student, teachers, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
                                              temperature=cfg.temperature, space=cfg.release_space)
             noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
                                        noise=ctx.noise)

@@ -1,14 +1,22 @@
-"""DPDFD's privacy-relevant pieces: teacher training, the normalised distillation gradient, its release.
+"""DPDFD's privacy-relevant pieces: shards, teachers, the summed normalised distillation gradient, its release.
 
-* `train_teacher` reads the private images directly: the documented exception
-  to "private data only through mechanisms". Its result is never released,
-  logged, reported or written; it only enters `normalised_gradient`.
-* `normalised_gradient` computes the student's distillation gradient on one
-  synthetic batch and scales it to L2 norm exactly ``clip_norm`` (flattened
-  over all student parameters, or over the student's logits on the batch). Whatever the teacher, hence whatever the
-  private data, the result lies in the ball of radius C: two data sets' vectors
-  differ by at most 2C. It returns a vector only (``torch.autograd.grad``):
-  nothing un-noised is left in the student's ``.grad``.
+* `shard_of` assigns every private image to one of T shards by a keyed hash
+  of the image and its label: adding or removing one image changes exactly
+  one shard.
+* `train_teacher` reads (a shard of) the private images directly: the
+  documented exception to "private data only through mechanisms". Its
+  result is never released, logged, reported or written; it only enters
+  `ensemble_gradient`.
+* `ensemble_gradient` computes, for every teacher, the student's
+  distillation gradient on one synthetic batch, flattened (over all student
+  parameters, or over the student's logits on the batch)
+  (`teacher_gradients`), scales each to L2 norm exactly ``clip_norm`` and
+  sums the T vectors (`aggregate`). Teacher i depends on
+  shard i only, so a neighbouring data set moves one term of the sum, from a
+  vector of norm <= C to another: the sum moves by at most 2C, whatever T
+  (with T = 1: two data sets' vectors differ by at most 2C). It returns a
+  vector only (``torch.func``): nothing un-noised is left in the student's
+  ``.grad``.
 * `release_update` is the only place that vector leaves: one
   `gaussian_release` with sensitivity 2C (the ledger records a Gaussian event
   with noise multiplier std / 2C before the noise is drawn).
@@ -16,9 +24,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,16 +55,41 @@ def planned_event(noise_multiplier: float, steps: int) -> PrivacyEvent:
     return PrivacyEvent.gaussian(noise_multiplier, steps, RELEASE_LABEL)
 
 
+def shard_of(images: np.ndarray, labels: np.ndarray, shards: int, key: int) -> np.ndarray:
+    """The shard (0 .. shards-1) of every image: a keyed BLAKE2b hash of its pixels, shape and label, mod `shards`.
+
+    A function of the image and its label alone (and of the public `key`):
+    adding or removing one image changes the content of exactly one shard and
+    moves no other image. A split by position (a permutation of indices)
+    would not have this property: removing image j shifts every later index.
+    Identical images with identical labels share a shard. Shard sizes are
+    never released (they are exact statistics of the private data).
+    """
+    if shards == 1:
+        return np.zeros(len(images), dtype=np.int64)
+    k = int(key).to_bytes(8, "little", signed=False)
+    out = np.empty(len(images), dtype=np.int64)
+    shape = repr(images.shape[1:]).encode()
+    for i in range(len(images)):
+        h = hashlib.blake2b(np.ascontiguousarray(images[i]).tobytes(), key=k, digest_size=8)
+        h.update(shape)
+        h.update(int(labels[i]).to_bytes(8, "little", signed=True))
+        out[i] = int.from_bytes(h.digest(), "little") % shards
+    return out
+
+
 def train_teacher(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
                   lr: float, generator: torch.Generator) -> nn.Module:
-    """Non-private training on the private data (Adam, cross-entropy); returns the model frozen, in eval mode.
+    """Non-private training on (a shard of) the private data (Adam, cross-entropy); returns the model frozen.
 
-    Nothing about this training (loss, accuracy, weights) is returned or logged.
+    Nothing about this training (loss, accuracy, weights, the number of
+    images) is returned or logged. An empty shard leaves the model as
+    initialised.
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     n = images.shape[0]
-    for _ in range(epochs):
+    for _ in range(epochs if n else 0):
         order = torch.randperm(n, generator=generator).to(images.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
@@ -69,12 +104,13 @@ def train_teacher(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,
                       temperature: float) -> torch.Tensor:
-    """KL(teacher || student) at `temperature` (batch mean) or the mean absolute logit difference."""
+    """Per-teacher loss over the last two dims (batch, classes): KL(teacher || student) at `temperature`
+    (batch mean) or the mean absolute logit difference; leading dims (teachers) are kept."""
     if kind == "kl":
         t = temperature
-        return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                        log_target=True, reduction="batchmean")
-    return (student_logits - teacher_logits).abs().mean()
+        log_q = F.log_softmax(teacher_logits / t, dim=-1)
+        return (log_q.exp() * (log_q - F.log_softmax(student_logits / t, dim=-1))).sum(-1).mean(-1)
+    return (student_logits - teacher_logits).abs().mean((-2, -1))
 
 
 def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -83,35 +119,70 @@ def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def normalise(vector: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """`vector` scaled to L2 norm exactly `clip_norm` (a zero vector stays zero: norm <= C either way)."""
-    norm = vector.norm()
-    if float(norm) == 0.0:
-        return torch.zeros_like(vector)
-    return vector * (clip_norm / norm)
+    return normalise_rows(vector[None], clip_norm)[0]
 
 
-def normalised_gradient(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, clip_norm: float,
-                        loss: str = "kl", temperature: float = 1.0, space: str = "parameters") -> torch.Tensor:
-    """Gradient of the distillation loss, flattened and scaled to norm `clip_norm`: the vector to release.
+def normalise_rows(rows: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Every row of (T, D) `rows` scaled to L2 norm exactly `clip_norm` (zero rows stay zero)."""
+    norms = rows.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, rows * (clip_norm / norms.clamp_min(torch.finfo(rows.dtype).tiny)),
+                       torch.zeros_like(rows))
 
-    `images` is a synthetic batch (generator output: no private data). The
-    teacher's outputs are its only data-dependent input. ``space`` says what
-    the gradient is taken with respect to: ``parameters`` (all student
-    parameters, d entries) or ``outputs`` (the student's logits on the batch,
-    B x K entries; the parameter update is then `backprop_released` of the
-    noisy vector, post-processing). Either way the norm is C whatever the
-    teacher, so two data sets' vectors differ by at most 2C.
-    """
+
+def teacher_logits(teachers: Sequence[nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """(T, B, K): every teacher's logits on the synthetic batch."""
     with torch.no_grad():
-        teacher_logits = teacher(images)
+        return torch.stack([t(images) for t in teachers])
+
+
+def ensemble_gradient(student: nn.Module, teachers: Sequence[nn.Module], images: torch.Tensor, *, clip_norm: float,
+                      loss: str = "kl", temperature: float = 1.0, space: str = "parameters") -> torch.Tensor:
+    """The vector to release: `aggregate` of the `teacher_gradients` (norm <= T C, sensitivity 2C)."""
+    return aggregate(teacher_gradients(student, teachers, images, loss=loss, temperature=temperature, space=space),
+                     clip_norm)
+
+
+def aggregate(rows: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Sum over teachers of each teacher's vector scaled to norm exactly C: (T, D) -> (D,).
+
+    Row i depends on the private data through teacher i only, and teacher i
+    on shard i only: adding or removing one image moves one row, whose scaled
+    version goes from one vector of norm <= C to another, so the sum moves by
+    at most 2C whatever T. With one teacher this is the original DPDFD
+    release (two data sets' vectors differ by at most 2C).
+    """
+    return normalise_rows(rows, clip_norm).sum(0)
+
+
+def teacher_gradients(student: nn.Module, teachers: Sequence[nn.Module], images: torch.Tensor, *, loss: str = "kl",
+                      temperature: float = 1.0, space: str = "parameters") -> torch.Tensor:
+    """(T, D): for every teacher, the gradient of its distillation loss, flattened (not yet scaled).
+
+    `images` is a synthetic batch (generator output: no private data); the
+    teachers' outputs are its only data-dependent input. The gradient is taken
+    with respect to ``space``: ``parameters`` (all student parameters, D = d
+    entries) or ``outputs`` (the student's logits on the batch, D = B x K;
+    the parameter update is then `backprop_released` of the noisy vector,
+    post-processing). Nothing is left in the student's ``.grad``.
+    """
+    t_logits = teacher_logits(teachers, images)
+    count = t_logits.shape[0]
     if space == "outputs":
         with torch.no_grad():
             logits = student(images)
-        wrt = [logits.requires_grad_(True)]
-    else:
-        logits = student(images)
-        wrt = [p for p in student.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(distillation_loss(logits, teacher_logits, loss, temperature), wrt)
-    return normalise(flat(grads).detach(), clip_norm)
+        return _logit_gradients(logits, t_logits, loss, temperature).flatten(1)
+    params = {k: p.detach() for k, p in student.named_parameters() if p.requires_grad}
+    logits, vjp = torch.func.vjp(lambda p: torch.func.functional_call(student, p, (images,)), params)
+    grads = torch.func.vmap(vjp)(_logit_gradients(logits.detach(), t_logits, loss, temperature))[0]
+    return torch.cat([grads[k].reshape(count, -1) for k in params], dim=1).detach()
+
+
+def _logit_gradients(logits: torch.Tensor, t_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """(T, B, K): the gradient of teacher i's distillation loss w.r.t. the student's logits, for every i."""
+    with torch.enable_grad():
+        rep = logits.detach().expand_as(t_logits).clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(distillation_loss(rep, t_logits, kind, temperature).sum(), rep)
+    return grad
 
 
 def backprop_released(student: nn.Module, images: torch.Tensor, released: torch.Tensor,
@@ -135,13 +206,14 @@ def release_update(normalised: torch.Tensor, *, clip_norm: float, noise_multipli
                             ledger=ledger, noise=noise, label=RELEASE_LABEL)
 
 
-def update_scale(clip_norm: float, noise_multiplier: float, dim: int) -> float:
-    """C / sqrt(C^2 + dim (2 C s)^2): the released update times this has expected norm about C.
+def update_scale(clip_norm: float, noise_multiplier: float, dim: int, teachers: int = 1) -> float:
+    """C / sqrt((T C)^2 + dim (2 C s)^2): the released update times this has expected norm at most about C.
 
-    A public constant (C, s and the parameter count are fixed before any
-    private access); multiplying the released vector by it is post-processing.
+    A public constant (C, s, the number of teachers T and the parameter count
+    are fixed before any private access); multiplying the released vector by
+    it is post-processing. T C bounds the norm of the un-noised sum.
     """
-    return clip_norm / math.sqrt(clip_norm**2 + dim * (2.0 * clip_norm * noise_multiplier) ** 2)
+    return clip_norm / math.sqrt((teachers * clip_norm) ** 2 + dim * (2.0 * clip_norm * noise_multiplier) ** 2)
 
 
 def set_gradients(params: Sequence[torch.Tensor], vector: torch.Tensor) -> None:

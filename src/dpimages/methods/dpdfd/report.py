@@ -2,7 +2,7 @@
 
 Built from the config and `train_info` only (public choices, the calibrated
 noise, counts, times and the student's public test accuracy): nothing about
-the teacher beyond how often it was trained.
+the teachers beyond how many there are and how often they were trained.
 """
 
 from __future__ import annotations
@@ -26,26 +26,44 @@ def report_text(cfg: DPDFDConfig, t: dict[str, Any]) -> str:
     else:
         space = f"over the student's logits on the batch ({cfg.batch_size} x classes entries)"
         update = "J^T of the noisy logit gradient through the student on the same batch, scaled to norm C"
+    teachers = int(t.get("teachers", cfg.teachers))
+    trainings = (f" ({t['teacher_trainings']} times: a resumed run retrains {'them' if teachers > 1 else 'it'})"
+                 if t.get("teacher_trainings", 0) > 1 else "")
+    if teachers > 1:
+        what = (f"the sum over {teachers} teachers of each teacher's gradient of the {cfg.loss} distillation loss "
+                f"on a synthetic batch of {cfg.batch_size}, flattened {space}, scaled to L2 norm C = "
+                f"{cfg.clip_norm:g}")
+        argument = (f"The private images are split into {teachers} disjoint shards by a keyed hash of each image "
+                    "and its label (a function of the image alone: adding or removing one image changes exactly "
+                    "one shard), and one teacher is trained per shard. One image can change one teacher, hence "
+                    "one term of the sum, from a vector of norm <= C to another: the sum moves by at most 2C "
+                    "whatever the number of teachers, while the signal grows with it. The teachers were trained "
+                    f"in memory only{trainings}; they are not in any file of this run, and neither their "
+                    "accuracy nor the shard sizes are reported (unaccounted releases). The generator sees the "
+                    "student only (post-processing).")
+    else:
+        what = (f"the gradient of the {cfg.loss} distillation loss on a synthetic batch of {cfg.batch_size}, "
+                f"flattened {space}, scaled to L2 norm C = {cfg.clip_norm:g}")
+        argument = ("The teacher depends on all private data and no image's influence on it is bounded: the only "
+                    "bound is the norm of the released gradient (any two data sets' normalised gradients are at "
+                    f"most 2C apart). The teacher was trained in memory only{trainings}; it is not in any file of "
+                    "this run and its accuracy is not reported (that would be an unaccounted release). The "
+                    "generator sees the student only (post-processing).")
     return "\n".join([
-        "DPDFD (data-free distillation after Liu et al.): a non-private teacher, a DP student trained only on "
-        "normalised noisy distillation gradients, and a label-conditional generator trained against the student.",
+        "DPDFD (data-free distillation after Liu et al.): "
+        + (f"{teachers} non-private teachers on disjoint shards" if teachers > 1 else "a non-private teacher")
+        + ", a DP student trained only on normalised noisy distillation gradients, and a label-conditional "
+        "generator trained against the student.",
         "",
         "### What was released",
         "",
         f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released: {t['steps']} student updates, each "
-        f"the gradient of the {cfg.loss} distillation loss on a synthetic batch of {cfg.batch_size}, flattened "
-        f"{space}, scaled to L2 norm C = {cfg.clip_norm:g}, plus "
+        f"{what}, plus "
         f"N(0, ({t['noise_std']:.5g})^2) per coordinate: one Gaussian event each with L2 sensitivity 2C and "
         f"noise multiplier {t['noise_multiplier']:.5g} (sigma = {t['sigma_methods_md']:.5g} in std = sigma C "
         "terms), calibrated before training for the target epsilon. No subsampling amplification.",
         "",
-        "The teacher depends on all private data and no image's influence on it is bounded: the only bound is "
-        "the norm of the released gradient (any two data sets' normalised gradients are at most 2C apart). The "
-        "teacher was trained in memory only"
-        + (f" ({t['teacher_trainings']} times: a resumed run retrains it)" if t.get("teacher_trainings", 0) > 1
-           else "")
-        + "; it is not in any file of this run and its accuracy is not reported (that would be an unaccounted "
-        "release). The generator sees the student only (post-processing).",
+        argument,
         "",
         "### Student (the DP classifier)",
         "",
