@@ -220,8 +220,8 @@ def test_outputs_depend_on_the_teacher_only_through_the_released_updates(tiny_np
                                   "label": rel.RELEASE_LABEL}]
 
     # no teacher tensor in any file: no teacher name, no tensor equal to one of the teacher's
-    (teacher,) = teachers  # the smoke preset: one teacher
-    teacher_tensors = list(teacher.state_dict().values())
+    assert len(teachers) == 3  # the smoke preset's teacher ensemble
+    teacher_tensors = [v for teacher in teachers for v in teacher.state_dict().values()]
     for f in (tmp_path / "a").rglob("*.safetensors"):
         for k, v in load_file(str(f)).items():
             assert "teacher" not in k
@@ -233,8 +233,9 @@ def test_outputs_depend_on_the_teacher_only_through_the_released_updates(tiny_np
 
     # changing the teacher's weights after fit changes nothing written or sampled
     with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(1.0)
+        for teacher in teachers:
+            for p in teacher.parameters():
+                p.add_(1.0)
     assert _files(tmp_path / "a") == files_a
     np.testing.assert_array_equal(a.synthesizer.sample(30, seed=1).images, samples_a)
 
@@ -326,7 +327,7 @@ def test_bad_inputs_and_presets(tmp_path, capsys):
     assert set(cls.Config.presets) == {"smoke", "cpu", "gpu", "gpu-short"}
     assert create("dpdfd", "gpu-short").config.max_minutes <= 10
     for bad in ({"loss": "mse"}, {"steps": "0"}, {"student_channels": "4"}, {"w_entropy": "-1"},
-                {"student_momentum": "1"}, {"clip_norm": "0"}):
+                {"student_momentum": "1"}, {"clip_norm": "0"}, {"teachers": "0"}):
         with pytest.raises(InputError):
             create("dpdfd", "smoke", **bad)
     small = tmp_path / "small.npz"
@@ -337,6 +338,14 @@ def test_bad_inputs_and_presets(tmp_path, capsys):
     assert code == 2 and "16x16" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r" / "privacy.json").exists() or not json.loads(
         (tmp_path / "r" / "privacy.json").read_text())["events"]
+    # more shards than images (N is public): refused before anything is spent
+    few = tmp_path / "few.npz"
+    np.savez(few, images=np.zeros((6, 28, 28, 1), np.uint8), labels=np.arange(6) % 2, classes=np.array(["a", "b"]))
+    code, _, err = cli(capsys, "fit", "dpdfd", "--data", f"npz:{few}", "--epsilon", "1", "--preset", "smoke",
+                       "--run-dir", str(tmp_path / "f"), "teachers=7")
+    assert code == 2 and "teachers=7" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f" / "privacy.json").exists() or not json.loads(
+        (tmp_path / "f" / "privacy.json").read_text())["events"]
 
 
 def test_student_is_scored_only_on_fashion_mnist_test():

@@ -7,19 +7,23 @@ Steps of `DPDFD.fit`
    composed Gaussian releases meet the target (epsilon, delta)
    (`dpimages.privacy.calibrate_gaussian`), and reserve the whole schedule in
    the ledger (refused up front if it would exceed the budget).
-2. Train the teacher (a CNN) without privacy on the private images, in memory.
+2. Split the private images into M disjoint shards (config ``teachers``) by a
+   keyed hash of each image and its label (`release.shard_of`) and train one
+   teacher (a CNN) per shard without privacy, in memory (M = 1: one teacher
+   on all the data, the original method).
 3. Repeat T times: the label-conditional generator makes a synthetic batch;
-   teacher and student classify it; the gradient of the distillation loss
-   (KL(teacher || student), or the L1 logit distance) is taken with respect to
-   all student parameters (``release_space=parameters``, default: d entries)
-   or to the student's logits on the batch (``release_space=outputs``: B x K
-   entries), flattened and scaled to L2 norm exactly C; it is released as
+   the teachers and the student classify it; for every teacher, the gradient
+   of its distillation loss (KL(teacher || student), or the L1 logit
+   distance) is taken with respect to all student parameters
+   (``release_space=parameters``: d entries) or to the student's logits on
+   the batch (``release_space=outputs``: B x K entries), flattened and scaled
+   to L2 norm exactly C; the M vectors are summed into g; it is released as
    ``g + N(0, (2 C s)^2 I)`` (`release.release_update`: one Gaussian event in
    the ledger, written before the noise is drawn). SGD with momentum steps the
    student with the released vector, post-processed: with ``outputs``, the
    vector-Jacobian product J^T g~ through the current student on the same
    synthetic batch (`release.backprop_released`), scaled to norm C; with
-   ``parameters``, g~ times the public constant ``C / sqrt(C^2 + d (2 C s)^2)``
+   ``parameters``, g~ times the public constant ``C / sqrt((M C)^2 + d (2 C s)^2)``
    (expected norm about C). Either way ``student_lr`` means the same at every
    budget. Then the generator takes
    ``gen_steps`` Adam steps against the *fixed student* (no teacher): cross-
@@ -38,19 +42,29 @@ Privacy argument
 ----------------
 Neighbouring relation: add or remove one image together with its label.
 
-* The teacher is a function of the whole private data set and no single
-  image's influence on it is bounded. It is kept in memory only: it is not an
-  attribute of the synthesizer, not in any checkpoint (which holds the
-  student, the generator and their optimiser states), not logged, and its
-  accuracy is not reported (that number would be an unaccounted release).
-* The only channel from the teacher to anything else is the normalised
-  gradient of step t (w.r.t. the student's logits or its parameters).
-  Whatever the data set, that vector has norm at most C (exactly C unless
-  the gradient is zero), so for any two data sets D, D'
-  (neighbouring or not) ``||g_t(D) - g_t(D')|| <= 2C``: L2 sensitivity 2C
-  under replacement, and under add/remove too (both vectors have norm <= C).
-  This is the only bound: no per-example clipping, so no subsampling
-  amplification, and the bound does not shrink with the data set size.
+* Shards: image x goes to shard h(x, y) mod M, h a BLAKE2b hash keyed by a
+  seed stream (public). The shard of an image depends on that image alone,
+  so for neighbouring D' = D + {x}, every shard of D' equals the same shard
+  of D except shard h(x, y), which gains x. (A split by position, e.g. a
+  seeded permutation of indices, lacks this: removing image j shifts every
+  later index and changes many shards.) Teacher i's initialisation and batch
+  order come from its own seed streams, so teacher i is a function of shard
+  i (and public seeds) alone: between D and D' exactly one teacher differs.
+* A teacher is a function of its shard and no single image's influence on
+  it is bounded. Teachers are kept in memory only: not attributes of the
+  synthesizer, not in any checkpoint (which holds the student, the generator
+  and their optimiser states), not logged; neither their accuracy nor the
+  shard sizes are reported (unaccounted releases).
+* The only channel from the teachers to anything else is the sum of the
+  normalised gradients of step t (w.r.t. the student's logits or its
+  parameters). Each term has norm at most C (exactly C unless the gradient
+  is zero) whatever the teacher, and between D and D' only the term of
+  teacher h(x, y) differs, so ``||g_t(D) - g_t(D')|| <= 2C``: L2 sensitivity
+  2C under add/remove, whatever M (the signal, up to M C, grows with M; the
+  noise does not). With M = 1 the same bound holds for any two data sets.
+  There is no per-example clipping, so no subsampling amplification is
+  claimed (subsampling teachers per step would need an argument for a
+  replace-one relation on teachers; not built).
 * Step t is therefore a Gaussian mechanism with noise std 2 C s, i.e. noise
   multiplier s (METHODS.md writes the std as sigma C, so sigma = 2 s). Its
   input, besides the private data, is the synthetic batch and the student,
@@ -63,22 +77,22 @@ Neighbouring relation: add or remove one image together with its label.
   quantities only (the norm of the noisy update, the generator's loss
   against the student, the student's public test accuracy).
 * Cost: the T releases together are worth one Gaussian release of a vector
-  of norm <= T C with noise std 2 C T s_1, where s_1 is the single-release
+  of norm <= M T C with noise std 2 C T s_1, where s_1 is the single-release
   multiplier for the target epsilon (about 0.5 at epsilon 10, 3.7 at epsilon
   1, delta 1e-5). The signal-to-noise ratio per released coordinate is thus
-  at best about 1 / (2 s_1 sqrt(D)) whatever T, for D released entries: d
+  at best about M / (2 s_1 sqrt(D)) whatever T, for D released entries: d
   student parameters (tens of thousands) or B x K logits (640 at batch 64,
-  160 at batch 16). The guarantee is valid but
-  expensive: the student stays far below a DP-SGD classifier at
-  epsilon <= 10 (docs/dpdfd.md).
+  160 at batch 16). With one teacher (M = 1) the guarantee is valid but
+  costs all the utility; M in the hundreds, on the logits, is what makes the
+  student useful (measured in docs/dpdfd.md).
 
 Resume
 ------
-``--resume`` is supported. The teacher is never saved, so a resumed run
-trains it again from the private data (same seed, so the same teacher on the
-same machine and thread count; not guaranteed bit-identical elsewhere). This
-does not change the guarantee: each remaining step's release still has
-sensitivity 2C whichever teacher computed it. The ledger decides how many
+``--resume`` is supported. The teachers are never saved, so a resumed run
+trains them again from the private data (same seeds, so the same teachers on
+the same machine and thread count; not guaranteed bit-identical elsewhere).
+This does not change the guarantee: each remaining step's release still has
+sensitivity 2C whichever teachers computed it. The ledger decides how many
 steps remain: a crash after a release but before its checkpoint loses that
 step's update (the ledger over-counts, never under-counts), and the noise
 draws of lost steps are skipped, never reused.
