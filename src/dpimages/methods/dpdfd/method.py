@@ -129,7 +129,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
 
     name = "dpdfd"
     Config = DPDFDConfig
-    description = "DP data-free distillation: DP student from normalised noisy distillation gradients; generator"
+    description = ("DP data-free distillation: teachers on disjoint shards, a DP student from their summed "
+                   "normalised noisy distillation gradients; generator")
     device_modules = ("generator", "student")
 
     def __init__(self, config: DPDFDConfig) -> None:
