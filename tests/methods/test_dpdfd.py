@@ -226,8 +226,10 @@ def test_outputs_depend_on_the_teacher_only_through_the_released_updates(tiny_np
         for k, v in load_file(str(f)).items():
             assert "teacher" not in k
             assert not any(t.shape == v.shape and torch.equal(t, v) for t in teacher_tensors), (f.name, k)
-    assert "teacher" not in json.dumps(a.synthesizer.meta()).replace("teacher_s", "").replace("teacher_trainings", "").replace(
-        "\"teachers\"", "")
+    meta = json.dumps(a.synthesizer.meta())
+    for allowed in ("teacher_s", "teacher_trainings", '"teachers"'):  # a time, a count, the config's number
+        meta = meta.replace(allowed, "")
+    assert "teacher" not in meta
     files_a = _files(tmp_path / "a")
     samples_a = a.synthesizer.sample(30, seed=1).images
 

@@ -93,8 +93,8 @@ class DPDFDConfig(RunControl):
     }
 
     constraints: ClassVar[dict[str, Constraint]] = {
-        **dict.fromkeys(("teachers", "teacher_hidden", "teacher_epochs", "teacher_batch", "student_hidden", "steps", "batch_size",
-                         "gen_channels", "z_dim", "gen_every", "gen_steps"), at_least(1)),
+        **dict.fromkeys(("teachers", "teacher_hidden", "teacher_epochs", "teacher_batch", "student_hidden", "steps",
+                         "batch_size", "gen_channels", "z_dim", "gen_every", "gen_steps"), at_least(1)),
         **dict.fromkeys(("teacher_channels", "student_channels"), _TWO_CHANNELS),
         **dict.fromkeys(("teacher_lr", "student_lr", "clip_norm", "temperature", "gen_lr"), positive()),
         **dict.fromkeys(("w_ce", "w_entropy", "w_balance", "w_diversity"), at_least(0)),
