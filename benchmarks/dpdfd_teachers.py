@@ -33,7 +33,7 @@ import torch
 from dpimages.api import create
 from dpimages.data import load
 from dpimages.methods.dpdfd import release as rel
-from dpimages.seeds import stream_seed
+from dpimages.seeds import stream_generator, stream_seed
 
 
 def epochs_for(teachers: int, base: int, cap: int) -> int:
@@ -64,13 +64,14 @@ def main() -> None:
         cfg = synth.config
         t0 = time.time()
         shards = rel.shard_of(private.images, private.labels, count, key=stream_seed(0, "dpdfd", "shards"))
+        steps = rel.teacher_steps(ep, len(private), count, cfg.teacher_batch)
         teachers = []
-        for i in range(count):
+        for i in range(count):  # the seeds of `DPDFD._train_teachers` under --seed 0
             torch.manual_seed(stream_seed(0, "dpdfd", f"teacher-{i}"))
             idx = torch.from_numpy(np.flatnonzero(shards == i))
-            teachers.append(rel.train_teacher(synth.new_teacher(), images[idx], labels[idx], epochs=ep,
+            teachers.append(rel.train_teacher(synth.new_teacher(), images[idx], labels[idx], steps=steps,
                                               batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
-                                              generator=torch.Generator().manual_seed(i)))
+                                              generator=stream_generator(0, "dpdfd", f"teacher-{i}")))
         train_s = time.time() - t0
         logits = torch.cat([rel.teacher_logits(teachers, xv[i:i + 1000]) for i in range(0, len(xv), 1000)], dim=1)
         single = (logits.argmax(-1) == yv).float().mean(1)
@@ -80,6 +81,7 @@ def main() -> None:
         for _ in range(5):
             rel.teacher_logits(teachers, batch)
         row = {"teachers": count, "shard_images": round(len(private) / count), "teacher_epochs": ep,
+               "teacher_steps": steps, "teacher_batch": cfg.teacher_batch,
                "teacher_channels": list(cfg.teacher_channels), "teacher_hidden": cfg.teacher_hidden,
                "single_mean": round(float(single.mean()), 4), "single_min": round(float(single.min()), 4),
                "ensemble": round(ensemble, 4), "train_s": round(train_s, 1),

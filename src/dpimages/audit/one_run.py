@@ -293,7 +293,6 @@ def _run_gaussian_release(size: AuditSize, included: np.ndarray, variant: str, n
     from dpimages.methods.dpdfd import release as dfd
 
     m = size.canaries
-    sensitivity = 2.0 * CLIP  # a teacher's term of norm C moves by at most 2C
     directions = _unit_rows(m, size.dim, gen)
     sign = torch.from_numpy(np.where(included, 1.0, -1.0))
     rows = CANARY_NORM * torch.cat([_unit_rows(size.base, size.dim, gen), sign[:, None] * directions])
@@ -303,10 +302,9 @@ def _run_gaussian_release(size: AuditSize, included: np.ndarray, variant: str, n
         value = dfd.aggregate(rows, CLIP)
     if variant == "broken-sensitivity":  # canary teachers count 10 times in the sum
         value = value + (SENSITIVITY_FACTOR - 1) * CLIP * (sign[:, None] * directions).sum(0)
-    sigma = calibrate_gaussian(epsilon, delta)
     ledger = PrivacyLedger(epsilon, delta)
-    release = mech.gaussian_release(value, sensitivity=sensitivity, noise_multiplier=sigma, ledger=ledger,
-                                    noise=noise, label="audit ensemble release")
+    release = dfd.release_update(value, clip_norm=CLIP, noise_multiplier=dfd.calibrate_steps(epsilon, delta, 1),
+                                 ledger=ledger, noise=noise)  # the method's own release: declared sensitivity 2C
 
     def score(released: torch.Tensor) -> np.ndarray:
         return (directions @ released).numpy()

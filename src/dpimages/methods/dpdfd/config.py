@@ -38,8 +38,8 @@ class DPDFDConfig(RunControl):
     teachers: int = 400  # M shards of the private data (keyed hash of each image), one teacher each
     teacher_channels: tuple[int, ...] = (16, 32)
     teacher_hidden: int = 32
-    teacher_epochs: int = 40  # per teacher (a shard has about N / teachers images)
-    teacher_batch: int = 128
+    teacher_epochs: int = 40  # passes over a shard's worth: every teacher takes ceil(epochs N / (teachers batch))
+    teacher_batch: int = 64  # steps of this many images drawn with replacement from its shard (same work per shard)
     teacher_lr: float = 2e-3
     # student: the DP classifier (SmallCNN, GroupNorm)
     student_channels: tuple[int, ...] = (16, 32)

@@ -226,12 +226,13 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         shards = rel.shard_of(private.images, private.labels, cfg.teachers,
                               key=ctx.generator("shards").initial_seed())
         images, labels = private.to_tensor(self.device), private.label_tensor(self.device)
+        steps = rel.teacher_steps(cfg.teacher_epochs, len(private), cfg.teachers, cfg.teacher_batch)  # N is public
         teachers = []
         for i in tqdm(range(cfg.teachers), desc="dpdfd teachers", disable=not ctx.progress, leave=False):
             idx = torch.from_numpy(np.flatnonzero(shards == i)).to(self.device)
             with ctx.seeded_init(f"teacher-{i}"):
                 teacher = self.new_teacher().to(self.device)
-            teachers.append(rel.train_teacher(teacher, images[idx], labels[idx], epochs=cfg.teacher_epochs,
+            teachers.append(rel.train_teacher(teacher, images[idx], labels[idx], steps=steps,
                                               batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
                                               generator=ctx.generator(f"teacher-{i}")))
         self.train_info["teacher_s"] = float(self.train_info.get("teacher_s", 0.0)) + time.time() - t0
@@ -292,7 +293,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
             update = rel.ensemble_gradient(student, teachers, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
                                              temperature=cfg.temperature, space=cfg.release_space)
             noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
-                                       noise=ctx.noise)
+                                       noise=ctx.noise).to(x.dtype)  # float64 release, float32 training
             del update
             # post-processing: the released vector (outputs: through J^T of the public student) as the step
             rel.set_gradients(s_params, rel.backprop_released(student, x, noisy, cfg.clip_norm) if outputs

@@ -78,25 +78,34 @@ def shard_of(images: np.ndarray, labels: np.ndarray, shards: int, key: int) -> n
     return out
 
 
-def train_teacher(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
-                  lr: float, generator: torch.Generator) -> nn.Module:
-    """Non-private training on (a shard of) the private data (Adam, cross-entropy); returns the model frozen.
+def teacher_steps(epochs: int, dataset_size: int, teachers: int, batch_size: int) -> int:
+    """Optimiser steps of every teacher: ``ceil(epochs * N / (teachers * batch_size))``, N the private set's size.
 
-    Nothing about this training (loss, accuracy, weights, the number of
-    images) is returned or logged. An empty shard leaves the model as
-    initialised.
+    N is public, so every teacher does the same work whatever its shard's
+    size: the run's compute and time do not depend on the shard sizes.
+    """
+    return max(1, math.ceil(epochs * dataset_size / (teachers * batch_size)))
+
+
+def train_teacher(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
+                  lr: float, generator: torch.Generator) -> nn.Module:
+    """Non-private training on (a shard of) the private data; returns the model frozen, in eval mode.
+
+    `steps` Adam steps on cross-entropy, each on `batch_size` images drawn
+    uniformly with replacement from the shard: the same work for every shard
+    size (an empty shard, which has probability about exp(-N / teachers),
+    leaves the model as initialised). Nothing about this training (loss,
+    accuracy, weights, the number of images) is returned or logged.
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     n = images.shape[0]
-    for _ in range(epochs if n else 0):
-        order = torch.randperm(n, generator=generator).to(images.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for _ in range(steps if n else 0):
+        idx = torch.randint(n, (batch_size,), generator=generator).to(images.device)
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     model.eval()
     model.requires_grad_(False)
     return model
@@ -118,15 +127,21 @@ def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def normalise(vector: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """`vector` scaled to L2 norm exactly `clip_norm` (a zero vector stays zero: norm <= C either way)."""
-    return normalise_rows(vector[None], clip_norm)[0]
+    """`vector` scaled to L2 norm `clip_norm`, in its own dtype (a zero or non-finite vector becomes zero)."""
+    return normalise_rows(vector[None], clip_norm)[0].to(vector.dtype)
 
 
 def normalise_rows(rows: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Every row of (T, D) `rows` scaled to L2 norm exactly `clip_norm` (zero rows stay zero)."""
-    norms = rows.norm(dim=1, keepdim=True)
-    return torch.where(norms > 0, rows * (clip_norm / norms.clamp_min(torch.finfo(rows.dtype).tiny)),
-                       torch.zeros_like(rows))
+    """Every row of (T, D) `rows` scaled to L2 norm `clip_norm`, in float64 (the result's dtype).
+
+    Norms are taken in float64 (no underflow for float32 rows), so a scaled
+    row's norm is C up to float64 rounding (relative 1e-15). Rows that are
+    zero or hold a non-finite entry become zero rows (norm 0 <= C).
+    """
+    rows = rows.to(torch.float64)
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    usable = torch.isfinite(norms) & (norms > 0)
+    return torch.where(usable, rows / torch.where(usable, norms, 1.0) * clip_norm, 0.0)
 
 
 def teacher_logits(teachers: Sequence[nn.Module], images: torch.Tensor) -> torch.Tensor:
@@ -201,7 +216,10 @@ def backprop_released(student: nn.Module, images: torch.Tensor, released: torch.
 
 def release_update(normalised: torch.Tensor, *, clip_norm: float, noise_multiplier: float, ledger: PrivacyLedger,
                    noise: NoiseSource) -> torch.Tensor:
-    """The noisy update: `normalised` + N(0, (2 C s)^2 I), recorded in the ledger first (sensitivity 2C)."""
+    """The noisy update: `normalised` + N(0, (2 C s)^2 I), recorded in the ledger first (sensitivity 2C).
+
+    `normalised` is `aggregate`'s float64 sum; the noise is drawn in its dtype.
+    """
     return gaussian_release(normalised, sensitivity=2.0 * clip_norm, noise_multiplier=noise_multiplier,
                             ledger=ledger, noise=noise, label=RELEASE_LABEL)
 
