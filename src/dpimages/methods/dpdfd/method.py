@@ -130,7 +130,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
     name = "dpdfd"
     Config = DPDFDConfig
     description = ("DP data-free distillation: teachers on disjoint shards, a DP student from their summed "
-                   "normalised noisy distillation gradients; generator")
+                   "normalised noisy distillation gradients; generator. Delivers a useful student, not realistic "
+                   "images (Fashion-MNIST cpu, eps 10 / 1: student 59% / 37%, CNN on its images 62% / 37%)")
     device_modules = ("generator", "student")
 
     def __init__(self, config: DPDFDConfig) -> None:
