@@ -5,7 +5,7 @@ Presets change sizes only (never code paths):
 * ``smoke``: tiny networks and a handful of steps; for tests, no quality claim.
 * ``cpu``: the whole fit within 30 minutes on 2 CPU cores (Fashion-MNIST,
   55,000 images): 400 teachers (SmallCNN (16, 32), hidden 32, 40 epochs on
-  about 138 images each), 2,000 noisy student steps releasing the logit
+  about 138 images each), 1,000 noisy student steps releasing the logit
   gradient of synthetic batches of 16 from a small generator. T and the
   teacher size were chosen on Fashion-MNIST (teacher curve on its validation
   split, student test accuracy of short runs: docs/dpdfd.md).
@@ -47,7 +47,7 @@ class DPDFDConfig(RunControl):
     student_lr: float = 0.01
     student_momentum: float = 0.9
     # the released update: distillation gradient normalised to clip_norm, Gaussian noise
-    steps: int = 2000  # student steps = Gaussian releases (sets the noise multiplier)
+    steps: int = 1000  # student steps = Gaussian releases (sets the noise multiplier)
     clip_norm: float = 1.0
     # "outputs": release the gradient w.r.t. the student's logits on the batch (B x K entries) and backpropagate
     # the noisy vector; "parameters": release the gradient w.r.t. all student parameters (d entries)
