@@ -131,7 +131,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
     Config = DPDFDConfig
     description = ("DP data-free distillation: teachers on disjoint shards, a DP student from their summed "
                    "normalised noisy distillation gradients; generator. Delivers a useful student, not realistic "
-                   "images (Fashion-MNIST cpu, eps 10 / 1: student 59% / 37%, CNN on its images 62% / 37%)")
+                   "images (Fashion-MNIST cpu, eps 10 / 1: student 58% / 50%, CNN on its images 58% / 46%)")
     device_modules = ("generator", "student")
 
     def __init__(self, config: DPDFDConfig) -> None:
