@@ -1,9 +1,8 @@
 """DPDFD teacher ensembles: accuracy versus the number of teachers T on the validation split.
 
-For each T, the private split (``fashion-mnist``, 55,000 images) is sharded
-exactly as `dpimages fit dpdfd teachers=T` shards it (`release.shard_of`,
-keyed hash of each image) and one teacher is trained per shard with the
-method's own `release.train_teacher`. Printed and written per T: the mean and
+For each T, the teachers of `dpimages fit dpdfd teachers=T --seed 0` are
+trained by the method's own `DPDFD._train_teachers` (sharding by a keyed
+hash of each image, one teacher per shard). Printed and written per T: the mean and
 minimum single-teacher accuracy and the ensemble's accuracy (mean of the
 teachers' softmax) on ``fashion-mnist:val`` (5,000 held-out training images,
 used for choosing the preset; never part of a run), teacher training time,
@@ -27,13 +26,12 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dpimages.api import create
+from dpimages.api import FitContext, create
 from dpimages.data import load
 from dpimages.methods.dpdfd import release as rel
-from dpimages.seeds import stream_generator, stream_seed
+from dpimages.privacy import NoiseSource, PrivacyLedger
 
 
 def epochs_for(teachers: int, base: int, cap: int) -> int:
@@ -56,22 +54,14 @@ def main() -> None:
     overrides = dict(kv.split("=", 1) for kv in args.overrides)
     private, val = load("fashion-mnist"), load("fashion-mnist:val")
     xv, yv = val.to_tensor(), val.label_tensor()
-    images, labels = private.to_tensor(), private.label_tensor()
     rows = []
     for count, ep in zip(counts, epochs, strict=True):
         synth = create("dpdfd", preset="cpu", **overrides, teachers=count, teacher_epochs=ep)
-        synth.num_classes, synth.image_shape = private.num_classes, private.image_shape
+        ctx = FitContext(PrivacyLedger(1.0, 1e-5), NoiseSource(), seed=0, progress=False, method="dpdfd")
+        synth.begin_fit(private, ctx)
         cfg = synth.config
         t0 = time.time()
-        shards = rel.shard_of(private.images, private.labels, count, key=stream_seed(0, "dpdfd", "shards"))
-        steps = rel.teacher_steps(ep, len(private), count, cfg.teacher_batch)
-        teachers = []
-        for i in range(count):  # the seeds of `DPDFD._train_teachers` under --seed 0
-            torch.manual_seed(stream_seed(0, "dpdfd", f"teacher-{i}"))
-            idx = torch.from_numpy(np.flatnonzero(shards == i))
-            teachers.append(rel.train_teacher(synth.new_teacher(), images[idx], labels[idx], steps=steps,
-                                              batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
-                                              generator=stream_generator(0, "dpdfd", f"teacher-{i}")))
+        teachers = synth._train_teachers(private, ctx, 0)  # the fit's own sharding, seeds and teacher loop
         train_s = time.time() - t0
         logits = torch.cat([rel.teacher_logits(teachers, xv[i:i + 1000]) for i in range(0, len(xv), 1000)], dim=1)
         single = (logits.argmax(-1) == yv).float().mean(1)
@@ -81,7 +71,8 @@ def main() -> None:
         for _ in range(5):
             rel.teacher_logits(teachers, batch)
         row = {"teachers": count, "shard_images": round(len(private) / count), "teacher_epochs": ep,
-               "teacher_steps": steps, "teacher_batch": cfg.teacher_batch,
+               "teacher_steps": rel.teacher_steps(ep, len(private), count, cfg.teacher_batch),
+               "teacher_batch": cfg.teacher_batch,
                "teacher_channels": list(cfg.teacher_channels), "teacher_hidden": cfg.teacher_hidden,
                "single_mean": round(float(single.mean()), 4), "single_min": round(float(single.min()), 4),
                "ensemble": round(ensemble, 4), "train_s": round(train_s, 1),

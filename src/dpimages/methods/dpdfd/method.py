@@ -283,7 +283,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         s_params = [p for p in student.parameters() if p.requires_grad]
         g_params = list(gen.parameters())
         outputs = cfg.release_space == "outputs"
-        scale = rel.update_scale(cfg.clip_norm, sigma, sum(p.numel() for p in s_params), cfg.teachers)  # parameters
+        scale = float(self.train_info["update_scale"])  # the parameters release's public step scale
         student.train()
         gen.train()
 
@@ -292,7 +292,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
             with torch.no_grad():
                 x = gen(z, y)
             update = rel.ensemble_gradient(student, teachers, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
-                                             temperature=cfg.temperature, space=cfg.release_space)
+                                           temperature=cfg.temperature, space=cfg.release_space)
             noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
                                        noise=ctx.noise).to(x.dtype)  # float64 release, float32 training
             del update
