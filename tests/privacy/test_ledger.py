@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import dp_accounting
 import pytest
@@ -38,6 +39,20 @@ def test_pld_delta_matches_reference_value():
 def test_rdp_matches_opacus_reference():
     # Opacus' RDP accountant: sigma 1.5, q 0.04, 2,250 steps, delta 1e-5 -> about 7.33
     assert epsilon_rdp([PrivacyEvent.subsampled_gaussian(1.5, 0.04, 2250)], 1e-5) == pytest.approx(7.33, abs=0.02)
+
+
+def test_rdp_cross_check_keeps_the_terminal_readable(caplog):
+    # q = 1/3 with a small sigma: dp-accounting logs a warning for each order whose series does not converge
+    event = PrivacyEvent.subsampled_gaussian(0.6279, 1 / 3, 8)
+    caplog.set_level(logging.WARNING)
+    direct = rdp_privacy_accountant.RdpAccountant([1.5, 1.7], dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    direct.compose(dp_accounting.SelfComposedDpEvent(event.single_dp_event(), 8))
+    direct.get_epsilon(1e-3)
+    assert [r for r in caplog.records if r.name == "absl"]  # the case does warn
+    caplog.clear()
+    assert epsilon_rdp([event], 1e-3) > 0
+    assert not [r for r in caplog.records if r.name == "absl"]
+    assert logging.getLogger("absl").level == logging.NOTSET  # restored
 
 
 def test_count_expansion_equals_repeated_composition():
