@@ -6,32 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import dpimages
 from dpimages.cli import main
 from dpimages.data import load
+from dpimages.data.toy import SHAPE_CLASSES, toy_shapes
+from dpimages.data.writers import save_folder
 
-CLASSES = ("circle", "square", "stripes")
+CLASSES = SHAPE_CLASSES
 
 
 def rgb_folder(root: Path, per_class: int, seed: int) -> Path:
     """32x32 RGB PNGs in one sub-folder per class: a red disc, a green square, blue stripes, with noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:32, :32]
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            img = rng.integers(0, 40, (32, 32, 3))
-            cy, cx = rng.integers(12, 20, 2)
-            if c == 0:
-                img[(yy - cy) ** 2 + (xx - cx) ** 2 < 49, 0] = 220
-            elif c == 1:
-                img[cy - 6 : cy + 6, cx - 6 : cx + 6, 1] = 220
-            else:
-                img[(xx // 4) % 2 == 0, 2] = 220
-            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
+    return save_folder(toy_shapes(per_class, 32, seed), root)
 
 
 def test_folder_of_rgb_images_to_shareable_pngs_and_back(tmp_path, capsys):

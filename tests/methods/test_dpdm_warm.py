@@ -13,6 +13,7 @@ from tests.methods.test_dpdm import dpimages
 
 from dpimages.api import create
 from dpimages.data import ImageData
+from dpimages.data.toy import toy_shapes
 from dpimages.errors import InputError
 from dpimages.methods.dpdm import warm
 from dpimages.methods.dpdm.config import DPDMConfig
@@ -144,6 +145,50 @@ def test_bad_warm_start_settings_exit_2_and_spend_nothing(tiny_npz, tmp_path):
                        "--run-dir", str(run), *args, env_cache=cache)
         assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
         assert not (run / "privacy.json").exists() or PrivacyLedger.load(run / "privacy.json").events == []
+
+
+def private_shapes(kept: list[int], names: list[str], per_class: int, seed: int) -> ImageData:
+    """Private images that look like some public classes (toy shapes `kept`) under other class names."""
+    d = toy_shapes(per_class, 32, seed)
+    keep = np.isin(d.labels, kept)
+    return ImageData(d.images[keep], np.searchsorted(kept, d.labels[keep]), names, "private shapes")
+
+
+def test_public_selection_is_one_histogram_at_the_stage_share_and_only_for_foreign_classes():
+    cfg = create("dpdm", "smoke", warm_start="public", warm_share=0.25).config
+    private, public = private_shapes([1, 2], ["coat", "shirt"], 50, 1), toy_shapes(20, 32, 2)
+    stage = warm.plan(cfg, private, public, 4.0, 1e-5)
+    (e,) = stage.events
+    assert (e.kind, e.steps, e.noise_multiplier, stage.select_keep) == ("gaussian", 1, stage.select_noise, 2)
+    assert 1.0 * 0.98 <= pld([e], 1e-5) <= 1.0 * 1.001  # the histogram alone meets its share
+    assert warm.plan(cfg, public, public, 4.0, 1e-5).events == []  # same classes: labels used, no release
+    none = create("dpdm", "smoke", warm_start="public", public_classes=0).config
+    assert warm.plan(none, private, public, 4.0, 1e-5).events == []
+    with pytest.raises(InputError, match="public_classes 4"):
+        warm.plan(create("dpdm", "smoke", warm_start="public", public_classes=4).config, private, public, 4.0, 1e-5)
+
+
+def test_public_selection_keeps_the_classes_the_private_images_look_like(tmp_path):
+    cache = str(tmp_path / "cache")
+    private, public = private_shapes([0, 2], ["coat", "shirt"], 100, 1), toy_shapes(100, 32, 2)
+    paths = {}
+    for name, d in (("private", private), ("public", public)):
+        paths[name] = tmp_path / f"{name}.npz"
+        np.savez(paths[name], images=d.images, labels=d.labels, classes=np.array(d.classes))
+    run = tmp_path / "run"
+    res = dpimages("fit", "dpdm", "--data", f"npz:{paths['private']}", "--public", f"npz:{paths['public']}",
+                   "--epsilon", "20", "--delta", "1e-3", "--preset", "smoke", "--run-dir", str(run),
+                   "--insecure-seeded-noise", "warm_start=public", "warm_share=0.5", "public_classes=2",
+                   env_cache=cache)
+    assert res.returncode == 0, res.stderr
+    events = merge_events(PrivacyLedger.load(run / "privacy.json").events)
+    assert [e.label for e in events] == [warm.SELECT_LABEL, "dpdm"]  # the selection first, once
+    assert 20.0 * 0.98 <= pld(events, 1e-3) <= 20.0 * 1.001
+    report = (run / "report.md").read_text()
+    assert "circle, stripes" in report or "stripes, circle" in report
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (done,) = [m for m in metrics if m.get("event") == "warm_start_done"]
+    assert done["images"] == 200  # pretrained on those classes alone
 
 
 def test_planned_events_need_no_pixels_and_other_methods_refuse_to_be_a_stage():

@@ -344,6 +344,21 @@ def train_conv_trunk(
     public_images: torch.Tensor,
     public_labels: torch.Tensor,
     num_classes: int,
+    **options: Any,
+) -> tuple[ConvTrunk, dict[str, Any]]:
+    """Train a `ConvClassifier` on *public* images (N, C, H, W) in [-1, 1]; return its trunk and facts.
+
+    Never call this on private data: the result is used as a public
+    feature extractor with no privacy accounting. `options` are those of `train_conv_classifier`.
+    """
+    classifier, facts = train_conv_classifier(public_images, public_labels, num_classes, **options)
+    return classifier.trunk, facts
+
+
+def train_conv_classifier(
+    public_images: torch.Tensor,
+    public_labels: torch.Tensor,
+    num_classes: int,
     *,
     channels: Sequence[int] = (32, 64, 128),
     kernel: int = 3,
@@ -354,23 +369,23 @@ def train_conv_trunk(
     seed: int = 0,
     val_fraction: float = 0.1,
     log: Any = None,
-) -> tuple[ConvTrunk, dict[str, Any]]:
-    """Train a `ConvClassifier` on *public* images (N, C, H, W) in [-1, 1]; return its trunk and facts.
+) -> tuple[ConvClassifier, dict[str, Any]]:
+    """Train a `ConvClassifier` (trunk and head) on *public* images (N, C, H, W) in [-1, 1]; return it and facts.
 
-    Never call this on private data: the result is used as a public
-    feature extractor with no privacy accounting.
+    Never call this on private data: the classifier is public (no privacy accounting); a private image may only
+    meet it inside a `dpimages.privacy` mechanism.
     """
     if public_images.ndim != 4 or public_labels.shape != (public_images.shape[0],):
         raise InputError(f"public images must be (N, C, H, W) with labels (N,), got {tuple(public_images.shape)} "
                          f"and {tuple(public_labels.shape)}")
     with seeded_init(seed):  # module initialisation from the seed; the caller's global RNG state is restored
-        return _train_conv_trunk(public_images, public_labels, num_classes, channels, kernel, act, epochs,
-                                 batch_size, lr, seed, val_fraction, log)
+        return _train_conv_classifier(public_images, public_labels, num_classes, channels, kernel, act, epochs,
+                                      batch_size, lr, seed, val_fraction, log)
 
 
-def _train_conv_trunk(public_images: torch.Tensor, public_labels: torch.Tensor, num_classes: int,
-                      channels: Sequence[int], kernel: int, act: str, epochs: int, batch_size: int, lr: float,
-                      seed: int, val_fraction: float, log: Any) -> tuple[ConvTrunk, dict[str, Any]]:
+def _train_conv_classifier(public_images: torch.Tensor, public_labels: torch.Tensor, num_classes: int,
+                           channels: Sequence[int], kernel: int, act: str, epochs: int, batch_size: int, lr: float,
+                           seed: int, val_fraction: float, log: Any) -> tuple[ConvClassifier, dict[str, Any]]:
     g = torch.Generator().manual_seed(int(seed))
     n = public_images.shape[0]
     order = torch.randperm(n, generator=g)
@@ -404,7 +419,8 @@ def _train_conv_trunk(public_images: torch.Tensor, public_labels: torch.Tensor, 
                               for i in range(0, n_val, 500)])
         facts["public_val_accuracy"] = float((pred == public_labels[val_idx]).float().mean())
         facts["public_val_size"] = int(n_val)
-    return trunk, facts
+    model.eval()
+    return model, facts
 
 
 def save_feature_net(out_dir: str | Path, trunk: Trunk, meta: dict[str, Any] | None = None) -> Path:

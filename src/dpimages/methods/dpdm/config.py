@@ -78,6 +78,12 @@ class DPDMConfig(RunControl):
     warm_batch: int = 256
     warm_lr: float = 1e-3
     warm_ema: float = 0.999
+    # warm_start=public with labelled public images of other classes (PrivImage's selection): pretrain on the
+    # top public_classes of one noisy histogram of the private images' predicted public classes (-1: half of
+    # the public classes, rounded up; 0: all public images, no release); the classifier is trained on the public
+    # images alone, for select_epochs
+    public_classes: int = -1
+    select_epochs: int = 3
     central_batch: int = 11000  # expected Poisson batch of each central-image release (rate central_batch / N)
     central_releases: int = 10  # central images per class
     central_size: int = 14  # central images are released at central_size x central_size pixels
@@ -137,6 +143,8 @@ class DPDMConfig(RunControl):
                         at_least(1)),
         **dict.fromkeys(("warm_epochs", "warm_lr", "central_kappa"), positive()),
         "warm_share": in_range(0.0, 1.0, "neither"),
+        "public_classes": at_least(-1, "(-1: half the public classes; 0: all, no release)"),
+        "select_epochs": at_least(1),
         "warm_ema": in_range(0.0, 1.0),
         "warm_start": one_of("none", "central", "dp-mepf", "public"),
         "warm_preset": one_of("smoke", "cpu", "gpu", "gpu-short"),

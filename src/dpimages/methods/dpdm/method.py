@@ -106,7 +106,11 @@ def warm_report(info: dict[str, Any], cfg: DPDMConfig) -> list[str]:
                    f"{info.get('central_rate', 0.0):.4g}, noise multiplier {info.get('central_noise', 0.0):.4g}",
         "dp-mepf": f"a DP-MEPF prior (preset {cfg.warm_preset}) fitted on the private data; "
                    f"{cfg.warm_images:,} of its samples",
-        "public": "the public images (no privacy cost)",
+        "public": (f"the public images of the {info.get('select_keep')} public classes chosen by one noisy "
+                   f"histogram of the private images' predicted public classes (noise multiplier "
+                   f"{info.get('select_noise', 0.0):.4g}, sensitivity 1): "
+                   f"{', '.join(map(str, info.get('selected_classes', [])))}" if info.get("select_keep")
+                   else "the public images (no privacy cost)"),
     }[mode]
     pre = info.get("pretrain", {})
     lines = [f"- Warm start `{mode}`: {what}. Pretraining (post-processing, no privacy cost): "
@@ -281,6 +285,8 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
                                log=log)
         model.load_state_dict(ema.state_dict())  # DP-SGD starts from the pretrained EMA weights
         self.train_info["warm"].update(images=int(images.shape[0]), conditional=labels is not None, pretrain=facts)
+        if stage.selected:
+            self.train_info["warm"]["selected_classes"] = stage.selected
         if stage.prior is not None:
             self.train_info["warm"]["prior"] = getattr(stage.prior.synthesizer, "train_info", {})
         if ctx.run is not None:

@@ -18,10 +18,16 @@ Modes (``warm_start``):
 * ``dp-mepf`` (ours): a DP-MEPF fit (`dpimages.methods.dp_mepf`, at preset
   ``warm_preset``) calibrated to the stage's share of epsilon; its samples
   (post-processing) pretrain the U-Net class-conditionally.
-* ``public`` (PrivImage-like, without its DP class selection): the public
-  images (``--public``) pretrain the U-Net, with their labels when their
-  class names are the private ones, else under the null label. No privacy
-  cost.
+* ``public`` (PrivImage-like): the public images (``--public``) pretrain
+  the U-Net, with their labels when their class names are the private ones
+  (no privacy cost). When they are labelled with other classes, PrivImage's
+  selection (Li et al. 2024) picks which of them to pretrain on: a conv
+  classifier trained on the public images alone predicts each private
+  image's public class, and ONE Gaussian histogram of those predictions is
+  released (add/remove one image moves one bin by 1: L2 sensitivity 1),
+  calibrated to the stage's share; the ``public_classes`` classes with the
+  largest noisy counts (post-processing) are kept and pretrain the U-Net
+  under the null label. ``public_classes=0``: all public images, no release.
 
 Joint plan: the stage's events are fixed from public facts before any
 private access (`WarmStart.events`; ``warm_share`` of epsilon, calibrated
@@ -46,12 +52,14 @@ from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.prior import Prior, fit_prior, plan_prior
+from dpimages.nets.features import train_conv_classifier
 from dpimages.privacy import PrivacyEvent, calibrate
 from dpimages.privacy.dpsgd import PoissonSampler
-from dpimages.privacy.mechanisms import clipped_gaussian_class_sums
+from dpimages.privacy.mechanisms import clipped_gaussian_class_sums, noisy_histogram
 from dpimages.seeds import stream_seed
 
 CENTRAL_LABEL = "dpdm warm start: per-class sums of downsampled images and counts (central images)"
+SELECT_LABEL = "dpdm warm start: histogram of the private images' predicted public classes (class selection)"
 WARM_STARTS = ("none", "central", "dp-mepf", "public")
 
 
@@ -65,11 +73,27 @@ class WarmStart:
     prior: Prior | None = None
     central_noise: float = 0.0
     central_rate: float = 0.0
+    select_noise: float = 0.0  # the class-selection histogram's noise multiplier (0: no selection)
+    select_keep: int = 0  # public classes kept by the selection
+    selected: list[str] = field(default_factory=list)  # their names, once chosen (post-processing of the release)
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "epsilon_share": self.epsilon, "events": [e.label for e in self.events],
                 **({"central_noise": self.central_noise, "central_rate": self.central_rate}
-                   if self.mode == "central" else {})}
+                   if self.mode == "central" else {}),
+                **({"select_noise": self.select_noise, "select_keep": self.select_keep} if self.select_keep else {})}
+
+
+def selection_size(cfg: DPDMConfig, private: ImageData, public: ImageData) -> int:
+    """How many public classes the selection keeps; 0 when there is no selection (public facts only)."""
+    foreign = public.labels is not None and list(public.classes) != list(private.classes)
+    if not foreign or cfg.public_classes == 0:
+        return 0
+    keep = math.ceil(public.num_classes / 2) if cfg.public_classes < 0 else cfg.public_classes
+    if keep > public.num_classes:
+        raise InputError(f"public_classes {cfg.public_classes} is more than the public data's "
+                         f"{public.num_classes} classes")
+    return keep
 
 
 def central_clip(cfg: DPDMConfig, channels: int) -> float:
@@ -98,7 +122,13 @@ def plan(cfg: DPDMConfig, private: ImageData, public: ImageData | None, epsilon:
         if public.image_shape != private.image_shape:
             raise InputError(f"warm_start=public: public images are {public.image_shape} (H, W, C), the private "
                              f"ones {private.image_shape}")
-        return WarmStart(mode)
+        keep = selection_size(cfg, private, public)
+        if not keep:
+            return WarmStart(mode)
+        share = cfg.warm_share * epsilon
+        noise = calibrate(lambda s: [PrivacyEvent.gaussian(s, 1, SELECT_LABEL)], share, delta)
+        return WarmStart(mode, share, [PrivacyEvent.gaussian(noise, 1, SELECT_LABEL)], select_noise=noise,
+                         select_keep=keep)
     share = cfg.warm_share * epsilon
     if mode == "dp-mepf":
         prior = plan_prior(cfg.warm_preset, private, public, share, delta)
@@ -122,6 +152,8 @@ def run_stage(warm: WarmStart, cfg: DPDMConfig, private: ImageData, public: Imag
     """
     if warm.mode == "public":
         assert public is not None
+        if warm.select_keep:
+            return selected_public_images(warm, cfg, private, public, ctx), None
         same = list(public.classes) == list(private.classes) and public.labels is not None
         return public.to_tensor(), (public.label_tensor() if same else None)
     if warm.mode == "dp-mepf":
@@ -152,3 +184,27 @@ def central_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData,
         images.append(F.interpolate(means, size=(h, w), mode="bilinear", align_corners=False) * 2.0 - 1.0)
         labels.append(torch.arange(k))
     return torch.cat(images), torch.cat(labels)
+
+
+def selected_public_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData, public: ImageData,
+                           ctx: FitContext) -> torch.Tensor:
+    """PrivImage's selection: the public images of the `select_keep` public classes the private data resembles most.
+
+    A conv classifier trained on the public images alone (no private data) predicts each private image's public
+    class; the counts of those predictions are released once through `noisy_histogram` (sensitivity 1 under
+    add/remove of one image, noise multiplier `select_noise`, recorded in the ledger before the noise is drawn).
+    The classes with the largest noisy counts are chosen from the release alone (post-processing). Returns the
+    chosen classes' public images (M, C, H, W) in [-1, 1] and sets ``warm.selected`` to their names.
+    """
+    classifier, _ = train_conv_classifier(
+        public.to_tensor(), public.label_tensor(), public.num_classes, channels=(32, 64), epochs=cfg.select_epochs,
+        seed=stream_seed(ctx.seed, "dpdm", "select-classifier"))
+    x = private.to_tensor()
+    with torch.no_grad():
+        predicted = torch.cat([classifier(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+    noisy = noisy_histogram(predicted, public.num_classes, noise_multiplier=warm.select_noise, ledger=ctx.ledger,
+                            noise=ctx.noise, label=SELECT_LABEL)
+    chosen = torch.argsort(noisy, descending=True, stable=True)[: warm.select_keep]
+    keep = torch.isin(public.label_tensor(), chosen)
+    warm.selected = [public.classes[int(c)] for c in chosen]
+    return public.to_tensor()[keep]
