@@ -32,6 +32,7 @@ def test_pe_over_a_dp_prior_spends_the_prior_once_then_the_votes_and_resumes_wit
         "trained_on"]
     report = (run / "report.md").read_text()
     assert "DP prior (`api=dp-prior`)" in report and "share 0.3" in report
+    assert "(post-processing: no further privacy cost)" in report and "(None)" not in report
 
     # the same run resumed from its finished checkpoint spends nothing more and keeps its API
     before = (run / "privacy.json").read_text()

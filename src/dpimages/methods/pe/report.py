@@ -16,9 +16,11 @@ from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 def _api_text(api: dict[str, Any]) -> str:
     if api.get("kind") == "diffusion":
         arch = api.get("arch") or {}
+        fingerprint = api.get("public_fingerprint")
+        source = (f"without privacy on the public set **{api.get('trained_on')}** ({fingerprint})" if fingerprint
+                  else f"on **{api.get('trained_on')}** (post-processing: no further privacy cost)")
         return (f"our own EDM U-Net diffusion model ({api.get('parameters') or '?'} parameters, channels "
-                f"{arch.get('channels')}, multipliers {arch.get('channel_mult')}) trained without privacy "
-                f"on the public set **{api.get('trained_on')}** ({api.get('public_fingerprint')}), loaded "
+                f"{arch.get('channels')}, multipliers {arch.get('channel_mult')}) trained {source}, loaded "
                 f"from `{api.get('path')}` ({api.get('sha256')}); random: {api.get('sampler')} sampler, "
                 f"{api.get('sample_steps')} steps; variation: SDEdit from sigma(degree), "
                 f"ceil(degree x {api.get('variation_steps')}) steps")
