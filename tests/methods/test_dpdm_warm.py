@@ -164,6 +164,8 @@ def test_public_selection_is_one_histogram_at_the_stage_share_and_only_for_forei
     assert warm.plan(cfg, public, public, 4.0, 1e-5).events == []  # same classes: labels used, no release
     none = create("dpdm", "smoke", warm_start="public", public_classes=0).config
     assert warm.plan(none, private, public, 4.0, 1e-5).events == []
+    every = create("dpdm", "smoke", warm_start="public", public_classes=3).config
+    assert warm.plan(every, private, public, 4.0, 1e-5).events == []  # keeping all three needs no release
     with pytest.raises(InputError, match="public_classes 4"):
         warm.plan(create("dpdm", "smoke", warm_start="public", public_classes=4).config, private, public, 4.0, 1e-5)
 

@@ -93,7 +93,7 @@ def selection_size(cfg: DPDMConfig, private: ImageData, public: ImageData) -> in
     if keep > public.num_classes:
         raise InputError(f"public_classes {cfg.public_classes} is more than the public data's "
                          f"{public.num_classes} classes")
-    return keep
+    return 0 if keep == public.num_classes else keep  # keeping every class needs no release
 
 
 def central_clip(cfg: DPDMConfig, channels: int) -> float:
