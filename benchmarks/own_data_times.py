@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -130,7 +131,10 @@ def time_method(method: str, size: int, folders: dict, work: Path, minutes: floa
     outside = max(0.0, first["wall_s"] - sum(b["elapsed_s"] for b in first["bars"].values()))
     row["stages_s"] = {desc: round(stage_estimate(bar), 1) for desc, bar in stages.items()}
     row["outside_bars_s"] = round(outside, 1)
-    row.update(fit_s=round(sum(row["stages_s"].values()) + outside, 1), measured=False)
+    total = sum(row["stages_s"].values()) + outside
+    # a stage seen at step 0 has no rate yet: no estimate (None, not an infinite time)
+    row.update(fit_s=round(total, 1) if math.isfinite(total) else None, measured=False)
+    row["stages_s"] = {desc: (t if math.isfinite(t) else None) for desc, t in row["stages_s"].items()}
     return row
 
 
@@ -157,13 +161,15 @@ def main() -> None:
         for size in folders:
             for method in methods:
                 row = time_method(method, size, folders, work, args.minutes, args.threads)
-                how = "measured" if row["measured"] else "estimated from progress"
+                how = "measured" if row["measured"] else "estimated from progress; unbarred work after a stop not counted"
                 if row.get("stages_not_reached"):
                     how += f"; lower bound, not reached: {', '.join(row['stages_not_reached'])}"
-                print(f"{method:8s} {size}x{size}: {row['fit_s'] / 60:6.1f} min ({how})", flush=True)
+                minutes = "     ?" if row["fit_s"] is None else f"{row['fit_s'] / 60:6.1f}"
+                print(f"{method:8s} {size}x{size}: {minutes} min ({how})", flush=True)
                 rows.append(row)
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
-              "images": 3 * PER_CLASS, "minutes_per_run": args.minutes, "rows": rows}
+              "images": 3 * PER_CLASS, "minutes_per_run": args.minutes,
+              "minutes_scale": MINUTES_SCALE, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")

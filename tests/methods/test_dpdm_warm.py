@@ -166,8 +166,25 @@ def test_public_selection_is_one_histogram_at_the_stage_share_and_only_for_forei
     assert warm.plan(none, private, public, 4.0, 1e-5).events == []
     every = create("dpdm", "smoke", warm_start="public", public_classes=3).config
     assert warm.plan(every, private, public, 4.0, 1e-5).events == []  # keeping all three needs no release
+    unlabelled = ImageData(public.images, None, [], "unlabelled")
+    with pytest.raises(InputError, match="needs labelled public images"):
+        warm.plan(create("dpdm", "smoke", warm_start="public", public_classes=2).config, private, unlabelled, 4.0,
+                  1e-5)
     with pytest.raises(InputError, match="public_classes 4"):
         warm.plan(create("dpdm", "smoke", warm_start="public", public_classes=4).config, private, public, 4.0, 1e-5)
+
+
+def test_selection_histogram_of_neighbours_differs_in_one_bin_by_one():
+    from dpimages.nets.features import ConvClassifier, random_conv_trunk
+
+    classifier = ConvClassifier(random_conv_trunk(0, 3, (8, 16)), 3).eval()
+    data = private_shapes([0, 1, 2], ["a", "b", "c"], 20, 3)
+    full = torch.bincount(warm.predicted_classes(classifier, data), minlength=3)
+    for i in (0, 31, 59):
+        keep = np.arange(len(data)) != i
+        less = ImageData(data.images[keep], data.labels[keep], data.classes, "neighbour")
+        moved = full - torch.bincount(warm.predicted_classes(classifier, less), minlength=3)
+        assert moved.abs().sum() == 1 and moved.max() == 1  # one bin, by one
 
 
 def test_public_selection_keeps_the_classes_the_private_images_look_like(tmp_path):

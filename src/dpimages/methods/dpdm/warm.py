@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from dpimages.api import FitContext
 from dpimages.data import ImageData
+from dpimages.data.imagedata import to_unit_range
 from dpimages.errors import InputError
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.prior import Prior, fit_prior, plan_prior
@@ -86,6 +87,8 @@ class WarmStart:
 
 def selection_size(cfg: DPDMConfig, private: ImageData, public: ImageData) -> int:
     """How many public classes the selection keeps; 0 when there is no selection (public facts only)."""
+    if public.labels is None and cfg.public_classes > 0:
+        raise InputError(f"public_classes {cfg.public_classes} needs labelled public images; {public.name} has none")
     foreign = public.labels is not None and list(public.classes) != list(private.classes)
     if not foreign or cfg.public_classes == 0:
         return 0
@@ -199,12 +202,23 @@ def selected_public_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData,
     classifier, _ = train_conv_classifier(
         public.to_tensor(), public.label_tensor(), public.num_classes, channels=(32, 64), epochs=cfg.select_epochs,
         seed=stream_seed(ctx.seed, "dpdm", "select-classifier"))
-    x = private.to_tensor()
-    with torch.no_grad():
-        predicted = torch.cat([classifier(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+    predicted = predicted_classes(classifier, private)
     noisy = noisy_histogram(predicted, public.num_classes, noise_multiplier=warm.select_noise, ledger=ctx.ledger,
                             noise=ctx.noise, label=SELECT_LABEL)
-    chosen = torch.argsort(noisy, descending=True, stable=True)[: warm.select_keep]
+    present = torch.bincount(public.label_tensor(), minlength=public.num_classes) > 0  # public fact
+    chosen = torch.argsort(noisy.masked_fill(~present, -math.inf), descending=True, stable=True)
+    chosen = chosen[: min(warm.select_keep, int(present.sum()))]
     keep = torch.isin(public.label_tensor(), chosen)
     warm.selected = [public.classes[int(c)] for c in chosen]
     return public.to_tensor()[keep]
+
+
+def predicted_classes(classifier: torch.nn.Module, images: ImageData) -> torch.Tensor:
+    """The classifier's class of each image (N,), one image per forward pass.
+
+    A batch's composition could change the kernels' rounding and so another image's argmax; one pass per image
+    makes each prediction a function of its own image alone, so a histogram of them has sensitivity 1 exactly.
+    """
+    with torch.no_grad():
+        return torch.tensor([int(classifier(to_unit_range(torch.from_numpy(images.images[i : i + 1]))).argmax(1))
+                             for i in range(len(images))], dtype=torch.long)
