@@ -161,7 +161,7 @@ def main() -> None:
         for size in folders:
             for method in methods:
                 row = time_method(method, size, folders, work, args.minutes, args.threads)
-                how = "measured" if row["measured"] else "estimated from progress; unbarred work after a stop not counted"
+                how = "measured" if row["measured"] else "estimate; unbarred work after a stop not counted"
                 if row.get("stages_not_reached"):
                     how += f"; lower bound, not reached: {', '.join(row['stages_not_reached'])}"
                 minutes = "     ?" if row["fit_s"] is None else f"{row['fit_s'] / 60:6.1f}"
