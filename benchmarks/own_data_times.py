@@ -129,12 +129,12 @@ def time_method(method: str, size: int, folders: dict, work: Path, minutes: floa
         stages.update({desc: bar for desc, bar in probe["bars"].items() if desc not in first["bars"]})
     row["stages_not_reached"] = [t for t, _ in PROBES.get(method, []) if not any(d.startswith(t) for d in stages)]
     outside = max(0.0, first["wall_s"] - sum(b["elapsed_s"] for b in first["bars"].values()))
-    row["stages_s"] = {desc: round(stage_estimate(bar), 1) for desc, bar in stages.items()}
-    row["outside_bars_s"] = round(outside, 1)
-    total = sum(row["stages_s"].values()) + outside
+    estimates = {desc: stage_estimate(bar) for desc, bar in stages.items()}
+    total = sum(estimates.values()) + outside
     # a stage seen at step 0 has no rate yet: no estimate (None, not an infinite time)
-    row.update(fit_s=round(total, 1) if math.isfinite(total) else None, measured=False)
-    row["stages_s"] = {desc: (t if math.isfinite(t) else None) for desc, t in row["stages_s"].items()}
+    row.update(stages_s={desc: round(t, 1) if math.isfinite(t) else None for desc, t in estimates.items()},
+               outside_bars_s=round(outside, 1), fit_s=round(total, 1) if math.isfinite(total) else None,
+               measured=False)
     return row
 
 

@@ -199,18 +199,18 @@ def selected_public_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData,
     The classes with the largest noisy counts are chosen from the release alone (post-processing). Returns the
     chosen classes' public images (M, C, H, W) in [-1, 1] and sets ``warm.selected`` to their names.
     """
-    classifier, _ = train_conv_classifier(
-        public.to_tensor(), public.label_tensor(), public.num_classes, channels=(32, 64), epochs=cfg.select_epochs,
-        seed=stream_seed(ctx.seed, "dpdm", "select-classifier"))
+    x_public, y_public = public.to_tensor(), public.label_tensor()
+    classifier, _ = train_conv_classifier(x_public, y_public, public.num_classes, channels=(32, 64),
+                                          epochs=cfg.select_epochs,
+                                          seed=stream_seed(ctx.seed, "dpdm", "select-classifier"))
     predicted = predicted_classes(classifier, private)
     noisy = noisy_histogram(predicted, public.num_classes, noise_multiplier=warm.select_noise, ledger=ctx.ledger,
                             noise=ctx.noise, label=SELECT_LABEL)
-    present = torch.bincount(public.label_tensor(), minlength=public.num_classes) > 0  # public fact
+    present = torch.bincount(y_public, minlength=public.num_classes) > 0  # public fact
     chosen = torch.argsort(noisy.masked_fill(~present, -math.inf), descending=True, stable=True)
     chosen = chosen[: min(warm.select_keep, int(present.sum()))]
-    keep = torch.isin(public.label_tensor(), chosen)
     warm.selected = [public.classes[int(c)] for c in chosen]
-    return public.to_tensor()[keep]
+    return x_public[torch.isin(y_public, chosen)]
 
 
 def predicted_classes(classifier: torch.nn.Module, images: ImageData) -> torch.Tensor:
