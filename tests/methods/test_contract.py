@@ -130,10 +130,33 @@ def test_bad_config_key_exits_2_and_writes_nothing(method, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("method", methods())
-def test_outputs_depend_on_private_data_only_through_releases(method, requirements, tmp_path, monkeypatch):
+def foreign_public() -> ImageData:
+    """200 labelled public images whose class names are not the private ones (dpdm's class selection)."""
+    bars = toy_bars(seed=9, shift=3)
+    return ImageData(bars.images, bars.labels, [f"public-{c}" for c in bars.classes], "foreign toy bars")
+
+
+def negative_private_set() -> ImageData:
+    """Another private set (same N, labels and classes): `private_set()` in negative. The selection classifier
+    (10 passes) puts its images in other public classes than `private_set()`'s (measured: all in one class
+    against 164 / 36 in two others), so a selection that read the predictions unnoised would pick other classes."""
+    base = private_set()
+    return ImageData(255 - base.images, base.labels, base.classes, "negative toy bars")
+
+
+# the registered methods at their smoke presets, plus the stages whose private reads the presets leave off
+REPLAY_CASES = [pytest.param(m, None, id=m) for m in methods()] + [
+    pytest.param("dpdm", {"overrides": ["warm_start=central"]}, id="dpdm-central"),
+    pytest.param("dpdm", {"overrides": ["warm_start=public", "public_classes=3", "select_epochs=10"],
+                          "public": "foreign", "other": "negative"}, id="dpdm-public-selection"),
+]
+
+
+@pytest.mark.parametrize(("method", "case"), REPLAY_CASES)
+def test_outputs_depend_on_private_data_only_through_releases(method, case, requirements, tmp_path, monkeypatch):
     """Record every release on one private set, replay them on another: every output must be the same."""
-    req = requirements[method]
+    req = requirements[method] if case is None else {**case, "public": foreign_public() if case.get("public")
+                                                     else None}
     released: list[torch.Tensor] = []
     original = NoiseSource.add_to
 
@@ -154,7 +177,8 @@ def test_outputs_depend_on_private_data_only_through_releases(method, requiremen
         return out.to(value.device)
 
     monkeypatch.setattr(NoiseSource, "add_to", replayed)
-    other = private_set(seed=5)  # other pixels, other class-to-row map; same N and labels
+    # other pixels, other class-to-row map; same N and labels
+    other = negative_private_set() if case and case.get("other") else private_set(seed=5)
     assert not np.array_equal(other.images, private_set().images)
     b = fit(method, req, tmp_path / "b", data=other)
     assert next(replay, None) is None  # the same number of releases

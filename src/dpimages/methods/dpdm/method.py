@@ -3,7 +3,8 @@
 Privacy contract
 ----------------
 Neighbouring relation: add or remove one image together with its label.
-The only access to private data is `dpimages.privacy.dpsgd.DPSGD`:
+The only access to private data is `dpimages.privacy.dpsgd.DPSGD` and, with a
+warm start, the stage's `dpimages.privacy` mechanisms (see "Warm start" below):
 
 1. Before any private pixel is read, the schedule is fixed from public
    choices: sample rate ``q = batch_size / N`` and ``steps = round(epochs *
@@ -106,8 +107,8 @@ def warm_report(info: dict[str, Any], cfg: DPDMConfig) -> list[str]:
                    f"{info.get('central_rate', 0.0):.4g}, noise multiplier {info.get('central_noise', 0.0):.4g}",
         "dp-mepf": f"a DP-MEPF prior (preset {cfg.warm_preset}) fitted on the private data; "
                    f"{cfg.warm_images:,} of its samples",
-        "public": (f"the public images of the {info.get('select_keep')} public classes chosen by one noisy "
-                   f"histogram of the private images' predicted public classes (noise multiplier "
+        "public": (f"the public images of the {len(info.get('selected_classes', []))} public classes chosen by "
+                   "one noisy histogram of the private images' predicted public classes (noise multiplier "
                    f"{info.get('select_noise', 0.0):.4g}, sensitivity 1): "
                    f"{', '.join(map(str, info.get('selected_classes', [])))}" if info.get("select_keep")
                    else "the public images (no privacy cost)"),
@@ -398,5 +399,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             f"{cfg.sigma_min:g}, rho {cfg.rho:g}), guidance {cfg.guidance:g}.",
             *warm_report(t.get("warm", {}), cfg),
             "- Logged during training: only the noisy gradient's norm (a function of released values) and the EMA "
-            "decay; times only for a whole run (a step's time grows with its private batch size).",
+            "decay, and with a warm start the pretraining loss on the stage's images and their count "
+            "(post-processing); times only for a whole run or stage (a step's time grows with its private batch "
+            "size).",
         ])
