@@ -210,3 +210,11 @@ def test_student_accuracy_gets_its_own_table() -> None:
     section = md.split("## DP student classifiers")[1]
     assert "| dpdfd | cpu | 10 | 34.5 | 20.0 |" in section and "| a |" not in section
     assert "DP student" not in suite.render_table([_row("a", 10, "n", 0.5)])
+
+
+def test_renamed_rows_say_what_they_were() -> None:
+    renamed = _row("a", 10, "n", 0.5, variant="cold", relabelled={"from": "a", "why": "the preset changed"})
+    md = suite.render_table([renamed, _row("a", 1, "n", 0.4)])
+    assert "| a+cold | cpu | 10 |" in md
+    assert "`a+cold` at epsilon 10 was `a`: the preset changed." in md
+    assert "Renamed rows" not in suite.render_table([_row("a", 1, "n", 0.4)])

@@ -644,6 +644,11 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
                 "the noise came from the OS CSPRNG record no `noise_source`, and were all seeded; later ones say "
                 "`seeded-insecure`). Its numbers are valid measurements of the method, but the run's outputs are "
                 "not private for anyone who knows the seed."]
+    renamed = [r for r in rows if r.get("relabelled")]
+    if renamed:
+        out += ["", "Renamed rows (a line's `relabelled` field; the run directory keeps the old name): " + "; ".join(
+            f"`{row_label(r)}` at epsilon {_fmt(r['epsilon'])} was `{r['relabelled']['from']}`: "
+            f"{r['relabelled']['why']}" for r in renamed) + "."]
     for net in sorted({r["feature_net"] for r in rows if r.get("feature_net")}):
         out += ["", f"## Fidelity in the feature space of `{net}`", "",
                 "| method | preset | epsilon | FID | KID | precision | recall |", "|---|---|---|---|---|---|---|"]
