@@ -9,7 +9,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-from tests.methods.test_dpdm import dpimages
+from tests.methods.test_dpdm import dpimages, tiny_unet
 
 from dpimages.api import create
 from dpimages.data import ImageData
@@ -17,7 +17,8 @@ from dpimages.data.toy import toy_shapes
 from dpimages.errors import InputError
 from dpimages.methods.dpdm import warm
 from dpimages.methods.dpdm.config import DPDMConfig
-from dpimages.methods.pretrain import augment
+from dpimages.methods.pretrain import PretrainSchedule, augment, train_denoiser
+from dpimages.nets.edm import EDMDenoiser
 from dpimages.privacy import PrivacyEvent, PrivacyLedger
 from dpimages.privacy.ledger import merge_events
 
@@ -238,6 +239,15 @@ def test_augment_keeps_shape_and_range_and_moves_pixels():
     assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
     assert not torch.equal(out, x)
     assert math.isclose(float(augment(x, g, flip=False, shift=0).sub(x).abs().max()), 0.0)
+
+
+def test_pretraining_on_fewer_images_than_a_batch_reports_the_batch_it_used():
+    """Central images are few (10 per class): each step takes all of them, and the report says so."""
+    model, ema = (EDMDenoiser(tiny_unet(), 0.5) for _ in range(2))
+    images, labels = torch.rand(7, 1, 28, 28) * 2 - 1, torch.arange(7)
+    facts = train_denoiser(model, ema, images, labels, PretrainSchedule(epochs=3, batch_size=256, lr=1e-3, ema=0.9),
+                           torch.Generator().manual_seed(0))
+    assert facts["steps"] == 3 and facts["batch"] == 7 and facts["epochs_done"] == 3.0
 
 
 @pytest.mark.parametrize("mode", ["central", "dp-mepf"])

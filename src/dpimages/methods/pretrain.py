@@ -122,5 +122,6 @@ def train_denoiser(
         if log is not None and step % schedule.log_every == 0:
             log(step=step, loss=round(running, 5), train_s=round(clock.elapsed(), 1))
     bar.close()
-    return {"steps": step, "planned_steps": total, "epochs_done": round(step * schedule.batch_size / n, 2),
+    batch = min(schedule.batch_size, n)  # a batch never holds an image twice: fewer images make smaller batches
+    return {"steps": step, "planned_steps": total, "batch": batch, "epochs_done": round(step * batch / n, 2),
             "final_loss_ema": round(running, 5), "train_s": round(clock.elapsed(), 1)}

@@ -115,7 +115,8 @@ def warm_report(info: dict[str, Any], cfg: DPDMConfig) -> list[str]:
     }[mode]
     pre = info.get("pretrain", {})
     lines = [f"- Warm start `{mode}`: {what}. Pretraining (post-processing, no privacy cost): "
-             f"{pre.get('steps', 0)} steps of batch {cfg.warm_batch} ({pre.get('epochs_done', 0)} passes, "
+             f"{pre.get('steps', 0)} steps of batch {pre.get('batch', cfg.warm_batch)} "
+             f"({pre.get('epochs_done', 0)} passes, "
              f"{'class-conditional' if info.get('conditional') else 'null label'}), {pre.get('train_s', 0)} s; "
              "then DP-SGD from the pretrained weights."]
     if info.get("events"):
