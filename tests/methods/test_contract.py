@@ -155,8 +155,10 @@ REPLAY_CASES = [pytest.param(m, None, id=m) for m in methods()] + [
 @pytest.mark.parametrize(("method", "case"), REPLAY_CASES)
 def test_outputs_depend_on_private_data_only_through_releases(method, case, requirements, tmp_path, monkeypatch):
     """Record every release on one private set, replay them on another: every output must be the same."""
-    req = requirements[method] if case is None else {**case, "public": foreign_public() if case.get("public")
-                                                     else None}
+    if case is None:
+        req = requirements[method]
+    else:
+        req = {**case, "public": foreign_public() if case.get("public") else None}
     released: list[torch.Tensor] = []
     original = NoiseSource.add_to
 
@@ -177,7 +179,7 @@ def test_outputs_depend_on_private_data_only_through_releases(method, case, requ
         return out.to(value.device)
 
     monkeypatch.setattr(NoiseSource, "add_to", replayed)
-    # other pixels, other class-to-row map; same N and labels
+    # other pixels (another class-to-row map, or the negative); same N and labels
     other = negative_private_set() if case and case.get("other") else private_set(seed=5)
     assert not np.array_equal(other.images, private_set().images)
     b = fit(method, req, tmp_path / "b", data=other)
