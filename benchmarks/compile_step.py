@@ -49,8 +49,7 @@ def measure(threads: int, batch_size: int, repeats: int) -> dict:
     def step(model: torch.nn.Module, call: object) -> object:
         def run() -> None:
             loss_fn(call, *batch).sum().backward()
-            for p in model.parameters():
-                p.grad = None
+            model.zero_grad(set_to_none=True)
         return run
 
     steps = {"eager": step(eager, eager), "compiled": step(compiled, compiled_call)}
@@ -65,6 +64,7 @@ def measure(threads: int, batch_size: int, repeats: int) -> dict:
            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(row), flush=True)
     return row
+
 
 if __name__ == "__main__":
     main()

@@ -148,17 +148,14 @@ def negative_private_set() -> ImageData:
 REPLAY_CASES = [pytest.param(m, None, id=m) for m in methods()] + [
     pytest.param("dpdm", {"overrides": ["warm_start=central"]}, id="dpdm-central"),
     pytest.param("dpdm", {"overrides": ["warm_start=public", "public_classes=3", "select_epochs=10"],
-                          "public": "foreign", "other": "negative"}, id="dpdm-public-selection"),
+                          "public": foreign_public(), "other": negative_private_set()}, id="dpdm-public-selection"),
 ]
 
 
 @pytest.mark.parametrize(("method", "case"), REPLAY_CASES)
 def test_outputs_depend_on_private_data_only_through_releases(method, case, requirements, tmp_path, monkeypatch):
     """Record every release on one private set, replay them on another: every output must be the same."""
-    if case is None:
-        req = requirements[method]
-    else:
-        req = {**case, "public": foreign_public() if case.get("public") else None}
+    req = requirements[method] if case is None else case
     released: list[torch.Tensor] = []
     original = NoiseSource.add_to
 
@@ -180,7 +177,7 @@ def test_outputs_depend_on_private_data_only_through_releases(method, case, requ
 
     monkeypatch.setattr(NoiseSource, "add_to", replayed)
     # other pixels (another class-to-row map, or the negative); same N and labels
-    other = negative_private_set() if case and case.get("other") else private_set(seed=5)
+    other = case["other"] if case and "other" in case else private_set(seed=5)
     assert not np.array_equal(other.images, private_set().images)
     b = fit(method, req, tmp_path / "b", data=other)
     assert next(replay, None) is None  # the same number of releases
