@@ -47,6 +47,7 @@ def _loop_clipped_sum(model: nn.Module, loss_fn, batch: tuple[torch.Tensor, ...]
 def _assert_matches_loop(model: nn.Module, loss_fn, batch: tuple[torch.Tensor, ...], chunk: int | None = 3) -> None:
     eng = _engine(model, loss_fn, chunk=chunk)
     assert eng.per_example == "book-keeping"
+    eng._checked = True  # the book-keeping path alone: the first-batch probe would hide its errors behind torch.func
     eng.clip_and_accumulate(*batch)
     ref = _loop_clipped_sum(model, loss_fn, batch)
     assert ref.norm() > 0.5 * CLIP  # something to compare
@@ -248,8 +249,9 @@ def test_rows_that_are_not_examples_fall_back_even_behind_a_zero_initialised_lay
     with pytest.warns(RuntimeWarning, match="book-keeping clipping does not apply"):
         eng.clip_and_accumulate(x, t)
     assert eng.per_example == "torch.func"
-    # trusted explicitly, the rows-per-example check still refuses a chunk of another size
+    # with the probe bypassed, the rows-per-example check alone still refuses a chunk of another size
     explicit = _engine(_SharedTable(), _table_loss, chunk=4)
+    explicit._checked = True
     explicit.clip_and_accumulate(x, t)
     with pytest.warns(RuntimeWarning, match="rows for 2 examples"):
         explicit.clip_and_accumulate(x[:2], t[:2])
@@ -298,3 +300,39 @@ def test_ghost_norm_of_a_zero_gradient_is_not_nan() -> None:
     eng = _engine(lin, loss, chunk=None)
     eng.clip_and_accumulate(torch.randn(50, 16) * 1e3)
     assert torch.isfinite(eng.accumulated()).all()
+
+
+def test_an_explicit_book_keeping_choice_is_checked_too() -> None:
+    """``per_example="book-keeping"`` is checked against torch.func like "auto": a loss that mixes examples
+    falls back, so removing one example still moves the clipped sum by at most C."""
+    torch.manual_seed(4)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+
+    def batch_mixing(model, x, y):
+        out = model(x)
+        return F.cross_entropy(out - out.mean(0, keepdim=True), y, reduction="none") * 20.0
+
+    eng = _engine(SmallCNN(), batch_mixing, per_example="book-keeping", chunk=None)
+    with pytest.warns(RuntimeWarning, match="norms differ"):
+        eng.clip_and_accumulate(x, y)
+    assert eng.per_example == "torch.func"
+
+
+@pytest.mark.parametrize("per_example", ["book-keeping", "torch.func"])
+@pytest.mark.parametrize("bad", [1, 4])  # inside the first-batch probe (4 examples) and after it
+def test_an_example_with_a_non_finite_gradient_contributes_zero(per_example: str, bad: int) -> None:
+    """One inf pixel must not turn the clipped sum (and so the release) NaN: that example adds exactly 0."""
+    torch.manual_seed(5)
+    x, y = torch.randn(7, 1, 28, 28), torch.randint(0, 10, (7,))
+    x[bad, 0, 3, 5] = float("inf")
+    model = SmallCNN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no warning: nothing data-dependent shows
+        eng = _engine(model, _xent, per_example=per_example)
+        eng.clip_and_accumulate(x, y)
+        assert eng.per_example == per_example
+    keep = [i for i in range(7) if i != bad]
+    got = eng.accumulated().double()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _loop_clipped_sum(model, _xent, (x[keep], y[keep])), rtol=1e-5,
+                               atol=1e-5 * CLIP)

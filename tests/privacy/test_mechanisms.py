@@ -56,6 +56,17 @@ def test_clipped_sum_sensitivity_on_neighbouring_sets(clip):
     assert worst > 0.9 * clip  # large rows really reach the bound: the test can see a missing clip
 
 
+def test_a_non_finite_row_adds_zero_instead_of_making_the_sum_nan():
+    rows, _ = neighbours(n=6, d=4)
+    bad = rows.clone()
+    bad[2, 1] = float("inf")
+    bad[4, 0] = float("nan")
+    out = clipped_gaussian_sum(bad, clip_norm=1.0, noise_multiplier=1.0, ledger=ledger(), noise=ZeroNoise(), label="s")
+    ref = clipped_gaussian_sum(rows[[0, 1, 3, 5]], clip_norm=1.0, noise_multiplier=1.0, ledger=ledger(),
+                               noise=ZeroNoise(), label="s")
+    torch.testing.assert_close(out, ref)
+
+
 def test_class_sums_sensitivity_is_clip_norm_in_total():
     rows, labels = neighbours(d=5)
     kw = dict(clip_norm=1.0, noise_multiplier=1.0, noise=ZeroNoise(), label="m")

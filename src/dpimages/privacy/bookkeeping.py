@@ -237,14 +237,35 @@ class BookKeeping:
                                       "probe's rows per example")
         outputs = [o for _, _, o in seen]
         grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
-        parts = [part for (m, x, o), g in zip(seen, grads, strict=True)
-                 for part in _parts(m, x, torch.zeros_like(o) if g is None else g.detach(), b)]
-        sq = torch.zeros(b, dtype=losses.dtype, device=losses.device)
-        for part in parts:
-            sq = sq + part.sq_norms
-        norms = sq.clamp_min(0.0).sqrt()  # ghost norms can round below 0 where the true norm is 0
+        stored = [(m, x, torch.zeros_like(o) if g is None else g.detach())
+                  for (m, x, o), g in zip(seen, grads, strict=True)]
+        parts, norms = self._parts_and_norms(stored, b, losses)
+        bad = ~torch.isfinite(norms)
+        if bad.any():  # rare: its stored rows zeroed, an example with a non-finite gradient contributes exactly 0
+            stored = [(m, _zero_examples(x, bad), _zero_examples(g, bad)) for m, x, g in stored]
+            parts, norms = self._parts_and_norms(stored, b, losses)
         factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
         sums: dict[nn.Parameter, torch.Tensor] = {}
         for part in parts:
             sums[part.param] = part.weighted_sum(factor)
         return sums, norms
+
+    @staticmethod
+    def _parts_and_norms(stored: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], b: int,
+                         losses: torch.Tensor) -> tuple[list[_Part], torch.Tensor]:
+        parts = [part for m, x, g in stored for part in _parts(m, x, g, b)]
+        sq = torch.zeros(b, dtype=losses.dtype, device=losses.device)
+        for part in parts:
+            sq = sq + part.sq_norms
+        return parts, sq.clamp_min(0.0).sqrt()  # ghost norms can round below 0 where the true norm is 0
+
+
+def _zero_examples(t: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """`t` (B*K rows, K consecutive per example) with every row of the examples marked in `bad` (B,) set to 0.
+
+    Embedding inputs (indices) are kept: they are finite, and a zero output gradient already zeroes the row.
+    """
+    if not t.is_floating_point():
+        return t
+    rows = bad.repeat_interleave(t.shape[0] // bad.shape[0]).view(-1, *([1] * (t.dim() - 1)))
+    return torch.where(rows, torch.zeros((), dtype=t.dtype, device=t.device), t)

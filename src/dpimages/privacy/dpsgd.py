@@ -19,7 +19,8 @@ Each logical step of `DPSGD`:
      forward and backward with layer hooks, per-layer norms formed directly
      or by the ghost-norm identity, whichever is cheaper, and the clipped sum
      from the stored activations. Used by ``"auto"`` on a CPU (where it was
-     measured faster; on a GPU "auto" keeps torch.func until measured) when
+     measured faster; on a GPU "auto" keeps torch.func until measured), and
+     by an explicit ``"book-keeping"``, when
      every trainable parameter sits in exactly one supported layer, the loss
      is deterministic (``randomness="error"``) and, on the first batch's
      first examples (at least two) with every weight perturbed, its norms
@@ -36,7 +37,8 @@ Each logical step of `DPSGD`:
      module that works under ``torch.func``;
 3. clips each example's gradient (all trainable parameters together) to L2
    norm ``C`` and sums them, so adding or removing one example moves the sum
-   by at most ``C``;
+   by at most ``C`` (an example whose gradient is not finite contributes 0,
+   so it cannot make the whole sum NaN);
 4. records ``PrivacyEvent.subsampled_gaussian(sigma, q, 1, label)`` in the
    ledger (which checks the budget and writes privacy.json) and only then
    draws ``N(0, (sigma * C)^2)`` noise, one flat draw over all parameters;
@@ -306,6 +308,8 @@ class DPSGD:
         self._sum = torch.zeros(self.num_params, device=ref.device, dtype=ref.dtype)
         self._views = self._split(self._sum)
         self._rank, self._world = dist_world()
+        if self._world > 1 and not sampler.shard:  # every rank would add its own whole batch: sensitivity world x C
+            raise InputError("DP-SGD in a process group needs a sharded sampler (PoissonSampler(..., shard=True))")
         if self._world > 1:
             with torch.no_grad():
                 for t in [*module.parameters(), *module.buffers()]:
@@ -314,7 +318,7 @@ class DPSGD:
                     t.copy_(buf.to(t.device))
         self._per_example = vmap(grad(self._example_loss), in_dims=(None, None, 0), randomness=randomness)
         self._bookkeeping: BookKeeping | None = None
-        self._checked = per_example == "book-keeping"  # an explicit choice is trusted (tests compare the paths)
+        self._checked = False  # book-keeping, chosen or "auto", is checked against torch.func on the first batch
         # "auto": book-keeping where it was measured faster (CPU, benchmarks/results/dpsgd_overhead.json); on a GPU
         # torch.func stays the default until a GPU run of benchmarks/dpsgd_overhead.py --device cuda says otherwise
         wanted = per_example == "book-keeping" or (per_example == "auto" and randomness == "error"
@@ -422,6 +426,10 @@ class DPSGD:
         grads = self._per_example(params, rest, part)
         flat = [grads[n].reshape(part[0].shape[0], -1) for n, _ in self._named]
         norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in flat]), dim=0)
+        bad = ~torch.isfinite(norms)
+        if bad.any():  # an example whose gradient is not finite contributes 0 (0 x inf would be NaN for all)
+            flat = [torch.where(bad[:, None], 0.0, g) for g in flat]
+            norms = torch.where(bad, 0.0, norms)
         factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
         return {p: (g.t() @ factor).view_as(p) for g, (_, p) in zip(flat, self._named, strict=True)}, norms
 

@@ -26,11 +26,15 @@ from dpimages.privacy.rng import NoiseSource
 
 
 def clip_rows(x: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Scale each row of a (N, ...) tensor to L2 norm at most `clip_norm`."""
+    """Scale each row of a (N, ...) tensor to L2 norm at most `clip_norm`; a row with a non-finite entry becomes 0.
+
+    Zeroing such a row keeps its contribution a function of that row alone, of norm 0: scaling it (0 x inf is
+    NaN) would turn the whole sum, and so the release, non-finite depending on whether that row was present.
+    """
     flat = x.reshape(x.shape[0], -1)
     norms = flat.norm(dim=1, keepdim=True)
     factor = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
-    return (flat * factor).reshape(x.shape)
+    return torch.where(torch.isfinite(norms), flat * factor, 0.0).reshape(x.shape)
 
 
 def _event(noise_multiplier: float, sample_rate: float | None, label: str) -> PrivacyEvent:
