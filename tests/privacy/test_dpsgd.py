@@ -333,14 +333,6 @@ def test_ddp_two_processes_same_accounting(tmp_path: Path) -> None:
     assert math.isfinite(ref["epsilon"])
 
 
-if __name__ == "__main__" and "--ddp-worker" in sys.argv:
-    torch.distributed.init_process_group("gloo")
-    try:
-        _ddp_job(Path(sys.argv[sys.argv.index("--ddp-worker") + 1]))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_a_process_group_refuses_an_unsharded_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unsharded, every rank would clip and add its own whole Poisson batch: one example counted up to world
     times against a ledger that records sensitivity C."""
@@ -351,3 +343,12 @@ def test_a_process_group_refuses_an_unsharded_sampler(monkeypatch: pytest.Monkey
     with pytest.raises(InputError, match="sharded sampler"):
         DPSGD(tiny_cnn(), xent, sampler=PoissonSampler(100, 0.1, noise, shard=False), noise_multiplier=1.0,
               clip_norm=1.0, ledger=PrivacyLedger(1e6, 1e-5), noise=noise)
+
+
+if __name__ == "__main__" and "--ddp-worker" in sys.argv:
+    torch.distributed.init_process_group("gloo")
+    try:
+        _ddp_job(Path(sys.argv[sys.argv.index("--ddp-worker") + 1]))
+    finally:
+        torch.distributed.destroy_process_group()
+

@@ -5,8 +5,9 @@ Presets change sizes only, except that ``cpu`` and ``gpu-short`` turn on the dp-
 * ``smoke``: a tiny U-Net and a handful of steps; for tests, no quality claim.
 * ``cpu``: the whole fit within 60 minutes on 2 CPU cores (Fashion-MNIST,
   55,000 images). Before issue 22 (random start): 756 DP steps of expected
-  batch 2,400 as two single-thread torchrun processes, ~55 minutes extrapolated from 0.269 steps/s at batch
-  2,048 (benchmarks/results/dpdm_cores.json, 2026-12-05; book-keeping
+  batch 2,400 as two single-thread torchrun processes, ~55 minutes
+  extrapolated from 0.269 steps/s at batch 2,048
+  (benchmarks/results/dpdm_cores.json, 2026-12-05; book-keeping
   clipping, physical batch 512), ~61 as one process with 2 threads: a
   ~0.18 M-parameter U-Net (channels 8, multipliers 1,2,4, attention at 7x7),
   K = 1, 33 epochs, Adam lr 1e-3. Chosen on the benchmark
