@@ -351,4 +351,3 @@ if __name__ == "__main__" and "--ddp-worker" in sys.argv:
         _ddp_job(Path(sys.argv[sys.argv.index("--ddp-worker") + 1]))
     finally:
         torch.distributed.destroy_process_group()
-
