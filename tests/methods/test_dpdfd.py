@@ -174,7 +174,7 @@ def test_release_records_a_gaussian_event_with_sensitivity_2c_before_noise():
     v = rel.normalise(torch.randn(50, dtype=torch.float64), 2.0)
     out = rel.release_update(v, clip_norm=2.0, noise_multiplier=3.0, ledger=ledger, noise=noise)
     assert ledger.events == [PrivacyEvent.gaussian(3.0, 1, rel.RELEASE_LABEL)]
-    expected = v + NoiseSource(0).normal((50,), 3.0 * 2 * 2.0, dtype=torch.float64)  # std = s * 2C
+    expected = v + NoiseSource(0).standard_normal((50,)) * (3.0 * 2 * 2.0)  # std = s * 2C
     torch.testing.assert_close(out, expected)
     assert noise.gaussian_draws == 1
 

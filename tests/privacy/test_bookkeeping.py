@@ -47,7 +47,7 @@ def _loop_clipped_sum(model: nn.Module, loss_fn, batch: tuple[torch.Tensor, ...]
 def _assert_matches_loop(model: nn.Module, loss_fn, batch: tuple[torch.Tensor, ...], chunk: int | None = 3) -> None:
     eng = _engine(model, loss_fn, chunk=chunk)
     assert eng.per_example == "book-keeping"
-    eng._checked = True  # the book-keeping path alone: the first-batch probe would hide its errors behind torch.func
+    eng._probed = 10**9  # the book-keeping path alone: the probe would hide its errors behind torch.func
     eng.clip_and_accumulate(*batch)
     ref = _loop_clipped_sum(model, loss_fn, batch)
     assert ref.norm() > 0.5 * CLIP  # something to compare
@@ -251,7 +251,7 @@ def test_rows_that_are_not_examples_fall_back_even_behind_a_zero_initialised_lay
     assert eng.per_example == "torch.func"
     # with the probe bypassed, the rows-per-example check alone still refuses a chunk of another size
     explicit = _engine(_SharedTable(), _table_loss, chunk=4)
-    explicit._checked = True
+    explicit._probed = 10**9
     explicit.clip_and_accumulate(x, t)
     with pytest.warns(RuntimeWarning, match="rows for 2 examples"):
         explicit.clip_and_accumulate(x[:2], t[:2])
@@ -280,7 +280,7 @@ def test_probe_failures_of_any_kind_keep_torch_func() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.lin(self.drop(x)).squeeze(1)
 
-    eng = _engine(Drop(), lambda m, x: m(x) ** 2, per_example="auto", chunk=1)  # probed on the batch, not a chunk
+    eng = _engine(Drop(), lambda m, x: m(x) ** 2, per_example="auto", chunk=4)  # probed on the whole chunk
     before = [p.detach().clone() for p in eng.module.parameters()]
     with pytest.warns(RuntimeWarning, match="does not apply"), pytest.raises(RuntimeError, match="randomness"):
         eng.clip_and_accumulate(torch.randn(4, 3))  # then torch.func refuses the random op, as it always did
@@ -336,3 +336,88 @@ def test_an_example_with_a_non_finite_gradient_contributes_zero(per_example: str
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, _loop_clipped_sum(model, _xent, (x[keep], y[keep])), rtol=1e-5,
                                atol=1e-5 * CLIP)
+
+
+def _contribution(eng: DPSGD, batch: tuple[torch.Tensor, ...], i: int) -> float:
+    """How far example i moves the engine's clipped sum: sum over `batch` minus the sum without example i."""
+    keep = [j for j in range(batch[0].shape[0]) if j != i]
+    eng.zero_accumulated()
+    eng.clip_and_accumulate(*batch)
+    full = eng.accumulated().double()
+    eng.zero_accumulated()
+    eng.clip_and_accumulate(*(t[keep] for t in batch))
+    without = eng.accumulated().double()
+    eng.zero_accumulated()
+    return float((full - without).norm())
+
+
+def test_ghost_norms_keep_the_clip_when_an_example_s_terms_cancel() -> None:
+    """Finding 2 of issue 34: a Linear applied to two positions whose gradient terms nearly cancel.
+
+    The per-example gradient is ``c s v^T - c' s v^T`` with c' = c (1 + 1e-7) and s = 1e8: its true norm is at
+    float32's resolution of the terms. Ghost norms summed in float32 round it to about 0 or below, the factor
+    becomes 1 and the float32 share is added unclipped (tens of C on the old code, after a probe that passed on
+    ordinary examples). Now the Gram products are float64 and such an example is formed: at most C.
+    """
+    torch.manual_seed(7)
+    lin = nn.Linear(8, 8, bias=False)
+
+    def two_positions(model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x (B, 2, 8), c (B, 2, 8)
+        return (model(x) * c).sum((1, 2))
+
+    assert bookkeeping._ghost_cheaper(2, 8, 8)
+    eng = _engine(lin, two_positions, chunk=None)
+    eng.clip_and_accumulate(torch.randn(6, 2, 8), torch.randn(6, 2, 8))  # the probe: ordinary examples pass
+    assert eng.per_example == "book-keeping"
+    worst = 0.0
+    for trial in range(20):
+        gen = torch.Generator().manual_seed(trial)
+        v, c = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+        crafted_x = (1e8 * v).expand(2, 8).clone()
+        crafted_c = torch.stack([c, -(c * (1 + 1e-7))])
+        x = torch.cat([torch.randn(5, 2, 8, generator=gen), crafted_x[None]])
+        cc = torch.cat([torch.randn(5, 2, 8, generator=gen), crafted_c[None]])
+        worst = max(worst, _contribution(eng, (x, cc), 5))
+    assert eng.per_example == "book-keeping"
+    assert worst <= CLIP * (1 + 1e-4), f"one example moved the clipped sum by {worst / CLIP:.2f} C"
+
+
+def test_a_loss_that_mixes_examples_only_in_larger_chunks_is_caught_by_the_probe() -> None:
+    """Finding 3 of issue 34: a loss that mixes examples only when a chunk holds more than 4 of them.
+
+    The old probe saw 4 examples, passed, and book-keeping then moved the sum by more than C when one example
+    was removed from a chunk of 16. The probe now covers a whole chunk (and any larger chunk before it is used).
+    """
+    torch.manual_seed(8)
+
+    def mixes_above_four(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        if out.shape[0] > 4:
+            out = out - 0.9 * out.mean(0, keepdim=True)
+        return F.cross_entropy(out, y, reduction="none") * 20.0
+
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    eng = _engine(SmallCNN(), mixes_above_four, per_example="auto", chunk=16)
+    with pytest.warns(RuntimeWarning, match="norms differ"):
+        eng.clip_and_accumulate(x, y)
+    assert eng.per_example == "torch.func"
+    assert max(_contribution(eng, (x, y), i) for i in (0, 7, 15)) <= CLIP * (1 + 1e-4)
+
+
+def test_book_keeping_never_sees_a_chunk_larger_than_its_probe() -> None:
+    """A first batch smaller than a chunk probes only its own size; a larger chunk later is probed first."""
+    torch.manual_seed(9)
+
+    def mixes_above_four(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        if out.shape[0] > 4:
+            out = out - 0.9 * out.mean(0, keepdim=True)
+        return F.cross_entropy(out, y, reduction="none") * 20.0
+
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    eng = _engine(SmallCNN(), mixes_above_four, per_example="auto", chunk=16)
+    eng.clip_and_accumulate(x[:3], y[:3])  # a small first batch: the probe sees 3 examples and passes
+    assert eng.per_example == "book-keeping"
+    with pytest.warns(RuntimeWarning, match="norms differ"):
+        eng.clip_and_accumulate(x, y)
+    assert eng.per_example == "torch.func"

@@ -102,10 +102,10 @@ def test_noise_passes_ks_test(secure):
 
 
 def test_seeded_noise_reproducible_and_secure_not():
-    a = NoiseSource.seeded(7).normal((100,), 1.0)
-    b = NoiseSource.seeded(7).normal((100,), 1.0)
+    a = NoiseSource.seeded(7).standard_normal((100,))
+    b = NoiseSource.seeded(7).standard_normal((100,))
     assert torch.equal(a, b)
-    s1, s2 = NoiseSource().normal((100,), 1.0), NoiseSource().normal((100,), 1.0)
+    s1, s2 = NoiseSource().standard_normal((100,)), NoiseSource().standard_normal((100,))
     assert not torch.equal(s1, s2)
     assert NoiseSource().kind == "os-csprng" and NoiseSource.seeded(7).kind == "seeded-insecure"
 
@@ -117,18 +117,18 @@ def test_default_noise_source_is_secure_and_ignores_the_torch_seed():
     for _ in range(2):
         torch.manual_seed(0)
         src = NoiseSource()
-        draws.append((src.normal((50,), 1.0), src.bernoulli(1000, 0.5)))
+        draws.append((src.standard_normal((50,)), src.bernoulli(1000, 0.5)))
     assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
 
 
 def test_noise_state_roundtrip():
     src = NoiseSource(11)
-    src.normal((10,), 1.0)
+    src.standard_normal((10,))
     state = json.loads(json.dumps(src.state()))
-    expected = src.normal((10,), 1.0)
+    expected = src.standard_normal((10,))
     other = NoiseSource(0)
     other.load_state(state)
-    assert torch.equal(other.normal((10,), 1.0), expected)
+    assert torch.equal(other.standard_normal((10,)), expected)
 
 
 def test_event_recorded_before_noise_is_drawn(tmp_path):
@@ -180,18 +180,69 @@ def test_resume_never_replays_noise_when_the_ledger_is_ahead_of_the_checkpoint()
     src = NoiseSource(4)
     saved = FitContext(ledger, src).noise_state()  # the checkpoint: 3 steps spent
     assert saved["ledger_steps"] == 3
-    after_save = src.normal((8,), 1.0)  # what the crashed process drew after its save
+    after_save = src.standard_normal((8,))  # what the crashed process drew after its save
 
     clean = NoiseSource(4)
     assert resume_noise(clean, saved, ledger, seed=4) is False  # ledger == checkpoint: an exact continuation
-    assert torch.equal(clean.normal((8,), 1.0), after_save)
+    assert torch.equal(clean.standard_normal((8,)), after_save)
 
     ledger.spend(PrivacyEvent.gaussian(5.0, 1, "test"))  # released after the save, then the process died
     ahead, twin = NoiseSource(4), NoiseSource(4)
     assert resume_noise(ahead, saved, ledger, seed=4) is True and resume_noise(twin, saved, ledger, seed=4)
-    fresh = ahead.normal((8,), 1.0)
+    fresh = ahead.standard_normal((8,))
     assert not torch.equal(fresh, after_save)  # no reuse of the released noise
-    assert torch.equal(fresh, twin.normal((8,), 1.0))  # but reproducible from (seed, ledger steps)
+    assert torch.equal(fresh, twin.standard_normal((8,)))  # but reproducible from (seed, ledger steps)
 
     secure = NoiseSource()
     assert resume_noise(secure, saved, ledger, seed=4) is False and secure.secure
+
+
+def test_secure_gaussian_reaches_far_past_the_53_bit_box_muller_cutoff(monkeypatch):
+    """Finding 4 of issue 34: Box-Muller over 53-bit uniforms stops at |z| = 8.65; ours reaches 37.6.
+
+    With the OS generator's bits all zero (the rarest, smallest uniforms), the old sampler gave its largest
+    radius, 8.65; the full-exponent uniform goes down to 2^-1022.
+    """
+    from dpimages.privacy import rng
+
+    monkeypatch.setattr(rng.os, "urandom", lambda n: bytes(n))
+    z = NoiseSource().standard_normal((4,))
+    assert float(z.abs().max()) > 30.0
+    assert float(z.abs().max()) <= rng.SUPPORT_SIGMAS
+
+
+def test_secure_uniform_binades_have_their_probabilities():
+    """P(u < 2^-k) = 2^-k for the full-exponent uniform (within 5.3 binomial sd: one failure in 10 million)."""
+    from dpimages.privacy.rng import secure_uniform
+
+    u = secure_uniform(1_000_000)
+    assert ((u > 0) & (u < 1)).all()
+    for k in (1, 3, 10):
+        n, p = u.size, 2.0**-k
+        assert abs(int((u < p).sum()) - n * p) <= 5.3 * np.sqrt(n * p * (1 - p))
+
+
+def test_noise_multipliers_below_the_samplers_support_are_refused():
+    """A noise multiplier under 1 / (37.6 - 12) would leave an unaccounted tail: events and calibration refuse."""
+    from dpimages.privacy import PrivacyEvent, calibrate_gaussian
+    from dpimages.privacy.ledger import MIN_NOISE_MULTIPLIER
+
+    with pytest.raises(InputError, match="secure Gaussian"):
+        PrivacyEvent.gaussian(0.5 * MIN_NOISE_MULTIPLIER)
+    PrivacyEvent.gaussian(MIN_NOISE_MULTIPLIER)
+    with pytest.raises(InputError, match="secure Gaussian sampler"):
+        calibrate_gaussian(5000.0, 1e-5)  # one release at epsilon 5000 would need far less noise
+    assert calibrate_gaussian(10.0, 1e-5) > MIN_NOISE_MULTIPLIER
+
+
+def test_a_release_s_noise_std_is_its_event_s_multiplier_times_the_declared_sensitivity():
+    """The one release call computes the std itself: a seeded twin's draw times nm x sensitivity."""
+    from dpimages.privacy import PrivacyEvent
+
+    led, noise = ledger(), NoiseSource(3)
+    out = noise.release(torch.zeros(5, dtype=torch.float64), sensitivity=2.5, event=PrivacyEvent.gaussian(1.5, 1, "r"),
+                        ledger=led)
+    torch.testing.assert_close(out, NoiseSource(3).standard_normal((5,)) * 3.75)
+    assert led.events == [PrivacyEvent.gaussian(1.5, 1, "r")] and noise.gaussian_draws == 1
+    with pytest.raises(InputError, match="one step"):
+        noise.release(torch.zeros(2), sensitivity=1.0, event=PrivacyEvent.gaussian(1.5, 2, "r"), ledger=led)

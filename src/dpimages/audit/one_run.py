@@ -56,7 +56,7 @@ from torch import nn
 
 from dpimages.audit.bounds import CONFIDENCE, epsilon_lower_bound
 from dpimages.errors import InputError
-from dpimages.privacy import NoiseSource, PrivacyLedger, calibrate_dpsgd, calibrate_gaussian
+from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger, calibrate_dpsgd, calibrate_gaussian
 from dpimages.privacy import mechanisms as mech
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.ledger import check_positive
@@ -161,17 +161,18 @@ class _DrawOrder(NoiseSource):
         self.draws: list[_Draw] = []
         self._in_normal = False
 
-    def normal(self, shape: tuple[int, ...] | torch.Size, std: float, *, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        self.draws.append(_Draw("normal", tuple(shape), float(std), dtype))
+    def release(self, value: torch.Tensor, *, sensitivity: float, event: PrivacyEvent, ledger: PrivacyLedger,
+                draw: bool = True) -> torch.Tensor:
+        if draw:
+            self.draws.append(_Draw("normal", tuple(value.shape), event.noise_multiplier * sensitivity, value.dtype))
         self._in_normal = True
         try:
-            return super().normal(shape, std, device=device, dtype=dtype)
+            return super().release(value, sensitivity=sensitivity, event=event, ledger=ledger, draw=draw)
         finally:
             self._in_normal = False
 
     def standard_normal(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        if not self._in_normal:  # a bare draw: the same values as normal(shape, 1.0) in float64
+        if not self._in_normal:  # a bare draw: the same values as a release's noise of std 1 in float64
             self.draws.append(_Draw("normal", tuple(shape)))
         return super().standard_normal(shape)
 
@@ -191,7 +192,7 @@ def replay_noise(seed: int, draws: list[_Draw]) -> list[torch.Tensor]:
         if d.kind == "bernoulli":
             replay.bernoulli(d.n, d.p)
         else:
-            out.append(replay.normal(d.shape, d.std, dtype=d.dtype))
+            out.append((replay.standard_normal(d.shape) * d.std).to(d.dtype))
     return out
 
 

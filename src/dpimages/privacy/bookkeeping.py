@@ -23,6 +23,16 @@ whichever costs fewer multiply-adds (Bu et al. 2023's mixed ghost clipping).
 The clipped sum is then one weighted product per layer (book-keeping: the
 stored inputs and output gradients are reused, no second backward).
 
+Cancellation: the ghost norm is a sum of T^2 signed terms. The Gram products
+are formed in float64, and an example whose squared norm is small against
+its mass ``(sum_t ||a_t|| ||g_t||)^2`` (below `CANCELLATION`, where the
+terms cancel) gets its gradient formed instead (`_ghost_part`): its norm and
+its share of the sum then come from the same tensor, so a crafted input
+whose terms cancel cannot make its float32 share exceed the clip norm while
+its computed norm says 0. The same holds for Embedding rows that share an
+index. For an example above the cut, the float32 rounding of its share is
+at most ``T 2^-24 / sqrt(CANCELLATION)`` of its norm (worst case).
+
 Contract (checked, else the caller must use the ``torch.func`` path):
 
 * every trainable parameter belongs, as ``weight`` or ``bias``, to exactly one
@@ -53,6 +63,8 @@ from torch import nn
 from dpimages.errors import InputError
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
+# ghost norms below this share of an example's squared mass are formed instead (cancellation)
+CANCELLATION = 1e-4
 
 __all__ = ["SUPPORTED", "BookKeeping", "NotBookKeepable", "unsupported_parameters"]
 
@@ -99,16 +111,42 @@ def _ghost_cheaper(t: int, d: int, p: int) -> bool:
     return t * (d + p) < d * p
 
 
+def _cancelled(sq: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """(B,) True where an example's squared norm `sq` is small against its squared `mass` (terms cancel)."""
+    return sq < CANCELLATION * mass.square()
+
+
+def _with_formed(param: nn.Parameter, sq: torch.Tensor, weighted: Callable[[torch.Tensor], torch.Tensor],
+                 cancelled: torch.Tensor, form: Callable[[torch.Tensor], torch.Tensor]) -> _Part:
+    """A ghost part whose `cancelled` examples are formed instead: ``form(index)`` gives their gradients."""
+    if not bool(cancelled.any()):
+        return _Part(param, sq, weighted)
+    which = torch.nonzero(cancelled).flatten()
+    formed = _formed_part(param, form(which))
+    sq = sq.index_copy(0, which, formed.sq_norms.to(sq.dtype))
+
+    def mixed(c: torch.Tensor) -> torch.Tensor:
+        return weighted(c.masked_fill(cancelled, 0.0)) + formed.weighted_sum(c[which])
+
+    return _Part(param, sq, mixed)
+
+
 def _ghost_part(param: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> _Part:
-    """Weight gradient sum_t g_t a_t^T per example, a (B, T, d), g (B, T, p), never formed per example."""
+    """Weight gradient sum_t g_t a_t^T per example, a (B, T, d), g (B, T, p), never formed per example.
+
+    Squared norms from float64 Gram products; examples whose terms cancel are formed (module docstring).
+    """
     b, t, d = a.shape
     p = g.shape[2]
-    sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    a64, g64 = a.double(), g.double()
+    sq = (torch.bmm(a64, a64.transpose(1, 2)) * torch.bmm(g64, g64.transpose(1, 2))).sum((1, 2))
+    mass = (a64.norm(dim=2) * g64.norm(dim=2)).sum(1)
 
     def weighted(c: torch.Tensor) -> torch.Tensor:
         return ((g * c.view(b, 1, 1)).reshape(b * t, p).t() @ a.reshape(b * t, d)).view_as(param)
 
-    return _Part(param, sq, weighted)
+    return _with_formed(param, sq, weighted, _cancelled(sq, mass),
+                        lambda i: torch.bmm(g[i].transpose(1, 2), a[i]).view(-1, *param.shape))
 
 
 def _formed_part(param: nn.Parameter, per_example: torch.Tensor) -> _Part:
@@ -175,14 +213,21 @@ def _parts(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> list[_Part
             out.append(_formed_part(bias, gg.sum((1, 3))))
     elif isinstance(m, nn.Embedding) and w.requires_grad:
         idx, gg = x.reshape(b, -1), g.reshape(b, -1, g.shape[-1])
-        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(gg.dtype)
-        sq = (same * torch.bmm(gg, gg.transpose(1, 2))).sum((1, 2))
+        g64 = gg.double()
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g64.dtype)
+        sq = (same * torch.bmm(g64, g64.transpose(1, 2))).sum((1, 2))
 
         def weighted(c: torch.Tensor) -> torch.Tensor:
             rows_g = (gg * c.view(b, 1, 1)).reshape(-1, gg.shape[-1])
             return torch.zeros_like(w).index_add_(0, idx.reshape(-1), rows_g)
 
-        out.append(_Part(w, sq, weighted))
+        def form(i: torch.Tensor) -> torch.Tensor:  # (n, V, D): each example's rows added at its indices
+            n, per = i.numel(), idx.shape[1]
+            rows = (torch.arange(n, device=idx.device).repeat_interleave(per) * w.shape[0] + idx[i].reshape(-1))
+            flat = torch.zeros(n * w.shape[0], w.shape[1], dtype=gg.dtype, device=gg.device)
+            return flat.index_add_(0, rows, gg[i].reshape(-1, gg.shape[-1])).view(n, *w.shape)
+
+        out.append(_with_formed(w, sq, weighted, _cancelled(sq, g64.norm(dim=2).sum(1)), form))
     return out
 
 
@@ -244,17 +289,17 @@ class BookKeeping:
         if bad.any():  # rare: its stored rows zeroed, an example with a non-finite gradient contributes exactly 0
             stored = [(m, _zero_examples(x, bad), _zero_examples(g, bad)) for m, x, g in stored]
             parts, norms = self._parts_and_norms(stored, b, losses)
-        factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0).to(losses.dtype)
         sums: dict[nn.Parameter, torch.Tensor] = {}
         for part in parts:
             sums[part.param] = part.weighted_sum(factor)
-        return sums, norms
+        return sums, norms.to(losses.dtype)
 
     @staticmethod
     def _parts_and_norms(stored: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], b: int,
                          losses: torch.Tensor) -> tuple[list[_Part], torch.Tensor]:
         parts = [part for m, x, g in stored for part in _parts(m, x, g, b)]
-        sq = torch.zeros(b, dtype=losses.dtype, device=losses.device)
+        sq = torch.zeros(b, dtype=torch.float64, device=losses.device)
         for part in parts:
             sq = sq + part.sq_norms
         return parts, sq.clamp_min(0.0).sqrt()  # ghost norms can round below 0 where the true norm is 0

@@ -5,7 +5,9 @@ from a noise multiplier to the run's whole planned list of events and
 bisects on dp-accounting's PLD accountant. It runs before private data is
 touched. The search uses a coarser PLD discretisation, which is pessimistic
 (an upper bound on epsilon), so the returned sigma also meets the target
-under the exact accountant. Results are cached on disk
+under the exact accountant. A target that even the smallest served noise
+multiplier (`MIN_NOISE_MULTIPLIER`, where the secure sampler's support ends)
+stays below is refused: it cannot be served without an unaccounted tail. Results are cached on disk
 (``$DPIMAGES_CACHE`` or ``~/.cache/dpimages``).
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dpimages.errors import InputError
-from dpimages.privacy.ledger import PrivacyEvent, check_positive, epsilon_pld
+from dpimages.privacy.ledger import MIN_NOISE_MULTIPLIER, PrivacyEvent, check_positive, epsilon_pld
 
 SEARCH_INTERVAL = 1e-3
 RELATIVE_TOLERANCE = 1e-3
@@ -75,8 +77,15 @@ def calibrate(make_events: EventFactory, target_epsilon: float, delta: float) ->
                 "for this schedule: raise epsilon or reduce steps / sample rate"
             )
     lo = hi / 2.0
-    while lo > 1e-3 and eps(lo) <= target_epsilon:
+    while lo > MIN_NOISE_MULTIPLIER and eps(lo) <= target_epsilon:
         hi, lo = lo, lo / 2.0
+    if lo <= MIN_NOISE_MULTIPLIER:
+        if eps(MIN_NOISE_MULTIPLIER) < target_epsilon:
+            raise InputError(
+                f"epsilon {target_epsilon:g} needs a noise multiplier below {MIN_NOISE_MULTIPLIER:.4f} for this "
+                "schedule, less noise than the secure Gaussian sampler serves without an unaccounted tail: "
+                "lower epsilon, or add steps")
+        lo = MIN_NOISE_MULTIPLIER
     while hi - lo > RELATIVE_TOLERANCE * hi:
         mid = 0.5 * (lo + hi)
         if eps(mid) <= target_epsilon:

@@ -22,28 +22,34 @@ Each logical step of `DPSGD`:
      measured faster; on a GPU "auto" keeps torch.func until measured), and
      by an explicit ``"book-keeping"``, when
      every trainable parameter sits in exactly one supported layer, the loss
-     is deterministic (``randomness="error"``) and, on the first batch's
-     first examples (at least two) with every weight perturbed, its norms
-     and clipped sum match the ``torch.func`` path's to 1e-4; each layer's
-     rows per example seen there must then hold on every later chunk. These
-     checks guard what structure cannot show: a loss that mixes examples, a
-     parameter used outside its layer's forward, rows not grouped per
-     example. A model or loss that fails them falls back to torch.func with
-     a warning that names no value. The outcome is the same for every data
-     set when the model and loss keep the contract; for one that does not,
-     it may depend on the probed examples, and it shows only as that warning
-     and the speed (not counted by the ledger);
+     is deterministic (``randomness="error"``) and, on a whole physical
+     chunk of the first batch (at least two examples) with every weight
+     perturbed, its norms and clipped sum match the ``torch.func`` path's to
+     1e-4. Book-keeping then only ever sees chunks no larger than the
+     largest probed one (a larger chunk is probed first), so a loss that
+     mixes examples in groups of any size up to a chunk is caught, and a loss
+     cannot mix examples across chunks (it is called on one chunk at a
+     time); each layer's rows per example seen in the probe must hold on
+     every later chunk. These checks guard what structure cannot show: a
+     loss that mixes examples, a parameter used outside its layer's forward,
+     rows not grouped per example. A model or loss that fails them falls
+     back to torch.func with a warning that names no value. The outcome is
+     the same for every data set when the model and loss keep the contract;
+     for one that does not, it may depend on the probed examples, and it
+     shows only as that warning and the speed (not counted by the ledger);
    * ``"torch.func"``: ``vmap`` over ``grad`` of a ``functional_call``, any
      module that works under ``torch.func``;
 3. clips each example's gradient (all trainable parameters together) to L2
    norm ``C`` and sums them, so adding or removing one example moves the sum
    by at most ``C`` (an example whose gradient is not finite contributes 0,
    so it cannot make the whole sum NaN);
-4. records ``PrivacyEvent.subsampled_gaussian(sigma, q, 1, label)`` in the
-   ledger (which checks the budget and writes privacy.json) and only then
-   draws ``N(0, (sigma * C)^2)`` noise, one flat draw over all parameters;
-5. divides by the *expected* batch size ``q * N`` and writes ``.grad``; the
-   caller's optimizer step is post-processing.
+4. releases the sum through `NoiseSource.release`, which records
+   ``PrivacyEvent.subsampled_gaussian(sigma, q, 1, label)`` in the ledger
+   (which checks the budget and writes privacy.json) and only then draws
+   ``N(0, (sigma * C)^2)`` noise, one flat draw over all parameters;
+5. divides by the *expected* batch size ``q * N`` (N the public data set
+   size the sampler was given) and writes ``.grad``; the caller's optimizer
+   step is post-processing.
 
 An empty Poisson batch still spends and adds noise (skipping it would reveal
 that the batch was empty). The batch size itself is private: the engine
@@ -108,7 +114,6 @@ from dpimages.privacy.rng import NoiseSource
 LossFn = Callable[..., torch.Tensor]
 # memory for one chunk's per-example gradients when max_physical_batch="auto"
 PER_EXAMPLE_GRAD_BYTES = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
-PROBE_EXAMPLES = 4  # examples of the first batch on which book-keeping is checked against torch.func
 
 __all__ = [
     "DPSGD", "LossFn", "PoissonSampler", "StepInfo", "auto_physical_batch", "check_model", "mean_over_repeats",
@@ -126,25 +131,31 @@ class PoissonSampler:
     receives its shard ``batch[rank::world_size]``.
     """
 
-    def __init__(self, n: int, sample_rate: float, noise: NoiseSource, *, shard: bool = True) -> None:
-        """`shard=False`: this process samples the whole batch itself, even in a process group (for a release
-        that rank 0 alone makes, such as DPDM's warm-start stage)."""
+    def __init__(self, n: int, sample_rate: float, noise: NoiseSource, *, shard: bool = True,
+                 dataset_size: int | None = None) -> None:
+        """`n` examples to sample from; `dataset_size`: the public N (default `n`) that the expected batch size
+        ``q * N`` uses. They differ only where a neighbouring data set is fitted under its neighbour's public
+        facts (`dpimages.testing`). `shard=False`: this process samples the whole batch itself, even in a
+        process group (for a release that rank 0 alone makes, such as DPDM's warm-start stage)."""
         if int(n) != n or n < 1:
             raise InputError(f"n (dataset size) must be a positive integer, got {n}")
         check_positive("sample_rate", sample_rate)
         if sample_rate > 1.0:
             raise InputError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.n = int(n)
+        self.dataset_size = self.n if dataset_size is None else int(dataset_size)
         self.sample_rate = float(sample_rate)
         self.noise = noise
         self.shard = shard
 
     @classmethod
-    def for_batch_size(cls, n: int, expected_batch_size: int, noise: NoiseSource) -> PoissonSampler:
-        """A sampler with q = expected_batch_size / n (a public choice, not a data statistic)."""
-        if int(expected_batch_size) != expected_batch_size or not (1 <= expected_batch_size <= n):
-            raise InputError(f"expected batch size must be an integer in [1, {n}], got {expected_batch_size}")
-        return cls(n, expected_batch_size / n, noise)
+    def for_batch_size(cls, n: int, expected_batch_size: int, noise: NoiseSource,
+                       dataset_size: int | None = None) -> PoissonSampler:
+        """A sampler over `n` examples with q = expected_batch_size / N, N = `dataset_size` (public; default n)."""
+        size = n if dataset_size is None else int(dataset_size)
+        if int(expected_batch_size) != expected_batch_size or not (1 <= expected_batch_size <= size):
+            raise InputError(f"expected batch size must be an integer in [1, {size}], got {expected_batch_size}")
+        return cls(n, expected_batch_size / size, noise, dataset_size=size)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -152,7 +163,8 @@ class PoissonSampler:
 
     @property
     def expected_batch_size(self) -> float:
-        return self.sample_rate * self.n
+        """q * N with N the public data set size."""
+        return self.sample_rate * self.dataset_size
 
     def sample(self) -> torch.Tensor:
         """Indices of one Poisson batch (this rank's shard in a process group)."""
@@ -318,7 +330,7 @@ class DPSGD:
                     t.copy_(buf.to(t.device))
         self._per_example = vmap(grad(self._example_loss), in_dims=(None, None, 0), randomness=randomness)
         self._bookkeeping: BookKeeping | None = None
-        self._checked = False  # book-keeping, chosen or "auto", is checked against torch.func on the first batch
+        self._probed = 0  # largest chunk on which book-keeping matched torch.func; it never sees a larger one
         # "auto": book-keeping where it was measured faster (CPU, benchmarks/results/dpsgd_overhead.json); on a GPU
         # torch.func stays the default until a GPU run of benchmarks/dpsgd_overhead.py --device cuda says otherwise
         wanted = per_example == "book-keeping" or (per_example == "auto" and randomness == "error"
@@ -402,13 +414,14 @@ class DPSGD:
         b = batch[0].shape[0]
         if b == 0:
             return
-        if self._bookkeeping is not None and not self._checked and b >= 2:
-            self._check_bookkeeping(tuple(t[:PROBE_EXAMPLES] for t in batch))
         chunk = self.max_physical_batch or b
         for start in range(0, b, chunk):
             part = tuple(t[start : start + chunk] for t in batch)
+            size = part[0].shape[0]
             sums = None
-            if self._bookkeeping is not None and self._checked:
+            if self._bookkeeping is not None and size > self._probed and size >= 2:
+                sums = self._check_bookkeeping(part)  # torch.func's sums: exact whatever the outcome
+            elif self._bookkeeping is not None and size <= self._probed:
                 try:
                     sums, _ = self._bookkeeping.clipped_sum(self.loss_fn, part, self.clip_norm)
                 except NotBookKeepable as err:  # nothing was added: this chunk goes the torch.func way
@@ -433,14 +446,16 @@ class DPSGD:
         factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
         return {p: (g.t() @ factor).view_as(p) for g, (_, p) in zip(flat, self._named, strict=True)}, norms
 
-    def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> None:
-        """Keep book-keeping only if it reproduces the torch.func norms and clipped sum on `probe`.
+    def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> dict[nn.Parameter, torch.Tensor]:
+        """Keep book-keeping only if it reproduces the torch.func norms and clipped sum on the chunk `probe`.
 
         Both paths run with every trainable weight perturbed (a fixed, public
         generator; the weights are restored), so that zero-initialised layers
         do not hide the other layers' gradients. Nothing here is released or
         logged: a mismatch only switches this engine to the torch.func path,
-        with a warning naming no value.
+        with a warning naming no value. On success, chunks up to the probe's
+        size go the book-keeping way. Returns the probe's clipped sums at the
+        real weights, by torch.func (what this chunk adds to the step).
         """
         assert self._bookkeeping is not None
         reason = ""
@@ -467,9 +482,11 @@ class DPSGD:
             with torch.no_grad():
                 for (_, p), v in zip(self._named, saved, strict=True):
                     p.copy_(v)
-        self._checked = True
         if reason:
             self._fall_back(reason)
+        else:
+            self._probed = probe[0].shape[0]
+        return self._clipped_torch_func(probe)[0]
 
     def _fall_back(self, reason: str) -> None:
         self._bookkeeping = None
@@ -487,9 +504,8 @@ class DPSGD:
             dev = comm_device()
             total = total.to(dev)
             torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-        self.ledger.spend(self.event(1))
-        if self._rank == 0:
-            total = self.noise.add_to(total, self.noise_multiplier * self.clip_norm)
+        total = self.noise.release(total, sensitivity=self.clip_norm, event=self.event(1), ledger=self.ledger,
+                                   draw=self._rank == 0)
         if self._world > 1:
             torch.distributed.broadcast(total, src=0)
         grad_flat = (total / self.sampler.expected_batch_size).to(self._sum.device)

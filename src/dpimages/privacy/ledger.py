@@ -31,6 +31,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from dpimages.errors import BudgetExceeded, InputError
+from dpimages.privacy.rng import SUPPORT_SIGMAS
 
 NEIGHBOURING = "add-remove"
 NEIGHBOURING_TEXT = "add or remove one image together with its label"
@@ -41,6 +42,10 @@ ASSUMPTIONS_TEXT = (
 )
 NOISE_SOURCES = ("os-csprng", "seeded-insecure")
 PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independent checkers)
+# The smallest noise multiplier served: a release moves by at most 1 / nm = 25.6 noise stds, so a neighbour puts
+# at most P(Z > SUPPORT_SIGMAS - 25.6 = 12) < 2e-33 of a coordinate's mass where the secure sampler has none
+# (`dpimages.privacy.rng`); a smaller one would leave a delta that no ledger holds.
+MIN_NOISE_MULTIPLIER = 1.0 / (SUPPORT_SIGMAS - 12.0)
 RDP_ORDERS = [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
 
 
@@ -58,6 +63,10 @@ class PrivacyEvent:
         if self.kind not in ("gaussian", "subsampled_gaussian"):
             raise InputError(f"event kind must be 'gaussian' or 'subsampled_gaussian', got {self.kind!r}")
         check_positive("noise_multiplier", self.noise_multiplier)
+        if self.noise_multiplier < MIN_NOISE_MULTIPLIER:
+            raise InputError(f"noise_multiplier must be >= {MIN_NOISE_MULTIPLIER:.4f} (the secure Gaussian's support "
+                             f"ends at {SUPPORT_SIGMAS:.1f} std: less noise would leave an unaccounted delta), got "
+                             f"{self.noise_multiplier:.4g}; lower epsilon")
         if self.kind == "subsampled_gaussian":
             q = self.sample_rate
             if q is None or not (0.0 < q <= 1.0):

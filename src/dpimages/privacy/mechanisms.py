@@ -1,9 +1,10 @@
 """Gaussian mechanisms: the only places where privacy noise is drawn.
 
 Each mechanism takes the private quantity in a form whose sensitivity it
-enforces itself (clipping rows, counting indices), records its event in the
-ledger (which checks the budget and writes privacy.json), and only then
-draws noise from the run's `NoiseSource`.
+enforces itself (clipping rows, counting indices) and hands it to
+`NoiseSource.release`, the one call that records its event in the ledger
+(which checks the budget and writes privacy.json) and only then draws noise
+with std = noise multiplier x declared sensitivity.
 
 Sensitivities (add/remove one image with its label):
 * `clipped_gaussian_sum`: rows clipped to L2 norm C, summed; one image moves
@@ -55,8 +56,8 @@ def gaussian_release(
 ) -> torch.Tensor:
     """value + N(0, (noise_multiplier * sensitivity)^2); the caller guarantees the L2 sensitivity."""
     check_positive("sensitivity", sensitivity)
-    ledger.spend(_event(noise_multiplier, sample_rate, label))
-    return noise.add_to(value, noise_multiplier * sensitivity)
+    return noise.release(value, sensitivity=sensitivity, event=_event(noise_multiplier, sample_rate, label),
+                         ledger=ledger)
 
 
 def clipped_gaussian_sum(
