@@ -90,6 +90,13 @@ class FitContext:
     progress: bool = True
     method: str = ""
     epsilon_target: float | None = None  # a stage of a larger plan: calibrate to this share, not the budget
+    # The public data set size N that schedules, sample rates and divisors use (`fit_run`: len(private)). Only
+    # `dpimages.testing` sets another: a neighbour fitted under its neighbour's public facts.
+    dataset_size: int = 0
+
+    def public_size(self, private: ImageData) -> int:
+        """N for schedules and divisors: `dataset_size` when set, else the private set's size (public)."""
+        return self.dataset_size or len(private)
 
     @property
     def target_epsilon(self) -> float:
@@ -172,7 +179,7 @@ class Synthesizer(Generic[ConfigT]):
         raise NotImplementedError
 
     def planned_events(self, private: ImageData, public: ImageData | None, epsilon: float,
-                       delta: float) -> list[PrivacyEvent]:
+                       delta: float, *, dataset_size: int) -> list[PrivacyEvent]:
         """The ledger events a fit calibrated to (epsilon, delta) will spend, from public facts only.
 
         A method that implements this can be the first stage of another method's joint plan (a DP prior): the
@@ -273,6 +280,8 @@ def fit_run(
     device: str | None = None,
     progress: bool = True,
     callbacks: Sequence[Callable[[Synthesizer], None]] = (),
+    noise_source: NoiseSource | None = None,
+    dataset_size: int | None = None,
 ) -> FitResult:
     """Validate everything, then fit `method` on `data` and write the run directory.
 
@@ -290,6 +299,11 @@ def fit_run(
     warning). `num_classes`: the class count of labelled data whose class
     names are not given (an npz without ``classes``); never derived from the
     private labels.
+
+    For `dpimages.testing` only: `noise_source` replaces the run's noise
+    source (a recording or replaying test double; the run is then marked by
+    its ``kind``), and `dataset_size` the public N (default ``len(data)``), so
+    that a neighbouring data set is fitted under the same public facts.
     """
     cls = method_class(method)
     keep_freed_memory()  # large tensors every step: reuse freed memory rather than page-fault it back in
@@ -306,18 +320,19 @@ def fit_run(
     if private.notes.get("classes_from_labels"):
         raise InputError(f"{private.name}: the number of classes is not given (an npz without a 'classes' array): "
                          "add 'classes' to the file or pass --num-classes K; it is not read from the private labels")
-    validate_budget(epsilon, delta, len(private))
+    n_public = len(private) if dataset_size is None else int(dataset_size)
+    validate_budget(epsilon, delta, n_public)
     public_data = public if (public is None or isinstance(public, ImageData)) else load(public, skip_bad=skip_bad)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # torchrun: cuda:LOCAL_RANK (set by the CLI)
     run = Run(run_dir, writer=rank == 0)
-    noise = NoiseSource(int(seed) if insecure_seeded_noise else None)
+    noise = noise_source or NoiseSource(int(seed) if insecure_seeded_noise else None)
     full_config = {
         "method": method,
         "preset": preset,
         "data": private.name,
-        "dataset_size": len(private),
+        "dataset_size": n_public,
         "public": None if public_data is None else public_data.name,
         "public_id": None if public_data is None else public_data.public_id,
         "epsilon": float(epsilon),
@@ -340,7 +355,7 @@ def fit_run(
             check_checkpoint_against_ledger(run, ledger)
         else:
             run.write_data_check(private.keyed_digest)
-            ledger = PrivacyLedger(epsilon, delta, path=run.privacy_path, dataset_size=len(private),
+            ledger = PrivacyLedger(epsilon, delta, path=run.privacy_path, dataset_size=n_public,
                                    noise_source=noise.kind)
             ledger.write()
         made["ledger"] = ledger
@@ -358,7 +373,8 @@ def fit_run(
         noise, resume_state[1]["noise_rng"], ledger, seed)
     if rekeyed:
         run.log(ledger.steps(), event="noise_rekeyed", reason="ledger ahead of the checkpoint")
-    ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress and run.writer, method)
+    ctx = FitContext(ledger, noise, run, dev, seed, resume_state, progress and run.writer, method,
+                     dataset_size=n_public)
     synth = cls(config)
     t0 = time.time()
     try:

@@ -27,6 +27,7 @@ from dpimages.methods.dpaf.release import (
 from dpimages.nets.discriminators import BackHead, FrontFeatures, SplitDiscriminator
 from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger
 from dpimages.privacy.dpsgd import PoissonSampler, validate_model
+from dpimages.privacy.keyed import content_digests
 from dpimages.privacy.ledger import epsilon_pld
 
 
@@ -111,21 +112,31 @@ def _method_release(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, group
     ledger = PrivacyLedger(10.0, 1e-5)
     ledger.reserve(PrivacyEvent.subsampled_gaussian(1.0, 0.2, 1, LABEL_AGG))
     ctx = FitContext(ledger, ZeroNoise(ledger))
-    synth._aggregation_iteration(ctx, nets, FixedSampler(len(x), 0.2, index), 1.0, x, y)
+    digests = content_digests(x.numpy(), y.numpy())
+    synth._aggregation_iteration(ctx, nets, FixedSampler(len(x), 0.2, index), 1.0, x, y, digests)
     (event,) = ledger.events
     assert (event.label, event.sample_rate, event.steps) == (LABEL_AGG, 0.2, 1)
     return synth.buffer[0] * synth._expected_rows()[:, None]
 
 
+@pytest.mark.parametrize("position", [0, 20, 40])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_method_aggregate_moves_by_at_most_cf_when_one_image_is_added(groups):
+def test_method_aggregate_moves_by_at_most_cf_when_one_image_is_added(groups, position):
+    """Wherever the added image sits (first, middle, last), with the same secret key, one release moves by <= C_f.
+
+    Issue 34: groups were drawn by dataset index from the public training generator, so an image inserted at
+    position 0 moved every later image to another group (and the release by many C_f).
+    """
     torch.manual_seed(2)
-    x = torch.rand(41, 1, 28, 28) * 2 - 1
-    x[40] = 1.0  # the added image: an extreme one
-    y = torch.arange(41) % 10
+    base = torch.rand(40, 1, 28, 28) * 2 - 1
+    base_y = torch.arange(40) % 10
+    extra, extra_y = torch.ones(1, 1, 28, 28), torch.tensor([9])  # the added image: an extreme one
+    x = torch.cat([base[:position], extra, base[position:]])
+    y = torch.cat([base_y[:position], extra_y, base_y[position:]])
     sample = torch.tensor([0, 3, 5, 8, 11, 17, 22, 29, 33])
-    without = _method_release(x[:40], y[:40], sample, groups)
-    with_x = _method_release(x, y, torch.cat([sample, torch.tensor([40])]), groups)
+    moved = torch.where(sample >= position, sample + 1, sample)
+    without = _method_release(base, base_y, sample, groups)
+    with_x = _method_release(x, y, torch.cat([moved, torch.tensor([position])]), groups)
     assert with_x.shape == (10 * groups, without.shape[1])
     diff = (with_x - without).norm().item()
     assert 0 < diff <= 1.0 * (1 + 1e-5)  # C_f = 1 (the smoke preset's feature_clip)

@@ -10,12 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from dpimages.api import create, method_class
 from dpimages.errors import InputError
-from dpimages.methods.dpdm.draws import example_seeds, step_key
 from dpimages.nets.edm import (
     SIGMA_DATA,
     EDMDenoiser,
@@ -30,8 +28,7 @@ from dpimages.nets.edm import (
 from dpimages.nets.unet import UNet
 from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, validate_model
-from dpimages.runs import rng_state
-from dpimages.seeds import stream_generator
+from dpimages.privacy.keyed import content_digests, keyed_values
 
 
 class Recorder(nn.Module):
@@ -281,13 +278,8 @@ def test_fit_resume_sample_cli(tiny_npz, tmp_path):
     timing = {"train_s", "steps_per_s"}
     assert not any(timing & m.keys() for m in metrics if "event" not in m)
     assert all(timing <= m.keys() for m in metrics if m.get("event") in ("paused", "train_done"))
-    # the training generator took one step key per DP step run (3, then planned - 4 after the simulated crash),
-    # whatever the Poisson batches, and the resumed run restored it from the checkpoint
-    seed = yaml.safe_load((run / "config.yaml").read_text())["seed"]
-    g = stream_generator(seed, "dpdm", "train")
-    for _ in range(planned - 1):
-        step_key(g)
-    assert json.loads((run / "checkpoints" / "state.json").read_text())["train_rng"] == rng_state(g)
+    # the training draws are keyed by secret per-step keys, so the checkpoint keeps no public training stream
+    assert "train_rng" not in json.loads((run / "checkpoints" / "state.json").read_text())
     assert (run / "samples" / "grid-final.png").exists() and "dpdm" in (run / "report.md").read_text().lower()
 
     res = dpimages("sample", str(run), "--n", "50", "--out", str(tmp_path / "s.npz"), env_cache=cache)
@@ -337,9 +329,9 @@ def keyed_synth(**overrides):
     return synth, synth.new_model()
 
 
-def step_draws(synth, model, idx: torch.Tensor, g: torch.Generator) -> dict[int, tuple[torch.Tensor, ...]]:
+def step_draws(synth, model, idx: torch.Tensor, digests: np.ndarray, key: int) -> dict[int, tuple[torch.Tensor, ...]]:
     """One step's training draws through `_shard`, by dataset index: {i: (sigma, noise, drop)}."""
-    pieces = list(synth._shard(idx, g, model))
+    pieces = list(synth._shard(idx, digests, key, model))
     assert all(0 < p[0].numel() <= synth.config.physical_batch for p in pieces)
     out = {}
     for part, *draws in pieces:
@@ -349,68 +341,73 @@ def step_draws(synth, model, idx: torch.Tensor, g: torch.Generator) -> dict[int,
     return out
 
 
-def test_training_draws_depend_on_the_step_key_and_own_index_only():
-    """Adding or removing examples changes neither the other examples' draws nor the generator's later state.
+def toy_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8), rng.integers(0, 10, n)
 
-    The old code drew the whole batch in order from one generator: example 17's draws depended on its position
-    and the generator's state after a step on the (private) batch size.
+
+def test_training_draws_depend_on_the_step_key_and_the_example_only():
+    """An example's draws do not depend on the rest of the batch, its order, or where the example sits in the data.
+
+    Issue 34: the draws were keyed by (public step key, dataset index), so inserting one image before the others
+    gave every later image other draws and another clipped gradient. Now they follow the image's content.
     """
     synth, model = keyed_synth()
+    images, labels = toy_images(100)
+    digests = content_digests(images, labels)
+    key = 2**61 + 977
     big = torch.tensor([3, 99, 0, 17, 54, 8, 41, 77, 12, 60, 5, 33, 21, 90, 2, 71, 38, 66, 45, 9, 84])
-    batches = {"big": big, "small": torch.tensor([17]), "reordered": big.flip(0), "empty": torch.tensor([], dtype=int)}
-    gens = {name: torch.Generator().manual_seed(3) for name in batches}
-    draws = {name: step_draws(synth, model, idx, gens[name]) for name, idx in batches.items()}
-    states = {name: g.get_state() for name, g in gens.items()}
-    for name in ("small", "reordered", "empty"):
-        assert torch.equal(states[name], states["big"]), name  # the same generator state whatever the batch
+    batches = {"big": big, "small": torch.tensor([17]), "reordered": big.flip(0)}
+    draws = {name: step_draws(synth, model, idx, digests, key) for name, idx in batches.items()}
     for name in ("small", "reordered"):
         for i, mine in draws[name].items():
             for a, b in zip(mine, draws["big"][i], strict=True):
                 assert torch.equal(a, b), (name, i)
-    # the next step has a fresh key: other draws for the same example; the step key is all a step takes from g
-    again = step_draws(synth, model, torch.tensor([17]), gens["small"])
+    # one image inserted at position 0: every other image moves one place and keeps its draws
+    shifted = np.concatenate([content_digests(*toy_images(1, seed=9)), digests])
+    moved = step_draws(synth, model, big + 1, shifted, key)
+    for i, mine in draws["big"].items():
+        assert all(torch.equal(a, b) for a, b in zip(mine, moved[i + 1], strict=True))
+    # another step's key: other draws for the same example
+    again = step_draws(synth, model, torch.tensor([17]), digests, key + 1)
     assert not torch.equal(again[17][1], draws["small"][17][1])
-    g = torch.Generator().manual_seed(3)
-    step_key(g)
-    step_key(g)
-    assert torch.equal(g.get_state(), gens["small"].get_state())
     # distinct examples get distinct draws, with EDM's log-normal sigma and the configured dropout rate
     sigma, noise, drop = (torch.stack(ts) for ts in zip(*draws["big"].values(), strict=True))
     assert sigma.shape == (21, 2) and noise.shape == (21, 2, 1, 4, 4) and drop.dtype == torch.bool
     assert len({tuple(n.flatten().tolist()) for n in noise}) == 21 and 0 < drop.float().mean() < 1
-    many = step_draws(synth, model, torch.arange(2000), torch.Generator().manual_seed(5))
+    many_images, many_labels = toy_images(2000, seed=1)
+    many = step_draws(synth, model, torch.arange(2000), content_digests(many_images, many_labels), 5)
     sigma, noise, drop = (torch.stack(ts) for ts in zip(*many.values(), strict=True))
     assert sigma.log().mean().item() == pytest.approx(model.p_mean, abs=0.05)
     assert sigma.log().std().item() == pytest.approx(model.p_std, abs=0.05)
     assert noise.mean().item() == pytest.approx(0.0, abs=0.01) and noise.std().item() == pytest.approx(1, abs=0.01)
     assert drop.float().mean().item() == pytest.approx(0.5, abs=0.03)
     synth0, model0 = keyed_synth(label_dropout=0.0)
-    assert not any(d[2].any() for d in step_draws(synth0, model0, torch.arange(50), torch.Generator()).values())
+    assert not any(d[2].any() for d in step_draws(synth0, model0, torch.arange(50), digests, 1).values())
 
 
-def test_example_seeds_are_distinct_in_32_bits_and_keyed():
-    idx = torch.arange(0, 60000)
-    seeds = example_seeds(2**62 + 12345, idx)
-    assert len({s & 0xFFFFFFFF for s in seeds}) == idx.numel()  # distinct even for the CPU's 32-bit seeding
-    assert all(0 <= s < 2**64 for s in seeds)
-    assert example_seeds(2**62 + 12345, idx[[7, 3]]) == [seeds[7], seeds[3]]
-    assert not set(seeds) & set(example_seeds(2**62 + 12346, idx))  # another key: other seeds
-    assert not set(seeds) & set(example_seeds(2**62 + 12345 + 2**32, idx))  # either half of the key counts
+def test_keyed_values_are_distinct_and_keyed():
+    images, labels = toy_images(20000, seed=2)
+    digests = content_digests(images, labels)
+    seeds = keyed_values(digests, 2**62 + 12345)
+    assert len(set(seeds.tolist())) == len(seeds)
+    assert keyed_values(digests[[7, 3]], 2**62 + 12345).tolist() == [seeds[7], seeds[3]]
+    assert not set(seeds.tolist()) & set(keyed_values(digests, 2**62 + 12346).tolist())  # another key: other values
+    relabelled = content_digests(images, (labels + 1) % 10)
+    assert not set(digests.tolist()) & set(relabelled.tolist())  # the label is part of the content
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_shards_get_the_draws_of_one_process(world):
     """Each rank, drawing only its own examples, gives them exactly one process's draws (any world size)."""
     synth, model = keyed_synth()
+    images, labels = toy_images(120)
+    digests = content_digests(images, labels)
     full = torch.arange(100, 111)  # a batch of 11 examples: pieces of 4, 4, 3 in one process
-    ref = step_draws(synth, model, full, torch.Generator().manual_seed(3))
-    after = torch.Generator().manual_seed(3)
-    step_key(after)  # every rank's generator after the step: one key taken, as in one process
+    ref = step_draws(synth, model, full, digests, 3)
     seen = []
     for rank in range(world):
-        g = torch.Generator().manual_seed(3)
-        mine = step_draws(synth, model, full[rank::world], g)
-        assert torch.equal(g.get_state(), after.get_state())
+        mine = step_draws(synth, model, full[rank::world], digests, 3)
         for i, draws in mine.items():
             assert all(torch.equal(a, b) for a, b in zip(draws, ref[i], strict=True))
         seen += list(mine)

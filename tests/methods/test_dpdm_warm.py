@@ -42,7 +42,7 @@ def pld(events: list[PrivacyEvent], delta: float) -> float:
 @pytest.mark.parametrize("mode", ["central", "dp-mepf"])
 def test_the_stage_is_calibrated_to_its_share_and_the_whole_plan_to_the_budget(mode):
     cfg = create("dpdm", "smoke", warm_start=mode, warm_share=0.3).config
-    stage = warm.plan(cfg, toy(), None, 4.0, 1e-5)
+    stage = warm.plan(cfg, toy(), None, 4.0, 1e-5, len(toy()))
     assert stage.events and stage.epsilon == pytest.approx(1.2)
     assert 1.2 * 0.98 <= pld(stage.events, 1e-5) <= 1.2 * 1.001  # the stage alone meets its share
     if mode == "central":
@@ -70,7 +70,7 @@ def test_fit_spends_exactly_the_planned_stage_then_dp_sgd(tiny_npz, tmp_path, mo
     data = ImageData(**{k: v for k, v in np.load(tiny_npz).items() if k != "classes"},
                      classes=list(np.load(tiny_npz)["classes"]), name="tiny")
     cfg = create("dpdm", "smoke", warm_start=mode).config
-    stage = warm.plan(cfg, data, data if mode == "public" else None, 6.0, 1e-5)
+    stage = warm.plan(cfg, data, data if mode == "public" else None, 6.0, 1e-5, len(data))
     events = merge_events(ledger.events)
     assert [e for e in events if e.label != "dpdm"] == merge_events(stage.events)  # the plan, spent once
     (dp,) = [e for e in events if e.label == "dpdm"]
@@ -158,21 +158,22 @@ def private_shapes(kept: list[int], names: list[str], per_class: int, seed: int)
 def test_public_selection_is_one_histogram_at_the_stage_share_and_only_for_foreign_classes():
     cfg = create("dpdm", "smoke", warm_start="public", warm_share=0.25).config
     private, public = private_shapes([1, 2], ["coat", "shirt"], 50, 1), toy_shapes(20, 32, 2)
-    stage = warm.plan(cfg, private, public, 4.0, 1e-5)
+    stage = warm.plan(cfg, private, public, 4.0, 1e-5, len(private))
     (e,) = stage.events
     assert (e.kind, e.steps, e.noise_multiplier, stage.select_keep) == ("gaussian", 1, stage.select_noise, 2)
     assert 1.0 * 0.98 <= pld([e], 1e-5) <= 1.0 * 1.001  # the histogram alone meets its share
-    assert warm.plan(cfg, public, public, 4.0, 1e-5).events == []  # same classes: labels used, no release
+    assert warm.plan(cfg, public, public, 4.0, 1e-5, len(public)).events == []  # same classes: labels, no release
     none = create("dpdm", "smoke", warm_start="public", public_classes=0).config
-    assert warm.plan(none, private, public, 4.0, 1e-5).events == []
+    assert warm.plan(none, private, public, 4.0, 1e-5, len(private)).events == []
     every = create("dpdm", "smoke", warm_start="public", public_classes=3).config
-    assert warm.plan(every, private, public, 4.0, 1e-5).events == []  # keeping all three needs no release
+    assert warm.plan(every, private, public, 4.0, 1e-5, len(private)).events == []  # keeping all three: no release
     unlabelled = ImageData(public.images, None, [], "unlabelled")
     with pytest.raises(InputError, match="needs labelled public images"):
         warm.plan(create("dpdm", "smoke", warm_start="public", public_classes=2).config, private, unlabelled, 4.0,
-                  1e-5)
+                  1e-5, len(private))
     with pytest.raises(InputError, match="public_classes 4"):
-        warm.plan(create("dpdm", "smoke", warm_start="public", public_classes=4).config, private, public, 4.0, 1e-5)
+        warm.plan(create("dpdm", "smoke", warm_start="public", public_classes=4).config, private, public, 4.0, 1e-5,
+                  len(private))
 
 
 def test_selection_histogram_of_neighbours_differs_in_one_bin_by_one():
@@ -215,10 +216,10 @@ def test_planned_events_need_no_pixels_and_other_methods_refuse_to_be_a_stage():
     data = toy()
     prior = create("dp-mepf", "smoke")
     blank = ImageData(np.zeros_like(data.images), np.zeros_like(data.labels), data.classes, "blank")
-    assert prior.planned_events(data, None, 2.0, 1e-5) == create("dp-mepf", "smoke").planned_events(
-        blank, None, 2.0, 1e-5)  # the plan depends on N, shape and classes only
+    assert prior.planned_events(data, None, 2.0, 1e-5, dataset_size=len(data)) == create(
+        "dp-mepf", "smoke").planned_events(blank, None, 2.0, 1e-5, dataset_size=len(data))  # N, shape, classes only
     with pytest.raises(InputError, match="cannot be a stage"):
-        create("dpaf", "smoke").planned_events(data, None, 2.0, 1e-5)
+        create("dpaf", "smoke").planned_events(data, None, 2.0, 1e-5, dataset_size=len(data))
 
 
 def test_reserving_a_release_again_does_not_count_it_twice():

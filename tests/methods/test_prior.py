@@ -63,4 +63,4 @@ def test_only_methods_with_a_plan_can_be_a_prior(method):
     from dpimages.errors import InputError
 
     with pytest.raises(InputError, match="cannot be a stage"):
-        create(method, "smoke").planned_events(toy(), None, 1.0, 1e-5)
+        create(method, "smoke").planned_events(toy(), None, 1.0, 1e-5, dataset_size=len(toy()))

@@ -39,10 +39,11 @@ class Prior:
                 "events": [e.label for e in self.events]}
 
 
-def plan_prior(preset: str, private: ImageData, public: ImageData | None, epsilon: float, delta: float) -> Prior:
-    """A `PRIOR_METHOD` synthesizer at `preset` and the events its fit at (epsilon, delta) will spend."""
+def plan_prior(preset: str, private: ImageData, public: ImageData | None, epsilon: float, delta: float,
+               dataset_size: int) -> Prior:
+    """A `PRIOR_METHOD` synthesizer at `preset` and the events its fit at (epsilon, delta) will spend (public N)."""
     prior = create(PRIOR_METHOD, preset)
-    return Prior(prior, epsilon, prior.planned_events(private, public, epsilon, delta))
+    return Prior(prior, epsilon, prior.planned_events(private, public, epsilon, delta, dataset_size=dataset_size))
 
 
 def refuse_spent_stage(ledger: PrivacyLedger, events: list[PrivacyEvent], what: str) -> None:
@@ -55,5 +56,6 @@ def refuse_spent_stage(ledger: PrivacyLedger, events: list[PrivacyEvent], what: 
 def fit_prior(prior: Prior, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
     """Fit the prior under `ctx`'s ledger and noise, calibrated to its share; writes nothing to the run."""
     stage = FitContext(ledger=ctx.ledger, noise=ctx.noise, run=None, device=ctx.device, seed=ctx.seed,
-                       progress=ctx.progress, method=prior.synthesizer.name, epsilon_target=prior.epsilon)
+                       progress=ctx.progress, method=prior.synthesizer.name, epsilon_target=prior.epsilon,
+                       dataset_size=ctx.dataset_size)
     prior.synthesizer.fit(private, public, stage)

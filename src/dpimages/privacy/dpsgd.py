@@ -420,8 +420,8 @@ class DPSGD:
             size = part[0].shape[0]
             sums = None
             if self._bookkeeping is not None and size > self._probed and size >= 2:
-                sums = self._check_bookkeeping(part)  # torch.func's sums: exact whatever the outcome
-            elif self._bookkeeping is not None and size <= self._probed:
+                self._check_bookkeeping(part)  # a chunk larger than any probed one is probed first
+            if self._bookkeeping is not None and size <= self._probed:
                 try:
                     sums, _ = self._bookkeeping.clipped_sum(self.loss_fn, part, self.clip_norm)
                 except NotBookKeepable as err:  # nothing was added: this chunk goes the torch.func way
@@ -446,7 +446,7 @@ class DPSGD:
         factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
         return {p: (g.t() @ factor).view_as(p) for g, (_, p) in zip(flat, self._named, strict=True)}, norms
 
-    def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> dict[nn.Parameter, torch.Tensor]:
+    def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> None:
         """Keep book-keeping only if it reproduces the torch.func norms and clipped sum on the chunk `probe`.
 
         Both paths run with every trainable weight perturbed (a fixed, public
@@ -454,8 +454,7 @@ class DPSGD:
         do not hide the other layers' gradients. Nothing here is released or
         logged: a mismatch only switches this engine to the torch.func path,
         with a warning naming no value. On success, chunks up to the probe's
-        size go the book-keeping way. Returns the probe's clipped sums at the
-        real weights, by torch.func (what this chunk adds to the step).
+        size go the book-keeping way.
         """
         assert self._bookkeeping is not None
         reason = ""
@@ -486,7 +485,6 @@ class DPSGD:
             self._fall_back(reason)
         else:
             self._probed = probe[0].shape[0]
-        return self._clipped_torch_func(probe)[0]
 
     def _fall_back(self, reason: str) -> None:
         self._bookkeeping = None

@@ -146,10 +146,10 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         return w, scale, plan
 
     def planned_events(self, private: ImageData, public: ImageData | None, epsilon: float,
-                       delta: float) -> list[PrivacyEvent]:
+                       delta: float, *, dataset_size: int) -> list[PrivacyEvent]:
         """The events a fit at (epsilon, delta) will spend, from public facts only (N, shape, classes, config).
 
-        Reads no pixel or label of `private`: its size, image shape and class list are public facts.
+        Reads no pixel or label of `private`: N = `dataset_size`, its image shape and class list are public facts.
         """
         self.num_classes, self.image_shape = private.num_classes, private.image_shape
         channels = self.image_shape[2]
@@ -157,7 +157,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         cfg = self.config
         dims = FeatureExtractor(trunks, cfg.feature_layers, cfg.feature_pool, cfg.second_moment,
                                 cfg.feature_balance).dims((channels, *self.image_shape[:2]))
-        return self._plan(len(private), dims, epsilon, delta)[2].events()
+        return self._plan(dataset_size, dims, epsilon, delta)[2].events()
 
     # -- fit ----------------------------------------------------------------------------
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
@@ -181,7 +181,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
                                      cfg.feature_balance).to(self.device)
         self.extractor = extractor
         dims = extractor.dims((channels, *self.image_shape[:2]))
-        w, scale, plan = self._plan(len(private), dims, ctx.target_epsilon, ctx.ledger.delta)
+        w, scale, plan = self._plan(ctx.public_size(private), dims, ctx.target_epsilon, ctx.ledger.delta)
         self.train_info["release"] = {"scale": scale, "weights": list(w), "dims": list(dims), **asdict(plan)}
         if self.released is None:
             self._set_released(rel.release(

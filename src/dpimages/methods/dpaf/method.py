@@ -60,6 +60,7 @@ from dpimages.nets.discriminators import BackHead, FrontFeatures, SplitDiscrimin
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, StepInfo
+from dpimages.privacy.keyed import content_digests
 from dpimages.privacy.mechanisms import clip_rows
 
 # the public per-example inputs of a DP-SGD loss, from the labels of a real (False) or fake (True) batch
@@ -101,14 +102,14 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
                              f"{2 ** len(cfg.d_channels) * 2} pixels per side, got {self.image_shape}")
         if cfg.fake_per_class < cfg.agg_groups:
             raise InputError(f"fake_per_class ({cfg.fake_per_class}) must be >= agg_groups ({cfg.agg_groups})")
-        n = len(private)
+        n = ctx.public_size(private)
         # 1. schedule, calibration and reservation: public choices only, before any private access
         sched = Schedule.from_config(cfg, n)
         scale, plan = calibrate_plan(ctx.ledger.epsilon_budget, ctx.ledger.delta, sched)
         events = plan.events(sched)
         with ctx.seeded_init("model"):
             nets = build_nets(cfg, self.image_shape, self.num_classes, self.device, ctx.generator("train"))
-        engine = self._engine(ctx, nets, plan, n)
+        engine = self._engine(ctx, nets, plan, len(private), n)
         ctx.ledger.reserve(*events[:-1])
         engine.plan(events[-1].steps)  # the plan's last event is the engine's DP-SGD release
         self.train_info = {
@@ -132,11 +133,14 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
             self._checkpoint(ctx, nets, False)
         # 3. training: the aggregation releases, f1's (or D's) DP-SGD steps, post-processing
         x_all = private.to_tensor(self.device)
-        train = self._train_dpaf if cfg.aggregation else self._train_plain
-        train(ctx, nets, engine, x_all, y_all)
+        if cfg.aggregation:
+            self._train_dpaf(ctx, nets, engine, x_all, y_all, content_digests(private.images, private.labels))
+        else:
+            self._train_plain(ctx, nets, engine, x_all, y_all)
 
-    def _engine(self, ctx: FitContext, nets: Nets, plan: NoisePlan, n: int) -> DPSGD:
-        """The DP-SGD engine of f1 (DPAF) or of the whole discriminator (the ablation), on its own Poisson sampler."""
+    def _engine(self, ctx: FitContext, nets: Nets, plan: NoisePlan, examples: int, n: int) -> DPSGD:
+        """The DP-SGD engine of f1 (DPAF) or of the whole discriminator (the ablation), on its own Poisson sampler
+        over the `examples` private images at rate batch / N (N = `n`, public)."""
         cfg = self.config
         model: torch.nn.Module
         loss: Callable[..., torch.Tensor]
@@ -146,7 +150,8 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
             model, loss = SplitDiscriminator(nets.f1, nets.f2, cfg.feature_clip), self._d_loss
             sigma, batch, label = plan.d, cfg.plain_batch, LABEL_D
         assert sigma is not None
-        return DPSGD(model, loss, sampler=PoissonSampler.for_batch_size(n, batch, ctx.noise), noise_multiplier=sigma,
+        sampler = PoissonSampler.for_batch_size(examples, batch, ctx.noise, dataset_size=n)
+        return DPSGD(model, loss, sampler=sampler, noise_multiplier=sigma,
                      clip_norm=cfg.grad_clip, ledger=ctx.ledger, noise=ctx.noise, label=label,
                      max_physical_batch=cfg.physical_batch, per_example=cfg.per_example)
 
@@ -172,12 +177,14 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
 
     # -- DPAF training ----------------------------------------------------------------------------
     def _train_dpaf(self, ctx: FitContext, nets: Nets, engine: DPSGD, x_all: torch.Tensor,
-                    y_all: torch.Tensor) -> None:
+                    y_all: torch.Tensor, digests: np.ndarray) -> None:
         """The cycles: phase A (aggregation releases), phase B (f1 steps); checkpoints after each phase, grids and
-        pausing (`RunClock`: max_minutes, cycles_per_run) at cycle ends."""
+        pausing (`RunClock`: max_minutes, cycles_per_run) at cycle ends. `digests`: the images' content digests
+        (`dpimages.privacy.keyed`), which place each image in its aggregation group."""
         cfg = self.config
         sigma = float(self.train_info["noise"]["agg"])
-        sampler = PoissonSampler.for_batch_size(x_all.shape[0], cfg.agg_batch, ctx.noise)
+        sampler = PoissonSampler.for_batch_size(x_all.shape[0], cfg.agg_batch, ctx.noise,
+                                                dataset_size=int(self.train_info["dataset_size"]))
         a = ctx.ledger.steps(like=PrivacyEvent.subsampled_gaussian(sigma, sampler.sample_rate, 1, LABEL_AGG))
         first = engine.steps_spent // cfg.f1_steps  # the cycle to go on with
         total = cfg.cycles * (cfg.agg_steps + cfg.f1_steps)
@@ -189,7 +196,7 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
                 if self.center is None:  # a new cycle (or a resumed one whose phase A had not ended)
                     self.center = self._new_center(nets)
                 while a < (cycle + 1) * cfg.agg_steps:  # phase A: aggregation releases, f2 and G updates
-                    logs = self._aggregation_iteration(ctx, nets, sampler, sigma, x_all, y_all)
+                    logs = self._aggregation_iteration(ctx, nets, sampler, sigma, x_all, y_all, digests)
                     a += 1
                     bar.update(1)
                     if ctx.run is not None and a % cfg.log_every == 0:
@@ -221,13 +228,13 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
             ctx.run.log(done, event="train_done", steps=total, **clock.run_times(done - done0, train_s))
 
     def _aggregation_iteration(self, ctx: FitContext, nets: Nets, sampler: PoissonSampler, sigma: float,
-                               x_all: torch.Tensor, y_all: torch.Tensor) -> dict[str, float]:
+                               x_all: torch.Tensor, y_all: torch.Tensor, digests: np.ndarray) -> dict[str, float]:
         """One aggregation release (private: `aggregation_release`), then f2 and G updates on it (post-processing)."""
         cfg = self.config
         rng = nets.rng
         released = aggregation_release(
             x_all, y_all, sampler, lambda x, y: self._features(nets, x, y), dim=nets.f1.dim,
-            num_classes=self.num_classes, groups=cfg.agg_groups, rng=rng, clip_norm=cfg.feature_clip,
+            num_classes=self.num_classes, groups=cfg.agg_groups, digests=digests, clip_norm=cfg.feature_clip,
             noise_multiplier=sigma, ledger=ctx.ledger, noise=ctx.noise, chunk=cfg.physical_batch * 4)
         real = released / self._expected_rows()[:, None]  # post-processing from here on
         self.buffer.append(real.detach())

@@ -15,8 +15,11 @@ private data:
    from batches with the same class mix) and the divisors below.
 2. **Feature aggregation** (``dpaf feature aggregation``, `aggregation_release`), ``cycles * agg_steps`` times:
    a Poisson sample S of the private set (every image independently with probability q_a = agg_batch / N,
-   `PoissonSampler`); each selected image i goes to row r(i) = y_i * M + g_i, where g_i is a group drawn
-   uniformly from M = ``agg_groups`` groups by the training generator (independently of the data). Released:
+   `PoissonSampler`); each selected image i goes to row r(i) = y_i * M + g_i, where g_i is its group among
+   M = ``agg_groups``: a keyed hash of (a secret key that the run's `NoiseSource` draws for this release, the
+   image's content), so no other image's group depends on whether, or where, image i is in the data
+   (`dpimages.privacy.keyed`; until issue 34 groups were drawn by dataset index from the public training
+   generator, and inserting one image moved every later image's group). Released:
    the (K*M, d) matrix of row sums of the clipped features ``clip(f1(x_i) - mu_{y_i}, C_f)`` plus
    N(0, sigma_a^2 C_f^2) noise per entry (`release_aggregates`); mu (K, d) is this cycle's per-class reference,
    the mean f1 feature of generated images (``center=true``; zero otherwise). Sensitivity: conditionally on
@@ -48,9 +51,9 @@ subsampled Gaussian events (sigma_1, q_1) is the run's guarantee. (Sharing one P
 aggregation and an f1 step would *not* be covered by this composition of independently sampled events; the
 samplers are separate for that reason.)
 
-The training generator (latents, fake labels, simulated row counts, groups) is seeded apart from the privacy
-noise and never consumes a number of draws that depends on private data (groups are drawn for all N images), so
-the post-processing cannot depend on an unreleased private quantity such as a Poisson batch size.
+The training generator (latents, fake labels, simulated row counts) is seeded apart from the privacy noise and
+never consumes a number of draws that depends on private data, so the post-processing cannot depend on an
+unreleased private quantity such as a Poisson batch size.
 
 Ablation (``aggregation=false``): no forward-phase aggregation. The whole discriminator
 ``f2(clip(f1(x), C_f), y)`` is trained with DP-SGD (``dpaf discriminator dp-sgd``, rate plain_batch / N, one
@@ -64,12 +67,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dpimages.errors import InputError
 from dpimages.methods.dpaf.config import DPAFConfig
 from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
+from dpimages.privacy.keyed import keyed_buckets
 from dpimages.privacy.mechanisms import class_sums, clip_rows, gaussian_release, noisy_class_counts
 from dpimages.privacy.rng import NoiseSource
 
@@ -204,7 +209,7 @@ def aggregation_release(
     dim: int,
     num_classes: int,
     groups: int,
-    rng: torch.Generator,
+    digests: np.ndarray,
     clip_norm: float,
     noise_multiplier: float,
     ledger: PrivacyLedger,
@@ -214,9 +219,9 @@ def aggregation_release(
     """Release 2 from the private set: one Poisson sample, its features by row (class, group), `release_aggregates`.
 
     ``features(x, y)`` is f1 minus the cycle's reference (a fixed function of earlier releases), evaluated in
-    chunks of `chunk` images; `dim` is its width. A group is drawn from `rng` for every one of the N images
-    (not only the sampled ones), so the number of draws, and the training generator's later state, do not
-    depend on the private batch size. Returns the noisy (num_classes * groups, dim) row sums.
+    chunks of `chunk` images; `dim` is its width. With `groups` > 1 each sampled image's group is a keyed hash of
+    its content `digests` entry under a secret key drawn from `noise` for this release (one key per release,
+    whatever the sample). Returns the noisy (num_classes * groups, dim) row sums.
     """
     idx = sampler.sample().to(x_all.device)
     with torch.no_grad():
@@ -225,7 +230,8 @@ def aggregation_release(
             torch.zeros(0, dim, device=x_all.device)
     rows = y_all[idx] * groups
     if groups > 1:
-        rows = rows + torch.randint(groups, (x_all.shape[0],), generator=rng).to(x_all.device)[idx]
+        key = noise.secret_key()
+        rows = rows + torch.from_numpy(keyed_buckets(digests[idx.cpu().numpy()], key, groups)).to(rows.device)
     return release_aggregates(feats, rows, num_classes * groups, clip_norm=clip_norm,
                               noise_multiplier=noise_multiplier, sample_rate=sampler.sample_rate, ledger=ledger,
                               noise=noise)

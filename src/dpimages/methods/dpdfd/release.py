@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpimages.privacy import calibrate_gaussian
+from dpimages.privacy.keyed import content_digests, keyed_buckets
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger
 from dpimages.privacy.mechanisms import gaussian_release
 from dpimages.privacy.rng import NoiseSource
@@ -56,26 +56,15 @@ def planned_event(noise_multiplier: float, steps: int) -> PrivacyEvent:
 
 
 def shard_of(images: np.ndarray, labels: np.ndarray, shards: int, key: int) -> np.ndarray:
-    """The shard (0 .. shards-1) of every image: a keyed BLAKE2b hash of its pixels, shape and label, mod `shards`.
+    """The shard (0 .. shards-1) of every image: a keyed hash of its content digest (pixels, shape, label).
 
-    A function of the image and its label alone (and of the public `key`):
-    adding or removing one image changes the content of exactly one shard and
-    moves no other image. A split by position (a permutation of indices)
-    would not have this property: removing image j shifts every later index.
-    Identical images with identical labels share a shard. Shard sizes are
-    never released (they are exact statistics of the private data).
+    A function of the image and its label alone (and of the `key`, from a seed stream so that a resumed run
+    keeps its shards; `dpimages.privacy.keyed`): adding or removing one image changes the content of exactly
+    one shard and moves no other image. A split by position (a permutation of indices) would not have this
+    property: removing image j shifts every later index. Identical images with identical labels share a
+    shard. Shard sizes are never released (they are exact statistics of the private data).
     """
-    if shards == 1:
-        return np.zeros(len(images), dtype=np.int64)
-    k = int(key).to_bytes(8, "little", signed=False)
-    out = np.empty(len(images), dtype=np.int64)
-    shape = repr(images.shape[1:]).encode()
-    for i in range(len(images)):
-        h = hashlib.blake2b(np.ascontiguousarray(images[i]).tobytes(), key=k, digest_size=8)
-        h.update(shape)
-        h.update(int(labels[i]).to_bytes(8, "little", signed=True))
-        out[i] = int.from_bytes(h.digest(), "little") % shards
-    return out
+    return keyed_buckets(content_digests(images, labels), key, shards)
 
 
 def teacher_steps(epochs: int, dataset_size: int, teachers: int, batch_size: int) -> int:

@@ -28,15 +28,16 @@ warm start, the stage's `dpimages.privacy` mechanisms (see "Warm start" below):
    batch size): times are logged only for a whole run, in the ``paused`` and
    ``train_done`` events.
 4. The training randomness (diffusion noise, noise levels, label dropout)
-   comes from the training generator ``g`` (the run seed's ``train`` stream,
-   `FitContext.generator`) and is keyed so that it cannot carry one
-   example's membership into another example's gradient: each step takes
-   exactly one 63-bit step key from ``g`` (`draws.step_key`), whatever the
-   batch, and each example's draws are a function of (step key, its dataset
-   index) alone (`draws.example_seeds`, `DPDM._draws`). So ``g``'s state
-   after any step, and the draws of every other example, are the same with
-   or without any one example in the batch: one example changes the clipped
-   sum by one clipped gradient.
+   is keyed so that it cannot carry one example's membership into another
+   example's gradient: each step takes one secret key from the run's
+   `NoiseSource` (`dpimages.privacy.keyed.shared_secret_key`), whatever the
+   batch, and each example's draws are a function of (that key, the
+   example's content digest) alone (`DPDM._draws`, `draws.keyed_normals`),
+   never of its dataset index. So the draws of every other example are the
+   same with or without any one example in the data, wherever it sits: one
+   example changes the clipped sum by one clipped gradient. (Until issue 34
+   the key came from the public seed stream and the draws followed the
+   dataset index, so inserting an image shifted every later image's draws.)
 
 Warm start (``warm_start``, `dpimages.methods.dpdm.warm`): a first stage
 whose events are planned from public facts, sigma calibrated over them and
@@ -53,15 +54,15 @@ processes (`RunClock` in the kit's `TrainLoop`: each stops at a step boundary
 after a checkpoint).
 
 Several processes (torchrun, ``distributed = True``): the engine's process
-group mode. Rank 0 draws each Poisson batch and the noise; every rank clips
-its shard (the batch's positions rank, rank + world, ...) and the sums are
-all-reduced, so the schedule, sigma, ledger and noise are those of one
-process. Every rank holds the same training generator and takes the same
-step key each step; each rank draws only its own examples' training
-randomness, keyed by their dataset indices, so the draws do not depend on
-the number of processes either. Rank 0 alone writes the run directory; sigma
-and the ``max_minutes`` decision (``RunClock(distributed=True)``) are rank 0's
-on every rank, so all ranks run and stop at the same steps.
+group mode. Rank 0 draws each Poisson batch, each step key and the noise;
+every rank clips its shard (the batch's positions rank, rank + world, ...)
+and the sums are all-reduced, so the schedule, sigma, ledger and noise are
+those of one process. Every rank gets rank 0's step key and draws only its
+own examples' training randomness, keyed by their content, so the draws do
+not depend on the number of processes either. Rank 0 alone writes the run
+directory; sigma and the ``max_minutes`` decision
+(``RunClock(distributed=True)``) are rank 0's on every rank, so all ranks
+run and stop at the same steps.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ from dpimages.errors import InputError
 from dpimages.methods.common import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpdm import warm
 from dpimages.methods.dpdm.config import DPDMConfig
-from dpimages.methods.dpdm.draws import keyed_normals, step_key
+from dpimages.methods.dpdm.draws import keyed_normals
 from dpimages.methods.kit import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
 from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.methods.prior import refuse_spent_stage
@@ -90,8 +91,9 @@ from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
 from dpimages.privacy import calibrate_dpsgd
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
+from dpimages.privacy.keyed import content_digests, keyed_values, shared_secret_key
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
-from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
+from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, unprefixed
 
 RELEASE_LABEL = "dpdm"
 
@@ -169,20 +171,21 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         labels = torch.where(drop, self.num_classes, y.unsqueeze(1).expand(drop.shape))
         return edm_loss(model, x, labels, sigma, noise, self.config.sigma_data)
 
-    def _draws(self, idx: torch.Tensor, key: int, model: EDMDenoiser) -> tuple[torch.Tensor, ...]:
-        """Training randomness of the examples `idx` under a step's `key`: sigma (b, K), noise (b, K, C, H, W), drop.
+    def _draws(self, digests: np.ndarray, key: int, model: EDMDenoiser) -> tuple[torch.Tensor, ...]:
+        """Training randomness of the examples with content `digests` under a step's secret `key`: sigma (b, K),
+        noise (b, K, C, H, W), drop.
 
-        Privacy contract: the draws of dataset index i are a function of (`key`, i) only, the same whatever else
-        is in `idx` (or on other ranks): a generator on this synthesizer's device is seeded with
-        ``example_seeds(key, idx)[j]`` for row j and fills that row with K (2 + C H W) standard normals
-        (`keyed_normals`): the first K give ln sigma = p_mean + p_std z (EDM's log-normal noise levels), the next
-        K the label dropout (z below the standard normal's `label_dropout` quantile: probability
-        `label_dropout`), the rest the diffusion noise. Everything after the per-row draws is elementwise, so no
-        row depends on another.
+        Privacy contract: an example's draws are a function of (`key`, its content digest) only, the same whatever
+        else is in the batch (or on other ranks) and wherever the example sits in the data: a generator on this
+        synthesizer's device is seeded with ``keyed_values(digests, key)[j]`` for row j and fills that row with
+        K (2 + C H W) standard normals (`keyed_normals`): the first K give ln sigma = p_mean + p_std z (EDM's
+        log-normal noise levels), the next K the label dropout (z below the standard normal's `label_dropout`
+        quantile: probability `label_dropout`), the rest the diffusion noise. Everything after the per-row draws
+        is elementwise, so no row depends on another.
         """
         k = self.config.multiplicity
         h, w, c = self.image_shape
-        z = keyed_normals(idx, key, k * (2 + c * h * w), self.device)
+        z = keyed_normals(keyed_values(digests, key), k * (2 + c * h * w), self.device)
         sigma = torch.exp(model.p_mean + model.p_std * z[:, :k])
         p = self.config.label_dropout
         cut = -math.inf if p <= 0 else math.inf if p >= 1 else statistics.NormalDist().inv_cdf(p)
@@ -190,24 +193,19 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         noise = z[:, 2 * k :].reshape(-1, k, c, h, w)
         return sigma, noise, drop
 
-    def _shard(self, idx: torch.Tensor, g: torch.Generator, model: EDMDenoiser) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _shard(self, idx: torch.Tensor, digests: np.ndarray, key: int,
+               model: EDMDenoiser) -> Iterator[tuple[torch.Tensor, ...]]:
         """One DP step's training draws for this rank's examples `idx`: (idx, sigma, noise, drop) pieces.
 
-        Takes the step key from `g` at once, on the call (exactly one `step_key` per step, whatever `idx`; call it
-        every step on every rank, with an empty `idx` too), then returns an iterator of pieces of at most
-        ``physical_batch`` examples, in `idx`'s order, each with its keyed draws (`_draws`). `idx` is this rank's
-        shard of the Poisson batch (the whole batch in one process); no rank needs another's examples, and the
-        batch size is neither shared between ranks, logged nor returned.
+        Pieces of at most ``physical_batch`` examples, in `idx`'s order, each with its keyed draws (`_draws`,
+        from the examples' content `digests` and the step's secret `key`). `idx` is this rank's shard of the
+        Poisson batch (the whole batch in one process); no rank needs another's examples, and the batch size is
+        neither shared between ranks, logged nor returned.
         """
-        key = step_key(g)
         pb = self.config.physical_batch
-
-        def pieces() -> Iterator[tuple[torch.Tensor, ...]]:
-            for start in range(0, idx.numel(), pb):
-                part = idx[start : start + pb]
-                yield (part, *self._draws(part, key, model))
-
-        return pieces()
+        for start in range(0, idx.numel(), pb):
+            part = idx[start : start + pb]
+            yield (part, *self._draws(digests[part.cpu().numpy()], key, model))
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
@@ -216,16 +214,16 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         if private.labels is None:
             raise InputError(f"{private.name}: dpdm needs labelled private data (class-conditional model)")
         tensors, state = self.begin_fit(private, ctx)
-        n = len(private)
+        n = ctx.public_size(private)
         # 1. the schedule and sigma, from public choices only, before any private pixel is read
         q, steps = schedule(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
-        stage = warm.plan(cfg, private, public, ctx.target_epsilon, ctx.ledger.delta)
+        stage = warm.plan(cfg, private, public, ctx.target_epsilon, ctx.ledger.delta, n)
         sigma = calibrate_dpsgd(ctx.target_epsilon, ctx.ledger.delta, q, steps, stage.events)
         (sigma,) = rank0_values(sigma)  # a process group: every rank records rank 0's sigma
         with ctx.seeded_init("model"):
             model = self.new_model().to(self.device)
             ema = self.new_model().to(self.device)
-        sampler = PoissonSampler.for_batch_size(n, cfg.batch_size, ctx.noise)
+        sampler = PoissonSampler.for_batch_size(len(private), cfg.batch_size, ctx.noise, dataset_size=n)
         engine = DPSGD(model, self._loss_fn, sampler=sampler, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
                        ledger=ctx.ledger, noise=ctx.noise, label=RELEASE_LABEL, max_physical_batch=cfg.physical_batch,
                        per_example=cfg.per_example)
@@ -241,25 +239,23 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        g = ctx.generator("train", self.device)  # training randomness, apart from the privacy noise
         if resumed:
             model.load_state_dict(unprefixed("model", tensors))
             ema.load_state_dict(unprefixed("ema", tensors))
             load_optimizer("opt", opt, tensors, state["optimizer"], self.device)
-            set_rng_state(g, state["train_rng"])
             self.train_info["train_s"] = float(state.get("train_s", 0.0))
             self.train_info["warm"] = state.get("warm", self.train_info["warm"])
             if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
                 raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
         elif stage.mode != "none" and ctx.run is not None and ctx.run.writer:
-            self._checkpoint(ctx, model, ema, opt, g, 0, finished=False)  # a crash after this keeps the stage
+            self._checkpoint(ctx, model, ema, opt, 0, finished=False)  # a crash after this keeps the stage
         self.ema_model = ema
         if state.get("finished"):
             return
         # 2. DP-SGD: the only access to private data
         x_all = private.to_tensor(self.device)
         y_all = private.label_tensor(self.device)
-        self._train(ctx, engine, model, ema, opt, g, x_all, y_all)
+        self._train(ctx, engine, model, ema, opt, x_all, y_all, content_digests(private.images, private.labels))
 
     def _warm_start(self, stage: warm.WarmStart, private: ImageData, public: ImageData | None, ctx: FitContext,
                     model: EDMDenoiser) -> None:
@@ -296,13 +292,14 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
                         pretrain_steps=facts["steps"], pretrain_s=facts["train_s"])
 
     def _train(self, ctx: FitContext, engine: DPSGD, model: EDMDenoiser, ema: EDMDenoiser,
-               opt: torch.optim.Optimizer, g: torch.Generator, x_all: torch.Tensor, y_all: torch.Tensor) -> None:
+               opt: torch.optim.Optimizer, x_all: torch.Tensor, y_all: torch.Tensor, digests: np.ndarray) -> None:
         """The DP-SGD steps the ledger still lacks, in a `TrainLoop`; every rank pauses at rank 0's decision."""
         cfg = self.config
 
         def step(t: int) -> dict[str, Any]:
             idx = engine.sampler.sample().to(self.device)
-            for part, sigma, noise, drop in self._shard(idx, g, model):
+            key = shared_secret_key(ctx.noise)  # one secret key per step, whatever the batch (rank 0's on every rank)
+            for part, sigma, noise, drop in self._shard(idx, digests, key, model):
                 engine.clip_and_accumulate(x_all[part], y_all[part], sigma, noise, drop)
             info = engine.add_noise()  # ledger spend, then noise; sets .grad
             opt.step()
@@ -318,7 +315,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         planned = int(self.train_info["steps"])
         loop = TrainLoop(
             ctx.run, planned, step,
-            checkpoint=lambda t, finished: self._checkpoint(ctx, model, ema, opt, g, t, finished=finished),
+            checkpoint=lambda t, finished: self._checkpoint(ctx, model, ema, opt, t, finished=finished),
             clock=RunClock(cfg.max_minutes, cfg.steps_per_run, distributed=True),  # rank 0's time decision
             grid=lambda path: write_grid(path, lambda y, g: self._generate(ema, y, g), self.num_classes),  # EMA weights
             log_every=cfg.log_every, grid_every=cfg.grid_every,
@@ -327,12 +324,12 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         loop(planned - engine.steps_remaining)  # steps already in the ledger (a resumed run) are not run again
 
     def _checkpoint(self, ctx: FitContext, model: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer,
-                    g: torch.Generator, step: int, *, finished: bool) -> None:
+                    step: int, *, finished: bool) -> None:
         assert ctx.run is not None
         opt_tensors, opt_groups = optimizer_tensors("opt", opt)
         tensors = {**prefixed("model", model.state_dict()), **prefixed("ema", ema.state_dict()), **opt_tensors}
         state = {
-            "step": step, "finished": finished, "optimizer": opt_groups, "train_rng": rng_state(g),
+            "step": step, "finished": finished, "optimizer": opt_groups,
             "noise_rng": ctx.noise_state(), "noise_multiplier": self.train_info["noise_multiplier"],
             "train_s": round(float(self.train_info["train_s"]), 2), "warm": self.train_info.get("warm", {}),
             **self.meta(),

@@ -114,8 +114,9 @@ def central_rows(x: torch.Tensor, cfg: DPDMConfig) -> torch.Tensor:
     return torch.cat([small, torch.full((x.shape[0], 1), cfg.central_kappa, dtype=torch.float64)], dim=1)
 
 
-def plan(cfg: DPDMConfig, private: ImageData, public: ImageData | None, epsilon: float, delta: float) -> WarmStart:
-    """The warm start's planned events at ``warm_share * epsilon``: public facts only (N, shapes, config)."""
+def plan(cfg: DPDMConfig, private: ImageData, public: ImageData | None, epsilon: float, delta: float,
+         n: int) -> WarmStart:
+    """The warm start's planned events at ``warm_share * epsilon``: public facts only (N = `n`, shapes, config)."""
     mode = cfg.warm_start
     if mode == "none":
         return WarmStart(mode)
@@ -134,9 +135,8 @@ def plan(cfg: DPDMConfig, private: ImageData, public: ImageData | None, epsilon:
                          select_keep=keep)
     share = cfg.warm_share * epsilon
     if mode == "dp-mepf":
-        prior = plan_prior(cfg.warm_preset, private, public, share, delta)
+        prior = plan_prior(cfg.warm_preset, private, public, share, delta, n)
         return WarmStart(mode, share, prior.events, prior=prior)
-    n = len(private)
     if not 1 <= cfg.central_batch <= n:
         raise InputError(f"central_batch must be in [1, {n}] (the data set size), got {cfg.central_batch}")
     rate = cfg.central_batch / n
@@ -173,7 +173,8 @@ def central_images(warm: WarmStart, cfg: DPDMConfig, private: ImageData,
     h, w, c = private.image_shape
     k, size = private.num_classes, cfg.central_size
     clip = central_clip(cfg, c)
-    sampler = PoissonSampler(len(private), warm.central_rate, ctx.noise, shard=False)  # rank 0 alone (see fit)
+    sampler = PoissonSampler(len(private), warm.central_rate, ctx.noise, shard=False,  # rank 0 alone (see fit)
+                             dataset_size=ctx.public_size(private))
     x_all, y_all = private.to_tensor(), private.label_tensor()
     images, labels = [], []
     for _ in range(cfg.central_releases):

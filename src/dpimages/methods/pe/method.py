@@ -265,7 +265,7 @@ class PE(TrainedSynthesizer[PEConfig]):
         prior = None
         if cfg.api == "dp-prior":  # planned here from public facts; fitted after the joint reservation
             prior = plan_prior(cfg.prior_preset, private, public, cfg.prior_share * ctx.target_epsilon,
-                               ctx.ledger.delta)
+                               ctx.ledger.delta, ctx.public_size(private))
         elif cfg.api == "diffusion" and not cfg.api_path and self.api is None and public is not None:
             self._train_public_api(public, ctx)
         if prior is None:
