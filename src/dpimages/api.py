@@ -43,33 +43,31 @@ from dpimages.report import render_report
 from dpimages.runs import Run
 from dpimages.seeds import seeded_init, stream_generator, stream_seed
 
-# name -> module that defines it; only methods that really train and sample.
-METHOD_MODULES: dict[str, str] = {
-    "dp-mepf": "dpimages.methods.dp_mepf",
-    "dpdfd": "dpimages.methods.dpdfd",
-    "dpdm": "dpimages.methods.dpdm",
-    "dpaf": "dpimages.methods.dpaf",
-    "dpaf-noagg": "dpimages.methods.dpaf",
-    "pe": "dpimages.methods.pe",
+# The one place a method is registered: name -> "module:Class". Only methods that really train and sample, each
+# held to the contract by `dpimages.testing.check_method` (tests/methods/test_contract.py runs it for every name).
+METHOD_CLASSES: dict[str, str] = {
+    "dp-mepf": "dpimages.methods.dp_mepf.method:DPMEPF",
+    "dpdfd": "dpimages.methods.dpdfd.method:DPDFD",
+    "dpdm": "dpimages.methods.dpdm.method:DPDM",
+    "dpaf": "dpimages.methods.dpaf.method:DPAF",
+    "dpaf-noagg": "dpimages.methods.dpaf.method:DPAFNoAggregation",
+    "pe": "dpimages.methods.pe.method:PE",
 }
-_REGISTRY: dict[str, type[Synthesizer]] = {}
-
-
-def register(cls: type[Synthesizer]) -> type[Synthesizer]:
-    _REGISTRY[cls.name] = cls
-    return cls
 
 
 def methods() -> list[str]:
-    return sorted(METHOD_MODULES)
+    return sorted(METHOD_CLASSES)
 
 
 def method_class(name: str) -> type[Synthesizer]:
-    if name not in METHOD_MODULES:
+    """The registered class called `name` (its module is imported on first use); InputError for another name."""
+    if name not in METHOD_CLASSES:
         raise InputError(f"unknown method {name!r}; available: {', '.join(methods()) or 'none yet'}")
-    if name not in _REGISTRY:
-        importlib.import_module(METHOD_MODULES[name])
-    return _REGISTRY[name]
+    module, attr = METHOD_CLASSES[name].split(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if cls.name != name:
+        raise RuntimeError(f"registry: {METHOD_CLASSES[name]} is named {cls.name!r}, not {name!r}")
+    return cls
 
 
 def create(name: str, preset: str | None = None, **overrides: Any) -> Synthesizer:
@@ -193,10 +191,17 @@ class Synthesizer(Generic[ConfigT]):
         """What a ``smoke`` fit on generated 28x28 data needs besides the data, offline: ``{"overrides": [...],
         "public": ImageData}`` (either key optional; files go under `workdir`). Nothing by default.
 
-        Used by the contract test (tests/methods/test_contract.py) and benchmarks/smoke_samples.py, so a new
+        Used by the contract (`dpimages.testing.check_method`) and benchmarks/smoke_samples.py, so a new
         method is covered without test code of its own.
         """
         return {}
+
+    @classmethod
+    def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
+        """Configurations besides the smoke preset whose releases `dpimages.testing.check_method` also checks
+        (stages a preset leaves off): dicts with ``name``, ``overrides`` and optionally ``public`` and ``other``
+        (the other private set of the same size for the other-data check). None by default."""
+        return []
 
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
         raise NotImplementedError
@@ -262,7 +267,7 @@ def _versions() -> dict[str, str]:
 
 
 def fit_run(
-    method: str,
+    method: str | type[Synthesizer],
     data: str | ImageData,
     *,
     epsilon: float,
@@ -283,7 +288,8 @@ def fit_run(
     noise_source: NoiseSource | None = None,
     dataset_size: int | None = None,
 ) -> FitResult:
-    """Validate everything, then fit `method` on `data` and write the run directory.
+    """Validate everything, then fit `method` (a registered name, or a `Synthesizer` class) on `data` and write the
+    run directory.
 
     Order matters: method, config and budget are checked before any data is
     loaded; the data's size is checked against delta before anything is
@@ -305,7 +311,8 @@ def fit_run(
     its ``kind``), and `dataset_size` the public N (default ``len(data)``), so
     that a neighbouring data set is fitted under the same public facts.
     """
-    cls = method_class(method)
+    cls = method if isinstance(method, type) else method_class(method)
+    method = cls.name
     keep_freed_memory()  # large tensors every step: reuse freed memory rather than page-fault it back in
     rank, world = dist_world()
     check_distributed(cls, world)
@@ -394,7 +401,8 @@ def fit_run(
 
 
 def load_synthesizer(
-    run_dir: str | Path, device: str | None = None, sampling: list[str] | None = None
+    run_dir: str | Path, device: str | None = None, sampling: list[str] | None = None,
+    method: type[Synthesizer] | None = None,
 ) -> Synthesizer:
     """Rebuild a fitted synthesizer from its run directory (config + last checkpoint).
 
@@ -402,11 +410,12 @@ def load_synthesizer(
     (e.g. dpdm's ``guidance=1``): they change how the released model is
     sampled, post-processing with no privacy cost; the run directory is not
     changed. Any other key is refused (exit 2), since it would describe a
-    model that was not fitted.
+    model that was not fitted. `method`: the class of a run fitted by an unregistered `Synthesizer` subclass
+    (`dpimages.testing.check_method`); by default the registered class the run's config names.
     """
     run = Run(run_dir)
     cfg = run.read_config()
-    cls = method_class(cfg.get("method", ""))
+    cls = method if method is not None else method_class(cfg.get("method", ""))
     values = dict(cfg.get("config", {}))
     changes = parse_overrides(sampling or [])
     for key in changes:

@@ -75,9 +75,9 @@ def test_methods_lists_only_registered():
     res = dpimages("methods", "--json")
     assert res.returncode == 0
     names = [m["name"] for m in json.loads(res.stdout)["methods"]]
-    from dpimages.api import METHOD_MODULES
+    from dpimages.api import METHOD_CLASSES
 
-    assert names == sorted(METHOD_MODULES)
+    assert names == sorted(METHOD_CLASSES)
 
 
 def test_data_corrupt_npz_named(tmp_path):

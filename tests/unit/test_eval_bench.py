@@ -37,8 +37,7 @@ class _NoiseSynth(api.Synthesizer):
 
 
 def test_bench_smoke_run_writes_lines_reports_and_table(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setitem(api.METHOD_MODULES, "test-noise", __name__)
-    monkeypatch.setitem(api._REGISTRY, "test-noise", _NoiseSynth)
+    monkeypatch.setitem(api.METHOD_CLASSES, "test-noise", f"{__name__}:_NoiseSynth")
     out = tmp_path / "results"
     lines = suite.run_bench("fmnist", ["test-noise", "real"], [1.0], out,
                             options=suite.BenchOptions(preset="smoke", n_samples=1000, progress=False))
@@ -75,8 +74,7 @@ def test_bench_smoke_run_writes_lines_reports_and_table(tmp_path, monkeypatch) -
 
 
 def test_bench_repeats_write_one_line_with_mean_and_sd(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
-    monkeypatch.setitem(api.METHOD_MODULES, "test-noise", __name__)
-    monkeypatch.setitem(api._REGISTRY, "test-noise", _NoiseSynth)
+    monkeypatch.setitem(api.METHOD_CLASSES, "test-noise", f"{__name__}:_NoiseSynth")
     out = tmp_path / "results"
     args = ["bench", "--methods", "test-noise", "--epsilons", "1", "--preset", "smoke", "--n-samples", "200",
             "--out", str(out), "--seed", "5"]

@@ -468,8 +468,11 @@ class DPSGD:
             sums, norms = self._bookkeeping.clipped_sum(self.loss_fn, probe, self.clip_norm)
             ref_sums, ref_norms = self._clipped_torch_func(probe)
             scale = float(ref_norms.max()) + 1e-6
+            # float32 sums of b terms of norm <= C round differently in the two paths: up to ~1e-6 b C per entry
+            # (entries near 0, e.g. a bias before a normalisation, have no relative precision to check)
+            atol = 1e-6 * self.clip_norm * probe[0].shape[0]
             same = torch.allclose(norms, ref_norms, rtol=1e-4, atol=1e-6 * scale) and all(
-                torch.allclose(sums.get(p, torch.zeros_like(r)), r, rtol=1e-4, atol=1e-6 * self.clip_norm)
+                torch.allclose(sums.get(p, torch.zeros_like(r)), r, rtol=1e-4, atol=atol)
                 for p, r in ref_sums.items())
             if not same:
                 reason = "its per-example norms differ from torch.func's on the first batch"

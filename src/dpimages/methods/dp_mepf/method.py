@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, register
+from dpimages.api import FitContext
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.methods.common import TrainedSynthesizer, load_frozen
@@ -57,7 +57,6 @@ from dpimages.privacy import PrivacyEvent
 from dpimages.runs import Run, load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 
-@register
 class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
     """DP-MEPF: match a label-conditional generator to noisy per-class feature means.
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, register
+from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.common import TrainedSynthesizer, load_frozen
@@ -67,7 +67,6 @@ from dpimages.privacy.mechanisms import clip_rows
 PerLabel = Callable[[torch.Tensor, bool], tuple[torch.Tensor, ...]]
 
 
-@register
 class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
     """DPAF: conditional GAN with DP feature aggregation in the discriminator's forward pass."""
 
@@ -359,7 +358,6 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
         return report_section(self.config, self.train_info) if self.train_info else ""
 
 
-@register
 class DPAFNoAggregation(DPAF):
     """DPAF's ablation as a method of its own (so a benchmark can run both): ``dpaf`` with ``aggregation=false``."""
 

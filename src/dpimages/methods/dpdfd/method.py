@@ -109,7 +109,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, register
+from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.common import TrainedSynthesizer
@@ -123,7 +123,6 @@ from dpimages.nets.generators import ConditionalGenerator
 from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
 
 
-@register
 class DPDFD(TrainedSynthesizer[DPDFDConfig]):
     """DPDFD: a student distilled from a non-private teacher through normalised noisy gradients; a generator."""
 

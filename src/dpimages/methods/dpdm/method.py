@@ -70,13 +70,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, register
+from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.distributed import broadcast_module, dist_world, rank0_values
 from dpimages.errors import InputError
@@ -142,7 +143,6 @@ def schedule(n: int, batch_size: int, epochs: float, max_steps: int = 0) -> tupl
     return q, min(steps, max_steps) if max_steps > 0 else steps
 
 
-@register
 class DPDM(TrainedSynthesizer[DPDMConfig]):
     """DPDM: EDM-preconditioned class-conditional U-Net trained with DP-SGD and noise multiplicity."""
 
@@ -155,6 +155,22 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
     def __init__(self, config: DPDMConfig) -> None:
         super().__init__(config)
         self.ema_model: EDMDenoiser | None = None
+
+    @classmethod
+    def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
+        """The warm-start stages with private reads that the smoke preset (dp-mepf prior) leaves off: central
+        images, and the public class selection (foreign public classes; the other private set is the contract's
+        in negative, whose images the selection classifier puts in other public classes)."""
+        from dpimages.data.toy import toy_bars
+        from dpimages.testing import other_private_set, private_set
+
+        bars = toy_bars(seed=9, shift=3)
+        public = ImageData(bars.images, bars.labels, [f"public-{c}" for c in bars.classes], "foreign toy bars")
+        other = other_private_set()
+        negative = ImageData(255 - private_set().images, other.labels, other.classes, "negative toy bars")
+        return [{"name": "central", "overrides": ["warm_start=central"]},
+                {"name": "public-selection", "overrides": ["warm_start=public", "public_classes=3",
+                                                           "select_epochs=10"], "public": public, "other": negative}]
 
     # -- model ---------------------------------------------------------------------------------
     def new_model(self) -> EDMDenoiser:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext, register
+from dpimages.api import FitContext
 from dpimages.config import resolve_config
 from dpimages.data import ImageData, to_uint8, to_unit_range
 from dpimages.errors import InputError
@@ -80,7 +80,6 @@ def _path_sha256(path: Path) -> str:
     return model_sha256(*files)
 
 
-@register
 class PE(TrainedSynthesizer[PEConfig]):
     """Private Evolution over a generative-model API (see the module docstring).
 
