@@ -327,7 +327,8 @@ class _Checker:
         if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k]) for k in sa):
             raise self.fail(what, "the model differs although every release was the same: private data reached "
                                   "it outside a release")
-        if not np.array_equal(first.synthesizer.sample(20, seed=0).images, second.synthesizer.sample(20, seed=0).images):
+        samples = [r.synthesizer.sample(20, seed=0).images for r in (first, second)]
+        if not np.array_equal(*samples):
             raise self.fail(what, "the samples differ although every release was the same")
         pa, pb = (json.loads((r.run.path / "privacy.json").read_text()) for r in (first, second))
         if pa != pb:
