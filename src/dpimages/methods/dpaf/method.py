@@ -82,6 +82,12 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
         self.buffer: list[torch.Tensor] = []  # this phase's released real aggregates (divided), (R, d) each
         self.center: torch.Tensor | None = None  # this cycle's per-class feature reference (K, d), from fakes
 
+    @classmethod
+    def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
+        """Aggregation groups (``agg_groups`` > 1), which every preset leaves at 1: each image's group follows its
+        content and a secret key, so the contract's neighbours must not move any other image's group."""
+        return [{"name": "groups", "overrides": ["agg_groups=2"]}] if cls.Config().aggregation else []
+
     # -- building blocks -------------------------------------------------------------------------
     def new_generator(self) -> ConditionalGenerator:
         return dpaf_nets.new_generator(self.config, self.image_shape, self.num_classes)
