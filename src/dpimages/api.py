@@ -260,6 +260,14 @@ def check_distributed(cls: type[Synthesizer], world: int) -> None:
                          f"torchrun (several processes: {multi})")
 
 
+def public_facts(private: ImageData, public: ImageData | None, n: int) -> dict[str, Any]:
+    """What a run publishes about its private data besides the releases (`PUBLIC_FACTS_TEXT` says why each)."""
+    h, w, c = private.image_shape
+    return {"dataset_size": int(n), "classes": list(private.classes), "image_shape": [h, w, c],
+            "data_name": private.name, "public_data": None if public is None else public.name,
+            "timings": "whole-run and whole-stage wall times"}
+
+
 def _versions() -> dict[str, str]:
     import dp_accounting  # noqa: F401
 
@@ -364,6 +372,7 @@ def fit_run(
             run.write_data_check(private.keyed_digest)
             ledger = PrivacyLedger(epsilon, delta, path=run.privacy_path, dataset_size=n_public,
                                    noise_source=noise.kind)
+            ledger.public_facts = public_facts(private, public_data, n_public)
             ledger.write()
         made["ledger"] = ledger
         return ledger.to_json(exact=False)

@@ -16,6 +16,7 @@ import click
 
 from dpimages.errors import DPImagesError, InputError, require_empty_folder
 from dpimages.memory import keep_freed_memory
+from dpimages.runs import check_private_eval_path
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -262,8 +263,9 @@ def export_cmd(run_dir: str, out_dir: str) -> None:
 @click.option("--test", "test_spec", default=None, 
               help="Real test SPEC (needed unless --real is fashion-mnist or cifar10).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the results to FILE.json "
-              "(and FILE.grid.png, FILE.closest_pairs.png beside it). These use the real data without noise "
-              "(closest pairs shows private images): for the data owner only, do not share.")
+              "(and FILE.grid.png, FILE.closest_pairs.png beside it), in a folder named private-eval/ (e.g. "
+              "RUN/private-eval/eval.json). These use the real data without noise (closest pairs shows private "
+              "images): for the data owner only, do not share; dpimages export never copies them.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--classifiers", default="default", show_default=True,
               help="default (CNN, MLP, logistic regression) or wrn (adds WRN-40-4 and ResNet; for GPUs).")
@@ -287,6 +289,7 @@ def evaluate_cmd(file: str, real_spec: str, test_spec: str | None, out: str | No
             raise InputError(f"--out must end in .json, got {out}")
         if not Path(out).resolve().parent.is_dir():
             raise InputError(f"--out: directory {Path(out).parent} does not exist")
+        check_private_eval_path(out, "--out")
     if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     synthetic = load(f"npz:{file}")
@@ -474,8 +477,9 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
 
 @cli.command("audit")
 @click.option("--method", default="all", show_default=True,
-              help="A method (dp-mepf, pe, dpdm, dpaf, dpsgd-classifier, dpdfd), a mechanism (gaussian-sum, "
-              "histogram, dpsgd, gaussian-release) or all.")
+              help="A registered method (white-box audit of its own releases on neighbours), `methods` (all of "
+              "them), a mechanism (gaussian-sum, histogram, dpsgd, gaussian-release: canary audit) or all "
+              "(every mechanism).")
 @click.option("--epsilon", type=float, default=1.0, show_default=True, help="Claimed epsilon (sigma is calibrated).")
 @click.option("--delta", type=float, default=1e-5, show_default=True)
 @click.option("--canaries", type=int, default=None, help="Number of canaries m (default: 200 smoke, 2000 full).")
@@ -485,15 +489,23 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def audit_cmd(method: str, epsilon: float, delta: float, canaries: int | None, seed: int, self_test: bool, size: str,
               as_json: bool) -> None:
-    """One-run canary audit (Steinke et al. 2023): a 95% lower bound on epsilon beside the claimed epsilon.
+    """Audit the privacy claims: a method's own releases on neighbours, or a mechanism by canaries.
 
-    Exit 1 when the audit fails: an honest variant is flagged, or (--self-test) a broken one is not.
+    A registered method (or `methods`): its smoke fit and its neighbours with a worst-case image added first, in
+    the middle and last; every release's move against its declared sensitivity, and the epsilon implied by the
+    worst move (`dpimages.audit.method_audit`). A mechanism (or `all`): the one-run canary audit (Steinke et al.
+    2023), a 95% lower bound on epsilon beside the claimed epsilon. Exit 1 when the audit fails: a release moves
+    further than declared, an honest variant is flagged, or (--self-test) a broken one is not.
     """
     import torch
 
+    from dpimages.api import methods as registered
     from dpimages.audit import METHOD_TARGETS, TARGETS, audit_passed, run_audit
 
     torch.set_num_threads(1)
+    if method == "methods" or method in registered():
+        _audit_methods(registered() if method == "methods" else [method], epsilon, delta, as_json)
+        return
     methods = list(TARGETS) if method == "all" else [method]
     results = run_audit(methods, self_test=self_test, epsilon=epsilon, delta=delta, size=size, canaries=canaries,
                         seed=seed)
@@ -515,6 +527,23 @@ def audit_cmd(method: str, epsilon: float, delta: float, canaries: int | None, s
         why = ("an honest variant exceeded its claim or a broken variant was not flagged" if self_test
                else "the lower bound exceeds the claimed epsilon")
         raise DPImagesError(f"audit failed: {why}")
+
+
+def _audit_methods(names: list[str], epsilon: float, delta: float, as_json: bool) -> None:
+    """`dpimages audit --method NAME|methods`: the white-box neighbour audit of each method's own releases."""
+    from dpimages.audit.method_audit import audit_method
+    from dpimages.privacy import validate_budget
+
+    validate_budget(epsilon, delta)
+    results = [audit_method(name, epsilon=epsilon, delta=delta) for name in names]
+    lines = [f"{r.method:<11} claimed {r.claimed_epsilon:7.4f}  implied {r.implied_epsilon:7.4f}  worst move "
+             f"{r.worst_ratio:.4f} of the declared sensitivity ({r.releases} releases; {r.worst_release!r}, image "
+             f"added at {r.worst_position})  {'VIOLATION' if r.violation else 'ok'}" for r in results]
+    lines.append(f"each method's smoke fit on 200 generated images, neighbours with a worst-case image added at "
+                 f"{', '.join(map(str, results[0].positions))}; delta {delta:g}: a measurement, not a proof")
+    _emit({"results": [r.to_json() for r in results]}, as_json, "\n".join(lines))
+    if any(r.violation for r in results):
+        raise DPImagesError("audit failed: a release moved further than its declared sensitivity")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

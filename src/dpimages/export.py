@@ -1,6 +1,9 @@
 """`dpimages export RUN OUT`: copy exactly the shareable part of a finished run, with a MANIFEST.
 
-What is shareable, and why (each file's reason is written into ``OUT/MANIFEST``):
+By allow-list: only the files the run recorded as shareable when it wrote them (``RUN/shareable.json``,
+`Run.record_shareable`), never whatever else lies in a folder: a file someone dropped into ``samples/`` is not
+copied. A run without the list (written before issue 34) is refused. What is shareable, and why (each file's
+reason is written into ``OUT/MANIFEST``):
 
 * ``report.md``, ``privacy.json``, ``config.yaml``: the run's description and
   ledger. They hold the method's settings, the budget, the noise scales and N
@@ -24,21 +27,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 from safetensors.torch import save_file
 
 from dpimages.errors import InputError, require_empty_folder
 from dpimages.filehash import file_sha256
-from dpimages.runs import Run
+from dpimages.runs import PRIVATE_EVAL, Run
 
-# file name (relative to the run) -> why it may be shared
-SHAREABLE_FILES = {
-    "report.md": "run description and privacy report: settings, budget, noise scales, N (public); no private data",
-    "privacy.json": "the ledger: DP events, noise multipliers, sample rates, epsilon; no private data",
-    "config.yaml": "resolved config, seed (not the noise), versions, N (public); no fingerprint of the data",
-    "metrics.jsonl": "logged noisy or public values (no per-step timing); post-processing of DP releases",
-}
-SAMPLES_REASON = "synthetic images: post-processing of the run's DP releases"
+NEVER = ("checkpoints", PRIVATE_EVAL)  # owner-only folders: never exported, whatever a list says
 WEIGHTS_REASON = "the sampling model's weights: post-processing of the run's DP releases"
 MODEL_JSON_REASON = "public facts needed to sample the weights (method, config, classes, image shape)"
 
@@ -60,22 +57,25 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[t
     if source != "os-csprng":
         raise InputError(f"{run.path}: its noise is {source} (drawn from the seed), so its outputs are not private; "
                          "refit without --insecure-seeded-noise to get something to share")
+    allowed = run.shareable()
+    if not allowed:
+        raise InputError(f"{run.path}: no list of shareable files ({run.path / 'shareable.json'}; runs before "
+                         "issue 34 have none): refit it to export, or copy files by hand after reading them")
     out = require_empty_folder(out_dir, "export:")
     synth = load_synthesizer(run.path, "cpu")  # InputError for an unfinished run
     tensors = synth.state_dict()
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[str, str]] = []
-    for name, why in SHAREABLE_FILES.items():
-        if (run.path / name).is_file():
-            shutil.copy2(run.path / name, out / name)
-            written.append((name, why))
-    if run.samples_dir.is_dir():
-        for f in sorted(run.samples_dir.iterdir()):
-            if f.is_file() and not f.is_symlink():
-                (out / "samples").mkdir(exist_ok=True)
-                shutil.copy2(f, out / "samples" / f.name)
-                written.append((f"samples/{f.name}", SAMPLES_REASON))
+    for rel, why in sorted(allowed.items()):
+        parts = Path(rel).parts
+        source = run.path / rel
+        if Path(rel).is_absolute() or ".." in parts or parts[0] in NEVER or not source.is_file() or \
+                source.is_symlink():
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, out / rel)
+        written.append((rel, why))
     (out / "model").mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(weights, str(out / "model" / "weights.safetensors"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dpimages.privacy.ledger import ASSUMPTIONS_TEXT
+from dpimages.privacy.ledger import ASSUMPTIONS_TEXT, PUBLIC_FACTS_TEXT
 from dpimages.runs import Run
 
 SEEDED_WARNING = (
@@ -51,6 +51,10 @@ def render_report(run: Run, method_section: str = "") -> str:
         "",
         *ASSUMPTIONS,
     ]
+    public = privacy.get("assumptions", {}).get("public", {}) if isinstance(privacy.get("assumptions"), dict) else {}
+    if public:
+        lines += ["- public facts (published, not protected by the guarantee):"]
+        lines += [f"  - {k}: {public[k]} ({PUBLIC_FACTS_TEXT.get(k, '')})" for k in public]
     if privacy:
         lines += [
             f"- budget: epsilon {privacy['epsilon_budget']:g}, delta {privacy['delta']:g}",
@@ -76,7 +80,7 @@ def render_report(run: Run, method_section: str = "") -> str:
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items() if k != "time"
         )
         lines += ["", "## Last logged metrics", "", shown]
-    grids = sorted(run.samples_dir.glob("*.png")) if run.samples_dir.exists() else []
+    grids = sorted(rel for rel in run.shareable() if rel.startswith("samples/") and (run.path / rel).is_file())
     if grids:
-        lines += ["", "## Samples", "", f"![samples](samples/{grids[-1].name})"]
+        lines += ["", "## Samples", "", f"![samples]({grids[-1]})"]
     return "\n".join(lines) + "\n"

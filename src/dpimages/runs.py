@@ -1,13 +1,15 @@
 """Run directories: config, ledger, metrics, checkpoints, samples, report.
 
 Layout (SHAREABLE: nothing in it is derived from private data without noise;
-`dpimages export` copies exactly the shareable part)::
+`dpimages export` copies exactly the files the run recorded as shareable in
+``shareable.json`` when it wrote them, never whatever else lies in a folder)::
 
     RUN/config.yaml      resolved config, seed, versions, N            SHAREABLE
     RUN/privacy.json     the ledger (written before each release's noise) SHAREABLE
     RUN/metrics.jsonl    one JSON object per logged step (noisy or public values,
                          no per-step timing)                             SHAREABLE
-    RUN/samples/         grid PNGs; final samples                        SHAREABLE
+    RUN/samples/         grid PNGs (`Run.grid_path` records each one)     SHAREABLE
+    RUN/shareable.json   the allow-list: each shareable file and why
     RUN/report.md        what was trained, privacy spent, metrics, grids  SHAREABLE
     RUN/checkpoints/     model.safetensors + state.json (never pickle) and
                          data-check.json (keyed hash of the private data
@@ -61,6 +63,26 @@ never copies them.
 
 # keys of config.yaml that may differ between a run and its resumption
 RESUME_FREE_KEYS = ("created", "resumed", "versions", "device", "threads", "world_size")
+PRIVATE_EVAL = "private-eval"  # the one folder name under which evaluations against private data are written
+SHAREABLE_MANIFEST = "shareable.json"
+# the files every run writes, and why each may be shared (the export's MANIFEST repeats the reason)
+CORE_SHAREABLE = {
+    "report.md": "run description and privacy report: settings, budget, noise scales, public facts; no private data",
+    "privacy.json": "the ledger: DP events, noise multipliers, sample rates, epsilon, public facts; no private data",
+    "config.yaml": "resolved config, seed (not the noise), versions, public facts; no fingerprint of the data",
+    "metrics.jsonl": "logged noisy or public values (no per-step timing); post-processing of DP releases",
+}
+GRID_REASON = "synthetic images: post-processing of the run's DP releases"
+
+
+def check_private_eval_path(path: str | os.PathLike, what: str) -> Path:
+    """`path`, if it lies in a folder named ``private-eval`` (where files showing private data belong); else
+    InputError naming where to put it."""
+    p = Path(path)
+    if PRIVATE_EVAL not in p.resolve().parent.parts:
+        raise InputError(f"{what} {p} shows private images and must lie in a folder named {PRIVATE_EVAL}/ "
+                         f"(e.g. RUN/{PRIVATE_EVAL}/{p.name}), which dpimages export never copies")
+    return p
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -118,6 +140,32 @@ class Run:
     def data_check_path(self) -> Path:
         return self.checkpoint_dir / "data-check.json"
 
+    # -- the shareable allow-list ----------------------------------------------------------
+    def shareable(self) -> dict[str, str]:
+        """{relative path: why it may be shared} of every file this run recorded as shareable ({} if none)."""
+        try:
+            return dict(json.loads((self.path / SHAREABLE_MANIFEST).read_text())["files"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return {}
+
+    def record_shareable(self, rel: str, reason: str) -> None:
+        """Record `rel` (a path relative to the run) as shareable, with `reason`: what `dpimages export` copies."""
+        if not self.writer:
+            return
+        files = self.shareable()
+        if files.get(rel) == reason:
+            return
+        files[rel] = reason
+        _atomic_write(self.path / SHAREABLE_MANIFEST, json.dumps({"files": files}, indent=1))
+
+    def grid_path(self, name: str) -> Path:
+        """``samples/NAME``, recorded as shareable: where a method writes a grid of its synthetic images."""
+        if "/" in name or name.startswith("."):
+            raise InputError(f"a grid name is a plain file name, got {name!r}")
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        self.record_shareable(f"samples/{name}", GRID_REASON)
+        return self.samples_dir / name
+
     # -- the keyed data check (owner only) -----------------------------------------
     def write_data_check(self, digest: Callable[[bytes], str]) -> None:
         """Store ``digest(key)`` (an HMAC of the private data) with a fresh random key, under checkpoints/."""
@@ -167,6 +215,8 @@ class Run:
         _atomic_write(
             self.config_path, yaml.safe_dump({**config, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, sort_keys=False)
         )
+        for rel, why in CORE_SHAREABLE.items():
+            self.record_shareable(rel, why)
 
     def read_config(self) -> dict[str, Any]:
         try:

@@ -44,8 +44,10 @@ def test_bad_input_exit_2_one_line_nothing_written(case, tmp_path, capsys) -> No
         np.savez(path, pictures=np.zeros((200, 28, 28, 1), np.uint8), labels=np.arange(200) % 10)
     else:
         _npz(path, **kwargs)
+    (tmp_path / "private-eval").mkdir()
     before = _files(tmp_path)
-    code = main(["evaluate", str(path), "--real", "fashion-mnist", "--out", str(tmp_path / "res.json"), "--smoke"])
+    code = main(["evaluate", str(path), "--real", "fashion-mnist", "--out", str(tmp_path / "private-eval" / "res.json"),
+                 "--smoke"])
     err = capsys.readouterr().err
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -59,6 +61,7 @@ def test_bad_options_are_refused_before_work(tmp_path, capsys) -> None:  # noqa:
     for args, needle in [
         (["--out", str(tmp_path / "res.txt")], "--out must end in .json"),
         (["--out", str(tmp_path / "missing" / "r.json")], "does not exist"),
+        (["--out", str(tmp_path / "r.json")], "must lie in a folder named private-eval/"),
         (["--classifiers", "vgg"], "--classifiers must be one of"),
         (["--fid-weights", str(tmp_path / "nope.pth")], "file not found"),
     ]:
@@ -75,7 +78,8 @@ def test_evaluate_json_smoke_end_to_end(tmp_path) -> None:  # noqa: ANN001
     test = load("fashion-mnist:test")
     path = tmp_path / "real_test.npz"
     np.savez(path, images=test.images[:3000], labels=test.labels[:3000], classes=np.array(test.classes))
-    out = tmp_path / "res.json"
+    out = tmp_path / "private-eval" / "res.json"  # its files show private images: owner only
+    out.parent.mkdir()
     res = subprocess.run([sys.executable, "-m", "dpimages", "evaluate", str(path), "--real", "fashion-mnist",
                           "--smoke", "--json", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
@@ -88,7 +92,7 @@ def test_evaluate_json_smoke_end_to_end(tmp_path) -> None:  # noqa: ANN001
     assert printed["feature_net"].startswith("evalcnn-v")
     assert printed["memorization"]["flagged"] is False
     assert json.loads(out.read_text())["fid"] == printed["fid"]
-    assert (tmp_path / "res.grid.png").exists() and (tmp_path / "res.closest_pairs.png").exists()
+    assert (out.parent / "res.grid.png").exists() and (out.parent / "res.closest_pairs.png").exists()
 
 
 def test_bench_refuses_unknown_method_and_existing_run_dir(tmp_path, capsys) -> None:  # noqa: ANN001

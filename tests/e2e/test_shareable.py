@@ -95,6 +95,49 @@ def test_evaluation_against_private_data_goes_to_private_eval(tmp_path):
     assert not list(res.run.samples_dir.glob("eval*"))
 
 
+def test_export_copies_the_allow_list_only_and_evaluate_writes_private_images_in_private_eval_only(tmp_path, capsys):
+    """Finding 5 of issue 34: `evaluate --out RUN/samples/e.json` wrote a closest-pairs PNG of private images into
+    samples/, and export shipped whatever lay there. Now evaluate refuses any --out outside a private-eval/ folder,
+    and export copies only what the run recorded as shareable when it wrote it."""
+    torch.set_num_threads(1)
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(mepf(run)) == 0, capsys.readouterr().err
+    samples = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--n", "50", "--out", str(samples)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(samples), "--real", SMALL, "--test", SMALL, "--smoke",
+                 "--out", str(run / "samples" / "e.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "private-eval/" in err[0]
+    assert not list((run / "samples").glob("e*"))
+    (run / "samples" / "dropped.png").write_bytes(b"\x89PNG private pixels")  # not written by the run
+    assert main(["export", str(run), str(out)]) == 0, capsys.readouterr().err
+    exported = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert "samples/dropped.png" not in exported
+    recorded = json.loads((run / "shareable.json").read_text())["files"]
+    assert {n for n in exported if n not in ("MANIFEST", "model/weights.safetensors", "model/model.json")} == {
+        n for n in recorded if (run / n).exists()}
+    assert any(n.startswith("samples/grid") for n in exported)
+    (run / "shareable.json").unlink()  # a run without the list (before issue 34) is refused
+    assert main(["export", str(run), str(tmp_path / "export2")]) == 2
+    assert "no list of shareable files" in capsys.readouterr().err
+
+
+def test_privacy_json_and_the_report_list_every_public_fact(tmp_path, capsys):
+    """Finding 6 of issue 34: N, class names, image shape, the data set's name and timings are public facts."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    assert main(mepf(run)) == 0, capsys.readouterr().err
+    private = load(SMALL)
+    public = json.loads((run / "privacy.json").read_text())["assumptions"]["public"]
+    assert public["dataset_size"] == len(private) and public["classes"] == list(private.classes)
+    assert public["image_shape"] == list(private.image_shape) and public["data_name"] == private.name
+    assert "timings" in public
+    report = (run / "report.md").read_text()
+    for key in ("dataset_size", "classes", "image_shape", "data_name", "timings"):
+        assert f"  - {key}: " in report, key
+
+
 def test_resume_without_its_ledger_or_behind_its_checkpoint_is_refused(tiny_npz, tmp_path, capsys):
     """Resume refuses what it cannot account for (exit 2, one line, nothing spent)."""
     torch.set_num_threads(1)

@@ -10,6 +10,7 @@ statistic in the metrics, a Poisson rate other than the recorded one).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -260,3 +261,20 @@ def test_the_contract_catches_dpaf_groups_keyed_by_position(monkeypatch, tmp_pat
     monkeypatch.setattr(method, "aggregation_release", aggregation_release)
     with pytest.raises(ContractError, match="neighbours \\(groups, one image added at 0\\).*moved by"):
         check_method("dpaf", checks=("neighbours",), workdir=tmp_path)
+
+
+def test_the_method_audit_measures_each_method_s_own_releases(tmp_path, capsys):
+    """`dpimages audit` takes any method: the honest small method's worst move is its sensitivity, the unclipped
+    one moves further and its implied epsilon exceeds the claim; a registered method through the command line."""
+    from dpimages.audit.method_audit import audit_method
+    from dpimages.cli import main
+
+    honest = audit_method(NoisyMeans, epsilon=1.0, workdir=tmp_path / "honest")
+    assert not honest.violation and honest.implied_epsilon == pytest.approx(honest.claimed_epsilon)
+    assert 0.99 < honest.worst_ratio <= 1 + 1e-4  # the worst-case image reaches the clip: the audit can see it
+    NoClipping.name = "noisy-means-noclipping"
+    broken = audit_method(NoClipping, epsilon=1.0, workdir=tmp_path / "broken")
+    assert broken.violation and broken.worst_ratio > 2 and broken.implied_epsilon > broken.claimed_epsilon
+    assert main(["audit", "--method", "dpdfd", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["method"] == "dpdfd" and not result["violation"] and result["positions"] == [0, 100, 200]

@@ -84,7 +84,7 @@ def test_ledger_json_recomputes_independently(tmp_path):
     d = json.loads((tmp_path / "privacy.json").read_text())
     for key in ("epsilon_budget", "delta", "epsilon", "epsilon_rdp", "neighbouring", "noise_source", "events"):
         assert key in d
-    assert d["neighbouring"] == "add-remove" and "N is treated as public" in d["assumptions"]
+    assert d["neighbouring"] == "add-remove" and "N is treated as public" in d["assumptions"]["text"]
     assert d["noise_source"] == "os-csprng" and d["private"] is True
     assert not any("fingerprint" in k for k in d)
     seeded = PrivacyLedger(10.0, 1e-5, noise_source="seeded-insecure").to_json()

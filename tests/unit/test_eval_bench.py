@@ -216,3 +216,19 @@ def test_renamed_rows_say_what_they_were() -> None:
     assert "| a+cold | cpu | 10 |" in md
     assert "`a+cold` at epsilon 10 was `a`: the preset changed." in md
     assert "Renamed rows" not in suite.render_table([_row("a", 1, "n", 0.4)])
+
+
+def test_rows_fitted_before_a_privacy_fix_are_marked_and_kept_beside_newer_ones() -> None:
+    """A dpdm row dated before issue 34's fix is marked pre-fix (as seeded rows are) and stays beside a newer
+    row of the same cell; a dp-mepf row of the same date is not marked; the gallery leaves pre-fix rows out."""
+    base = {"preset": "cpu", "epsilon": 10.0, "eval_mode": "full", "feature_net": "f", "noise_source": "os-csprng",
+            "acc_cnn": 0.7, "run_dir": "r", "grid": "grids/g.png", "fid": 1.0, "kid": 0.1, "precision": 0.5,
+            "recall": 0.5}
+    old = {**base, "method": "dpdm", "date": "2026-12-06T14:00:00Z"}
+    new = {**base, "method": "dpdm", "date": "2026-12-08T01:00:00Z", "acc_cnn": 0.8}
+    other = {**base, "method": "dp-mepf", "date": "2026-12-06T14:00:00Z"}
+    assert suite.pre_fix(old) is not None and suite.pre_fix(new) is None and suite.pre_fix(other) is None
+    assert len(suite.latest_rows([old, new, other])) == 3
+    table = suite.render_table([old, new, other])
+    assert "| dpdm (pre-fix) | cpu | 10 |" in table and "| dpdm | cpu | 10 |" in table
+    assert "(pre-fix): fitted before a privacy fix" in table and "| dp-mepf (pre-fix)" not in table

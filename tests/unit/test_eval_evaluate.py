@@ -20,7 +20,8 @@ def real():  # noqa: ANN201
 @pytest.fixture(scope="module")
 def results(real, tmp_path_factory):  # noqa: ANN001, ANN201
     """Smoke evaluations of real held-out images and of uniform noise (the evaluation network is cached)."""
-    out = tmp_path_factory.mktemp("eval")
+    out = tmp_path_factory.mktemp("eval") / "private-eval"  # closest pairs show private images: owner only
+    out.mkdir()
     noise = ImageData(np.random.default_rng(0).integers(0, 256, (3000, 28, 28, 1), dtype=np.uint8),
                       np.arange(3000, dtype=np.int64) % 10, CLASSES, "noise")
     opts = EvalOptions(smoke=True)

@@ -570,6 +570,31 @@ def _fits(row: dict) -> int:
     return row.get("fits") or 1
 
 
+@dataclass(frozen=True)
+class PrivacyFix:
+    """A privacy fix that changed what some methods release: their rows fitted before it are marked ``pre-fix``."""
+
+    methods: tuple[str, ...]
+    fixed_at: str  # UTC time of the fix's first commit; a row dated earlier was fitted without it
+    what: str
+
+
+PRIVACY_FIXES = (
+    PrivacyFix(("dpdm", "dpaf", "dpaf-noagg"), "2026-12-07T18:12:32Z",
+               "issue 34 (commit 6127da0): dpdm's per-example training draws and dpaf's aggregation groups were keyed "
+               "by dataset index with a public key, so an image added before the others moved every later image's "
+               "draws and the stated sensitivity did not hold (dpdm at every preset; dpaf only with agg_groups > 1, "
+               "which no preset sets); the engine fixes of commit f130e2d (ghost norms under cancellation, the "
+               "whole-chunk probe, the Gaussian's tail) were not shown to matter on the presets"),
+)
+
+
+def pre_fix(row: dict) -> PrivacyFix | None:
+    """The privacy fix this row was fitted before (it then does not have the guarantee it printed), or None."""
+    method = row["method"].split("+")[0]
+    return next((f for f in PRIVACY_FIXES if method in f.methods and row.get("date", "") < f.fixed_at), None)
+
+
 def is_seeded(row: dict) -> bool:
     """True when the row's privacy noise came from its seed: ``seeded-insecure``, or a line from before
     ``noise_source`` was recorded (all of those were seeded). The ``real`` reference has no noise."""
@@ -590,6 +615,8 @@ def _cell(row: dict, key: str, fmt) -> str:  # noqa: ANN001 - fmt: value -> str
 def _method_cell(row: dict, eval_mode: bool = False) -> str:
     """The row's label and notes: ``seeded``, with `eval_mode` also ``smoke eval``; e.g. ``a (seeded, smoke eval)``."""
     notes = ["seeded"] if is_seeded(row) else []
+    if pre_fix(row) is not None:
+        notes.append("pre-fix")
     if eval_mode and row.get("eval_mode") == "smoke":
         notes.append("smoke eval")
     return row_label(row) + (f" ({', '.join(notes)})" if notes else "")
@@ -603,11 +630,12 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     """
     latest: dict[tuple, dict] = {}
     for r in rows:
-        key = (row_label(r), r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"), is_seeded(r))
+        key = (row_label(r), r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"), is_seeded(r),
+               pre_fix(r) is None)
         latest[key] = r
     ref_order = {"real": 0, "dpsgd-classifier": 1}
     return sorted(latest.values(), key=lambda r: (r["preset"], ref_order.get(r["method"], 2), row_label(r),
-                                                  r["epsilon"], not is_seeded(r)))
+                                                  r["epsilon"], not is_seeded(r), pre_fix(r) is None))
 
 
 def render_table(rows: list[dict], suite: str = "fmnist") -> str:
@@ -644,6 +672,10 @@ def render_table(rows: list[dict], suite: str = "fmnist") -> str:
                 "the noise came from the OS CSPRNG record no `noise_source`, and were all seeded; later ones say "
                 "`seeded-insecure`). Its numbers are valid measurements of the method, but the run's outputs are "
                 "not private for anyone who knows the seed."]
+    fixes = {f for f in map(pre_fix, rows) if f is not None}
+    for fix in sorted(fixes, key=lambda f: f.fixed_at):
+        out += ["", f"(pre-fix): fitted before a privacy fix that changed what the method releases: {fix.what}. "
+                "Its numbers measure the method as it then ran; its run did not have the guarantee it printed."]
     renamed = [r for r in rows if r.get("relabelled")]
     if renamed:
         out += ["", "Renamed rows (a line's `relabelled` field; the run directory keeps the old name): " + "; ".join(
@@ -678,7 +710,7 @@ def gallery(rows: list[dict], epsilons: tuple[float, ...] = (1.0, 10.0)) -> list
     """
     cells: dict[tuple[str, str], dict[float, str]] = {}
     for r in rows:
-        if r.get("grid") and r["epsilon"] in epsilons and not is_seeded(r):
+        if r.get("grid") and r["epsilon"] in epsilons and not is_seeded(r) and pre_fix(r) is None:
             cells.setdefault((row_label(r), r["preset"]), {})[r["epsilon"]] = Path(r["grid"]).name
     if not cells:
         return []

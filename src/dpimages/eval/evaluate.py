@@ -33,6 +33,7 @@ from dpimages.eval.fidelity import feature_stats, frechet_distance, kid, precisi
 from dpimages.eval.grid import save_grid
 from dpimages.eval.memorization import memorization_report
 from dpimages.eval.splits import RealData, load_real
+from dpimages.runs import check_private_eval_path
 
 MIN_PER_CLASS = 10
 CLASSIFIER_SETS = ("default", "wrn")
@@ -190,7 +191,8 @@ def evaluate(
         emit(f"memorization: nearest of {len(real.train)} private images for {len(mem_syn)} synthetic "
              f"and {len(heldout)} held-out images")
         prefix = None if artifacts is None else Path(artifacts)
-        pairs = None if prefix is None else prefix.with_name(prefix.name + ".closest_pairs.png")
+        pairs = None if prefix is None else check_private_eval_path(
+            prefix.with_name(prefix.name + ".closest_pairs.png"), "the closest-pairs image")
         result["memorization"] = memorization_report(mem_syn.images, real.train.images, heldout.images,
                                                      pairs_png=pairs)
         result["memorization"]["heldout_set"] = real.test.name

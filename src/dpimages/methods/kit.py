@@ -159,7 +159,7 @@ class TrainLoop:
                 if t == self.total:
                     break
                 if writer and self.grid is not None and t % self.grid_every == 0:
-                    self.grid(self.run.samples_dir / f"grid-{t:07d}.png")
+                    self.grid(self.run.grid_path(f"grid-{t:07d}.png"))
                 reason = self.clock.pause_reason(t - first)
                 if writer and (t % self.checkpoint_every == 0 or reason):
                     self.checkpoint(t, False)
@@ -173,6 +173,6 @@ class TrainLoop:
             assert self.run is not None
             self.checkpoint(t, True)
             if self.grid is not None:
-                self.grid(self.run.samples_dir / "grid-final.png")
+                self.grid(self.run.grid_path("grid-final.png"))
             self.run.log(t, event="train_done", steps=self.total, **self.clock.run_times(t - first, self.train_s()))
         return True

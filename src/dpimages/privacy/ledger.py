@@ -40,6 +40,17 @@ ASSUMPTIONS_TEXT = (
     "add or remove one image together with its label; the data set size N is treated as public (the DP-SGD "
     "sampling rate q = B/N and automatic sizes are computed from it)"
 )
+# What every run publishes besides its releases and treats as public (listed with its values in privacy.json's
+# ``assumptions.public`` and in the report): these facts are not protected by the guarantee.
+PUBLIC_FACTS_TEXT = {
+    "dataset_size": "N, the number of private images (sets the sampling rates and schedules)",
+    "classes": "the class names and their number",
+    "image_shape": "the images' height, width and channels",
+    "data_name": "the data set's name (the file or folder it was read from)",
+    "public_data": "the public data set's name, if any",
+    "timings": "whole-run and whole-stage wall times (fit_s, train_s, steps_per_s): they depend on N, the "
+               "schedule and the machine; no per-step time, which would depend on a private batch size",
+}
 NOISE_SOURCES = ("os-csprng", "seeded-insecure")
 PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independent checkers)
 # The smallest noise multiplier served: a release moves by at most 1 / nm = 25.6 noise stds, so a neighbour puts
@@ -207,6 +218,8 @@ class PrivacyLedger:
         self.path = Path(path) if path is not None else None
         self.noise_source = noise_source
         self.dataset_size = dataset_size
+        # the public facts of the run's data (`PUBLIC_FACTS_TEXT` keys); fit_run fills them
+        self.public_facts: dict = {} if dataset_size is None else {"dataset_size": dataset_size}
         self.events: list[PrivacyEvent] = []
         self._reserved: list[PrivacyEvent] = []
         # (PLD, RDP) epsilon of an event list that contains every recorded event:
@@ -317,7 +330,8 @@ class PrivacyLedger:
             "RDP as cross-check",
             "neighbouring": NEIGHBOURING,
             "neighbouring_text": NEIGHBOURING_TEXT,
-            "assumptions": ASSUMPTIONS_TEXT,
+            "assumptions": {"text": ASSUMPTIONS_TEXT, "public": dict(self.public_facts),
+                            "public_meaning": {k: PUBLIC_FACTS_TEXT[k] for k in self.public_facts}},
             "noise_source": self.noise_source,
             "private": self.noise_source == "os-csprng",
             "dataset_size": self.dataset_size,
@@ -341,6 +355,9 @@ class PrivacyLedger:
     def from_json(cls, d: dict, path: str | os.PathLike | None = None) -> PrivacyLedger:
         ledger = cls(d["epsilon_budget"], d["delta"], path=path, noise_source=d.get("noise_source", "seeded-insecure"))
         ledger.dataset_size = d.get("dataset_size")
+        assumptions = d.get("assumptions")
+        ledger.public_facts = dict(assumptions.get("public", {})) if isinstance(assumptions, dict) else (
+            {} if ledger.dataset_size is None else {"dataset_size": ledger.dataset_size})
         ledger.events = merge_events(PrivacyEvent.from_json(e) for e in d.get("events", []))
         return ledger
 

@@ -270,7 +270,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             if run is not None and (step % cfg.log_every == 0 or metrics):  # no time per step
                 run.log(step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"], **metrics)
             if run is not None and step % cfg.grid_every == 0:
-                self._grid(candidate, run.samples_dir / f"grid-{step:06d}.png")
+                self._grid(candidate, run.grid_path(f"grid-{step:06d}.png"))
             if step % cfg.checkpoint_every == 0 and not last:
                 save(False)
         bar.close()
@@ -310,7 +310,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         if run is None:
             return
         assert self.sample_generator is not None
-        self._grid(self.sample_generator, run.samples_dir / "grid-final.png")
+        self._grid(self.sample_generator, run.grid_path("grid-final.png"))
         if times is not None:
             info = self.train_info
             run.log(info["steps"], event="train_done", steps=info["steps"], best_step=info["best_step"],

@@ -220,7 +220,7 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
                     continue
                 self._checkpoint(ctx, nets, False, train_s0 + clock.elapsed())
                 if (cycle + 1) % cfg.grid_every == 0:
-                    self._grid(nets.ema, ctx.run.samples_dir / f"grid-{done:07d}.png")
+                    self._grid(nets.ema, ctx.run.grid_path(f"grid-{done:07d}.png"))
                 reason = clock.pause_reason(cycle + 1 - first)
                 if reason:
                     ctx.run.log(done, event="paused", reason=reason, steps_left=total - done,
@@ -229,7 +229,7 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
         train_s = train_s0 + clock.elapsed()
         self._checkpoint(ctx, nets, True, train_s)
         if ctx.run is not None:
-            self._grid(nets.ema, ctx.run.samples_dir / "grid-final.png")
+            self._grid(nets.ema, ctx.run.grid_path("grid-final.png"))
             ctx.run.log(done, event="train_done", steps=total, **clock.run_times(done - done0, train_s))
 
     def _aggregation_iteration(self, ctx: FitContext, nets: Nets, sampler: PoissonSampler, sigma: float,

@@ -412,7 +412,7 @@ class PE(TrainedSynthesizer[PEConfig]):
         if run is None or self.population is None or self.population_labels is None:
             return
         per = min(self.config.grid_per_class, self.config.population_per_class)
-        save_grid(run.samples_dir / name, self.population, self.population_labels, self.num_classes, per)
+        save_grid(run.grid_path(name), self.population, self.population_labels, self.num_classes, per)
 
     # -- sampling and state --------------------------------------------------------------------------
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
