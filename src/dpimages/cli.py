@@ -504,6 +504,9 @@ def audit_cmd(method: str, epsilon: float, delta: float, canaries: int | None, s
 
     torch.set_num_threads(1)
     if method == "methods" or method in registered():
+        if self_test or canaries is not None or size != "smoke":
+            raise InputError("--self-test, --canaries and --size apply to mechanism audits; a method's broken "
+                             "variants are in tests/methods/test_contract_mutations.py")
         _audit_methods(registered() if method == "methods" else [method], epsilon, delta, as_json)
         return
     methods = list(TARGETS) if method == "all" else [method]

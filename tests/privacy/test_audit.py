@@ -112,17 +112,17 @@ def test_honest_gaussian_sum_other_seed_not_flagged() -> None:
 
 # -- command line -------------------------------------------------------------------------------
 def test_cli_json_self_test(capsys: pytest.CaptureFixture) -> None:
-    assert main(["audit", "--method", "pe", "--self-test", "--json", "--seed", "1"]) == 0
+    assert main(["audit", "--method", "histogram", "--self-test", "--json", "--seed", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["results"]
     assert [r["variant"] for r in rows] == list(VARIANTS)
     for r in rows:
         assert {"method", "variant", "claimed_epsilon", "epsilon_lower_bound", "violation"} <= set(r)
-        assert r["method"] == "pe" and r["violation"] == r["variant"].startswith("broken-")
+        assert r["method"] == "histogram" and r["violation"] == r["variant"].startswith("broken-")
 
 
 def test_cli_text_names_the_mechanism(capsys: pytest.CaptureFixture) -> None:
-    assert main(["audit", "--method", "dpdfd", "--canaries", "100"]) == 0
+    assert main(["audit", "--method", "gaussian-release", "--canaries", "100"]) == 0
     out = capsys.readouterr().out
     assert "gaussian_release" in out and "100 canaries" in out and "lower bound" in out
 
@@ -130,6 +130,7 @@ def test_cli_text_names_the_mechanism(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("args", [
     ["--epsilon", "0"], ["--epsilon", "-1"], ["--epsilon", "nan"], ["--method", "no-such-method"],
     ["--delta", "1.5"], ["--delta", "0"], ["--canaries", "5"], ["--size", "huge"],
+    ["--method", "dpdm", "--self-test"], ["--method", "dpdfd", "--epsilon", "0"],
 ])
 def test_cli_bad_input_exit_2_one_line(args: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(["audit", *args]) == 2
