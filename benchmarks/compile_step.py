@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from dpsgd_overhead import _edm_case, interleaved_medians
 
-from dpimages.memory import keep_freed_memory
+from dpimages.allocator import keep_freed_memory
 
 RESULTS = Path(__file__).parent / "results" / "compile_step.json"
 

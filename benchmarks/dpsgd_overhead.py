@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpimages.memory import keep_freed_memory
+from dpimages.allocator import keep_freed_memory
 from dpimages.methods.dpdm.config import PAPER_UNET
 from dpimages.nets import SmallCNN, num_parameters
 from dpimages.privacy import NoiseSource, PrivacyLedger

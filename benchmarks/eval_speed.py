@@ -34,7 +34,7 @@ import torch
 from dpimages.data import ImageData
 from dpimages.eval import EvalOptions, evaluate, load_real
 from dpimages.eval.evaluate import machine_description
-from dpimages.eval.features import eval_feature_net
+from dpimages.eval.feature_nets import eval_feature_net
 
 
 def cpu_seconds() -> float:

@@ -33,7 +33,7 @@ import torch
 
 def default_dim() -> int:
     from dpimages.methods.pe.config import PEConfig
-    from dpimages.nets.features import FeatureExtractor, random_conv_trunk
+    from dpimages.nets.feature_extractors import FeatureExtractor, random_conv_trunk
 
     cfg = PEConfig()
     ext = FeatureExtractor([random_conv_trunk(0, 1, cfg.feature_channels)], cfg.feature_layers, cfg.feature_pool)

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from dpimages import __version__
+from dpimages.allocator import keep_freed_memory
 from dpimages.config import MethodConfig, parse_overrides, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.distributed import dist_world, rank0_first, same_on_all_ranks
 from dpimages.errors import DPImagesError, InputError
-from dpimages.memory import keep_freed_memory
 from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger, validate_budget
 from dpimages.report import render_report
 from dpimages.runs import Run

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 import click
 
+from dpimages.allocator import keep_freed_memory
 from dpimages.errors import DPImagesError, InputError, require_empty_folder
-from dpimages.memory import keep_freed_memory
 from dpimages.runs import check_private_eval_path
 
 
@@ -354,7 +354,7 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
     import torch
 
     from dpimages.data import load
-    from dpimages.nets.features import train_and_save_feature_net
+    from dpimages.nets.feature_extractors import train_and_save_feature_net
 
     try:
         chans = tuple(int(c) for c in channels.split(",") if c.strip())

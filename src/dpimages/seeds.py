@@ -10,7 +10,7 @@ other name gets an offset derived from its name.
 
 Privacy: these streams are public randomness (the seed is in config.yaml).
 Privacy noise and Poisson sampling never come from here
-(`dpimages.privacy.rng.NoiseSource`, the OS CSPRNG).
+(`dpimages.privacy.noise.NoiseSource`, the OS CSPRNG).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from dpimages.data import ImageData
 from dpimages.data.toy import toy_bars
 from dpimages.errors import InputError
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, merge_events
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 from dpimages.runs import Run
 
 EPSILON, DELTA = 10.0, 1e-3

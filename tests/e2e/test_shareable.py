@@ -13,7 +13,7 @@ import torch
 from dpimages.api import fit_run
 from dpimages.cli import main
 from dpimages.data import load
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = f"npz:{ROOT / 'tests' / 'corpus' / 'small-valid.npz'}"

@@ -21,7 +21,7 @@ import torch
 from dpimages.api import FitContext
 from dpimages.config import Constraint, MethodConfig, in_range, positive
 from dpimages.data import ImageData
-from dpimages.methods.common import TrainedSynthesizer
+from dpimages.methods.base import TrainedSynthesizer
 from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
 from dpimages.privacy.dpsgd import PoissonSampler
 from dpimages.privacy.mechanisms import clip_rows, clipped_gaussian_class_sums, noisy_class_counts

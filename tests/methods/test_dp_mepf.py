@@ -20,7 +20,7 @@ from dpimages.errors import BudgetExceeded, InputError
 from dpimages.methods.dp_mepf import release as rel
 from dpimages.methods.dp_mepf.matching import released_distance
 from dpimages.methods.dp_mepf.method import DPMEPF
-from dpimages.nets.features import (
+from dpimages.nets.feature_extractors import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     FeatureExtractor,

@@ -177,7 +177,7 @@ def test_public_selection_is_one_histogram_at_the_stage_share_and_only_for_forei
 
 
 def test_selection_histogram_of_neighbours_differs_in_one_bin_by_one():
-    from dpimages.nets.features import ConvClassifier, random_conv_trunk
+    from dpimages.nets.feature_extractors import ConvClassifier, random_conv_trunk
 
     classifier = ConvClassifier(random_conv_trunk(0, 3, (8, 16)), 3).eval()
     data = private_shapes([0, 1, 2], ["a", "b", "c"], 20, 3)

@@ -14,11 +14,11 @@ from dpimages.cli import main
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.pe import release as rel
-from dpimages.methods.pe.api import ImageAPI
 from dpimages.methods.pe.diffusion_api import (
     DiffusionAPI,
     degree_to_sigma,
 )
+from dpimages.methods.pe.image_api import ImageAPI
 from dpimages.methods.pe.method import PE
 from dpimages.privacy import NoiseSource, PrivacyLedger
 from dpimages.privacy.ledger import epsilon_pld
@@ -368,7 +368,7 @@ def test_diffusers_pipeline_from_a_local_directory(tmp_path):
 def test_fit_with_public_data_and_no_api_path_trains_the_public_model_once(tmp_path):
     """One command: `fit pe --public SPEC` trains the public model first (cached by the public data), then PE."""
     from dpimages.data.toy import toy_bars
-    from dpimages.eval.features import cache_dir
+    from dpimages.eval.feature_nets import cache_dir
 
     private, public = _private_squares(60, 2), toy_bars(64, num_classes=2, seed=3)
     kw = {"epsilon": 5.0, "delta": 1e-3, "preset": "smoke", "public": public, "progress": False,

@@ -203,17 +203,17 @@ def test_secure_gaussian_reaches_far_past_the_53_bit_box_muller_cutoff(monkeypat
     With the OS generator's bits all zero (the rarest, smallest uniforms), the old sampler gave its largest
     radius, 8.65; the full-exponent uniform goes down to 2^-1022.
     """
-    from dpimages.privacy import rng
+    from dpimages.privacy import noise
 
-    monkeypatch.setattr(rng.os, "urandom", lambda n: bytes(n))
+    monkeypatch.setattr(noise.os, "urandom", lambda n: bytes(n))
     z = NoiseSource().standard_normal((4,))
     assert float(z.abs().max()) > 30.0
-    assert float(z.abs().max()) <= rng.SUPPORT_SIGMAS
+    assert float(z.abs().max()) <= noise.SUPPORT_SIGMAS
 
 
 def test_secure_uniform_binades_have_their_probabilities():
     """P(u < 2^-k) = 2^-k for the full-exponent uniform (within 5.3 binomial sd: one failure in 10 million)."""
-    from dpimages.privacy.rng import secure_uniform
+    from dpimages.privacy.noise import secure_uniform
 
     u = secure_uniform(1_000_000)
     assert ((u > 0) & (u < 1)).all()

@@ -28,7 +28,7 @@ from dpimages import __version__
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.eval.classifiers import default_specs, train_classifier, wrn_specs
-from dpimages.eval.features import FeatureNet, eval_feature_net, inception_feature_net
+from dpimages.eval.feature_nets import FeatureNet, eval_feature_net, inception_feature_net
 from dpimages.eval.fidelity import feature_stats, frechet_distance, kid, precision_recall
 from dpimages.eval.grid import save_grid
 from dpimages.eval.memorization import memorization_report

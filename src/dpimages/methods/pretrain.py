@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpimages.methods.kit import RunClock, ema_update, warmup_decay
+from dpimages.methods.training import RunClock, ema_update, warmup_decay
 from dpimages.nets.edm import EDMDenoiser
 
 

@@ -2,7 +2,7 @@
 
 from dpimages.privacy.calibrate import calibrate, calibrate_dpsgd, calibrate_gaussian
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, validate_budget
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 __all__ = [
     "NoiseSource",

@@ -15,7 +15,7 @@ Each logical step of `DPSGD`:
    gradients take about 32 MiB on a CPU, 2 GiB on a GPU), by one of two
    paths that compute the same thing (``per_example``):
 
-   * ``"book-keeping"`` (`dpimages.privacy.bookkeeping`): one ordinary
+   * ``"book-keeping"`` (`dpimages.privacy.ghost_clipping`): one ordinary
      forward and backward with layer hooks, per-layer norms formed directly
      or by the ghost-norm identity, whichever is cheaper, and the clipped sum
      from the stored activations. Used by ``"auto"`` on a CPU (where it was
@@ -107,9 +107,9 @@ from torch.func import functional_call, grad, vmap
 from dpimages.config import PER_EXAMPLE_METHODS
 from dpimages.distributed import comm_device, dist_world
 from dpimages.errors import InputError
-from dpimages.privacy.bookkeeping import BookKeeping, NotBookKeepable
+from dpimages.privacy.ghost_clipping import GhostClipping, NotGhostClippable
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, check_positive
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 LossFn = Callable[..., torch.Tensor]
 # memory for one chunk's per-example gradients when max_physical_batch="auto"
@@ -329,7 +329,7 @@ class DPSGD:
                     torch.distributed.broadcast(buf, src=0)
                     t.copy_(buf.to(t.device))
         self._per_example = vmap(grad(self._example_loss), in_dims=(None, None, 0), randomness=randomness)
-        self._bookkeeping: BookKeeping | None = None
+        self._ghost: GhostClipping | None = None
         self._probed = 0  # largest chunk on which book-keeping matched torch.func; it never sees a larger one
         # "auto": book-keeping where it was measured faster (CPU, benchmarks/results/dpsgd_overhead.json); on a GPU
         # torch.func stays the default until a GPU run of benchmarks/dpsgd_overhead.py --device cuda says otherwise
@@ -337,15 +337,15 @@ class DPSGD:
                                                     and ref.device.type == "cpu")
         if wanted:
             try:
-                self._bookkeeping = BookKeeping(module)
-            except NotBookKeepable as err:
+                self._ghost = GhostClipping(module)
+            except NotGhostClippable as err:
                 if per_example == "book-keeping":
                     raise InputError(f"per_example='book-keeping' does not apply to this model: {err}") from None
 
     @property
     def per_example(self) -> str:
         """The path computing per-example norms and clipped sums now: "book-keeping" or "torch.func"."""
-        return "torch.func" if self._bookkeeping is None else "book-keeping"
+        return "torch.func" if self._ghost is None else "book-keeping"
 
     # -- accounting ------------------------------------------------------------
     @property
@@ -419,12 +419,12 @@ class DPSGD:
             part = tuple(t[start : start + chunk] for t in batch)
             size = part[0].shape[0]
             sums = None
-            if self._bookkeeping is not None and size > self._probed and size >= 2:
-                self._check_bookkeeping(part)  # a chunk larger than any probed one is probed first
-            if self._bookkeeping is not None and size <= self._probed:
+            if self._ghost is not None and size > self._probed and size >= 2:
+                self._probe_ghost_clipping(part)  # a chunk larger than any probed one is probed first
+            if self._ghost is not None and size <= self._probed:
                 try:
-                    sums, _ = self._bookkeeping.clipped_sum(self.loss_fn, part, self.clip_norm)
-                except NotBookKeepable as err:  # nothing was added: this chunk goes the torch.func way
+                    sums, _ = self._ghost.clipped_sum(self.loss_fn, part, self.clip_norm)
+                except NotGhostClippable as err:  # nothing was added: this chunk goes the torch.func way
                     self._fall_back(str(err))
             if sums is None:
                 sums, _ = self._clipped_torch_func(part)
@@ -434,7 +434,7 @@ class DPSGD:
 
     def _clipped_torch_func(self, part: tuple[torch.Tensor, ...]) -> tuple[dict[nn.Parameter, torch.Tensor],
                                                                              torch.Tensor]:
-        """({param: clipped sum}, per-example norms) of `part` by vmap over grad (as `BookKeeping.clipped_sum`)."""
+        """({param: clipped sum}, per-example norms) of `part` by vmap over grad (as `GhostClipping.clipped_sum`)."""
         params, rest = self._state()
         grads = self._per_example(params, rest, part)
         flat = [grads[n].reshape(part[0].shape[0], -1) for n, _ in self._named]
@@ -446,7 +446,7 @@ class DPSGD:
         factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
         return {p: (g.t() @ factor).view_as(p) for g, (_, p) in zip(flat, self._named, strict=True)}, norms
 
-    def _check_bookkeeping(self, probe: tuple[torch.Tensor, ...]) -> None:
+    def _probe_ghost_clipping(self, probe: tuple[torch.Tensor, ...]) -> None:
         """Keep book-keeping only if it reproduces the torch.func norms and clipped sum on the chunk `probe`.
 
         Both paths run with every trainable weight perturbed (a fixed, public
@@ -456,7 +456,7 @@ class DPSGD:
         with a warning naming no value. On success, chunks up to the probe's
         size go the book-keeping way.
         """
-        assert self._bookkeeping is not None
+        assert self._ghost is not None
         reason = ""
         saved = [p.detach().clone() for _, p in self._named]
         gen = torch.Generator(device=saved[0].device).manual_seed(20211)
@@ -465,7 +465,7 @@ class DPSGD:
                 for _, p in self._named:
                     spread = float(p.std()) if p.numel() > 1 else 0.0
                     p.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * (spread or 0.05))
-            sums, norms = self._bookkeeping.clipped_sum(self.loss_fn, probe, self.clip_norm)
+            sums, norms = self._ghost.clipped_sum(self.loss_fn, probe, self.clip_norm)
             ref_sums, ref_norms = self._clipped_torch_func(probe)
             scale = float(ref_norms.max()) + 1e-6
             # float32 sums of b terms of norm <= C round differently in the two paths: measured up to ~1e-6 b C
@@ -492,7 +492,7 @@ class DPSGD:
             self._probed = probe[0].shape[0]
 
     def _fall_back(self, reason: str) -> None:
-        self._bookkeeping = None
+        self._ghost = None
         warnings.warn(f"DP-SGD engine {self.label!r}: book-keeping clipping does not apply ({reason}); "
                       "using torch.func per-example gradients", RuntimeWarning, stacklevel=4)
 

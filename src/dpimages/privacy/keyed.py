@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dpimages.distributed import comm_device, dist_world
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 
 def content_digests(images: np.ndarray, labels: np.ndarray | None) -> np.ndarray:

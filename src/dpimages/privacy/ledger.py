@@ -31,7 +31,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from dpimages.errors import BudgetExceeded, InputError
-from dpimages.privacy.rng import SUPPORT_SIGMAS
+from dpimages.privacy.noise import SUPPORT_SIGMAS
 
 NEIGHBOURING = "add-remove"
 NEIGHBOURING_TEXT = "add or remove one image together with its label"
@@ -55,7 +55,7 @@ NOISE_SOURCES = ("os-csprng", "seeded-insecure")
 PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independent checkers)
 # The smallest noise multiplier served: a release moves by at most 1 / nm = 25.6 noise stds, so a neighbour puts
 # at most P(Z > SUPPORT_SIGMAS - 25.6 = 12) < 2e-33 of a coordinate's mass where the secure sampler has none
-# (`dpimages.privacy.rng`); a smaller one would leave a delta that no ledger holds.
+# (`dpimages.privacy.noise`); a smaller one would leave a delta that no ledger holds.
 MIN_NOISE_MULTIPLIER = 1.0 / (SUPPORT_SIGMAS - 12.0)
 RDP_ORDERS = [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
 

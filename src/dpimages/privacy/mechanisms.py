@@ -23,7 +23,7 @@ import torch
 
 from dpimages.errors import InputError
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, check_positive
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 
 def clip_rows(x: torch.Tensor, clip_norm: float) -> torch.Tensor:

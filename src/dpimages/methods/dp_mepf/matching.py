@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dpimages.nets.features import FeatureExtractor
+from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
 
 SELECTION_SEED = 12345  # the fixed latent sample of `released_distance` (the same at every evaluation)

@@ -44,14 +44,14 @@ from tqdm.auto import tqdm
 from dpimages.api import FitContext
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
-from dpimages.methods.common import TrainedSynthesizer, load_frozen
+from dpimages.methods.base import TrainedSynthesizer, load_frozen
 from dpimages.methods.dp_mepf import release as rel
 from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.methods.dp_mepf.matching import matching_loss, released_distance
 from dpimages.methods.dp_mepf.report import report_text
 from dpimages.methods.dp_mepf.trunks import build_trunks, restore_trunks, trunk_tensors
-from dpimages.methods.kit import RunClock, ema_update, write_grid
-from dpimages.nets.features import FeatureExtractor
+from dpimages.methods.training import RunClock, ema_update, write_grid
+from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
 from dpimages.runs import Run, load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed

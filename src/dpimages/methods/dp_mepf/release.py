@@ -5,7 +5,7 @@ with its label):
 
 * Each private image is embedded by a fixed public (or random) feature
   network into a first-moment vector and, optionally, a second-moment
-  vector, each of unit L2 norm (`dpimages.nets.features.FeatureExtractor`),
+  vector, each of unit L2 norm (`dpimages.nets.feature_extractors.FeatureExtractor`),
   and clipped to norm 1 again by the mechanism (`clip_rows`).
 * Released: (1) the per-class sums of first-moment vectors, a (K, D1)
   matrix; (2) optionally the per-class sums of second-moment vectors,
@@ -47,10 +47,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dpimages.nets.features import FeatureExtractor
+from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
 from dpimages.privacy.mechanisms import class_sums, clip_rows, gaussian_release, noisy_class_counts
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 LABEL_FIRST = "dp-mepf per-class sums of unit-norm first-moment features"
 LABEL_SECOND = "dp-mepf per-class sums of unit-norm second-moment features"

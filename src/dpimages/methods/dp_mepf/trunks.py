@@ -20,7 +20,7 @@ from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.filehash import file_sha256
 from dpimages.methods.dp_mepf.config import DPMEPFConfig
-from dpimages.nets.features import ConvTrunk, Trunk, load_trunk, random_conv_trunk, train_conv_trunk
+from dpimages.nets.feature_extractors import ConvTrunk, Trunk, load_trunk, random_conv_trunk, train_conv_trunk
 from dpimages.runs import prefixed, unprefixed
 
 

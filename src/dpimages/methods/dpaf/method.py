@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.methods.common import TrainedSynthesizer, load_frozen
+from dpimages.methods.base import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpaf import nets as dpaf_nets
 from dpimages.methods.dpaf.config import DPAFConfig, DPAFNoAggConfig
 from dpimages.methods.dpaf.nets import Nets, build_nets
@@ -55,7 +55,7 @@ from dpimages.methods.dpaf.release import (
     release_counts,
 )
 from dpimages.methods.dpaf.report import report_section
-from dpimages.methods.kit import RunClock, TrainLoop, write_grid
+from dpimages.methods.training import RunClock, TrainLoop, write_grid
 from dpimages.nets.discriminators import BackHead, FrontFeatures, SplitDiscriminator
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dpimages.methods.dpaf.config import DPAFConfig
 from dpimages.methods.dpaf.nets import Nets
-from dpimages.methods.kit import ema_update, warmup_decay
+from dpimages.methods.training import ema_update, warmup_decay
 from dpimages.privacy.mechanisms import class_sums, clip_rows
 
 

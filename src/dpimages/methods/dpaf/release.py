@@ -76,7 +76,7 @@ from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.keyed import keyed_buckets
 from dpimages.privacy.mechanisms import class_sums, clip_rows, gaussian_release, noisy_class_counts
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 LABEL_COUNTS = "dpaf class counts"
 LABEL_AGG = "dpaf feature aggregation"

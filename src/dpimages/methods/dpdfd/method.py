@@ -112,12 +112,12 @@ from tqdm.auto import tqdm
 from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.methods.common import TrainedSynthesizer
+from dpimages.methods.base import TrainedSynthesizer
 from dpimages.methods.dpdfd import release as rel
 from dpimages.methods.dpdfd.config import DPDFDConfig
 from dpimages.methods.dpdfd.report import report_text
 from dpimages.methods.dpdfd.student import STUDENT_FILE, accuracy, public_test_set, save_student
-from dpimages.methods.kit import RunClock, TrainLoop, write_grid
+from dpimages.methods.training import RunClock, TrainLoop, write_grid
 from dpimages.nets.classifiers import SmallCNN, num_parameters
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed

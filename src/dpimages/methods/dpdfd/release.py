@@ -36,7 +36,7 @@ from dpimages.privacy import calibrate_gaussian
 from dpimages.privacy.keyed import content_digests, keyed_buckets
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger
 from dpimages.privacy.mechanisms import gaussian_release
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 RELEASE_LABEL = "dpdfd student step"
 

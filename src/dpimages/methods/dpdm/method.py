@@ -81,13 +81,13 @@ from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.distributed import broadcast_module, dist_world, rank0_values
 from dpimages.errors import InputError
-from dpimages.methods.common import TrainedSynthesizer, load_frozen
+from dpimages.methods.base import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpdm import warm
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.dpdm.draws import keyed_normals
-from dpimages.methods.kit import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
 from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.methods.prior import refuse_spent_stage
+from dpimages.methods.training import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
 from dpimages.nets.edm import EDMDenoiser, edm_loss
 from dpimages.nets.unet import UNet, num_parameters
 from dpimages.privacy import calibrate_dpsgd

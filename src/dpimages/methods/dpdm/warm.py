@@ -53,7 +53,7 @@ from dpimages.data.imagedata import to_unit_range
 from dpimages.errors import InputError
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.prior import Prior, fit_prior, plan_prior
-from dpimages.nets.features import train_conv_classifier
+from dpimages.nets.feature_extractors import train_conv_classifier
 from dpimages.privacy import PrivacyEvent, calibrate
 from dpimages.privacy.dpsgd import PoissonSampler
 from dpimages.privacy.mechanisms import clipped_gaussian_class_sums, noisy_histogram

@@ -9,8 +9,8 @@ resampling; the privacy contract), `method` (the `PE` synthesizer),
 `report` (its report.md section) and `config` (presets).
 """
 
-from dpimages.methods.pe.api import ImageAPI
 from dpimages.methods.pe.config import PEConfig, PublicModelConfig
+from dpimages.methods.pe.image_api import ImageAPI
 from dpimages.methods.pe.method import PE
 
 __all__ = ["PE", "ImageAPI", "PEConfig", "PublicModelConfig"]

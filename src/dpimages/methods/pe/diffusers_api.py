@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dpimages.errors import InputError
-from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, in_batches, model_sha256
+from dpimages.methods.pe.image_api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 
 
 def _import_diffusers() -> Any:

@@ -37,8 +37,8 @@ from safetensors.torch import load_file, save_file
 from dpimages import __version__
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
-from dpimages.methods.pe.api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 from dpimages.methods.pe.config import PublicModelConfig
+from dpimages.methods.pe.image_api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.nets.edm import EDMDenoiser, get_sampler
 from dpimages.nets.unet import UNet, num_parameters

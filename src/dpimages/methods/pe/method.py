@@ -54,15 +54,15 @@ from dpimages.config import resolve_config
 from dpimages.data import ImageData, to_uint8, to_unit_range
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
-from dpimages.methods.common import TrainedSynthesizer
-from dpimages.methods.kit import RunClock
+from dpimages.methods.base import TrainedSynthesizer
 from dpimages.methods.pe import release as rel
-from dpimages.methods.pe.api import ImageAPI, check_degree, model_sha256
 from dpimages.methods.pe.config import PEConfig, PublicModelConfig
 from dpimages.methods.pe.diffusion_api import DiffusionAPI, model_arch, save_public_model, train_public_model
+from dpimages.methods.pe.image_api import ImageAPI, check_degree, model_sha256
 from dpimages.methods.pe.report import report_text
 from dpimages.methods.prior import Prior, fit_prior, plan_prior, refuse_spent_stage
-from dpimages.nets.features import (
+from dpimages.methods.training import RunClock
+from dpimages.nets.feature_extractors import (
     FeatureExtractor,
     Trunk,
     embed_in_chunks,

@@ -21,7 +21,7 @@ import torch
 from dpimages.config import resolve_config
 from dpimages.data import ImageData
 from dpimages.errors import require_empty_folder
-from dpimages.eval.features import cache_dir
+from dpimages.eval.feature_nets import cache_dir
 from dpimages.eval.grid import save_grid
 from dpimages.methods.pe.config import PublicModelConfig
 from dpimages.methods.pe.diffusion_api import model_arch, sample_grid, save_public_model, train_public_model

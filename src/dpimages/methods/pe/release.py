@@ -36,7 +36,7 @@ from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.privacy import PrivacyEvent, PrivacyLedger, calibrate
 from dpimages.privacy.mechanisms import noisy_histogram
-from dpimages.privacy.rng import NoiseSource
+from dpimages.privacy.noise import NoiseSource
 
 LABEL = "pe vote histogram"
 

@@ -1,4 +1,4 @@
-"""The methods' shared base classes and helpers (dpimages.methods.common)."""
+"""The methods' shared base classes and helpers (dpimages.methods.base)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dpimages.api import FitContext
 from dpimages.config import MethodConfig
 from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.methods.common import TrainedSynthesizer, load_frozen
+from dpimages.methods.base import TrainedSynthesizer, load_frozen
 from dpimages.privacy import NoiseSource, PrivacyLedger
 from dpimages.runs import prefixed
 

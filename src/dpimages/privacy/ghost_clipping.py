@@ -47,7 +47,7 @@ Contract (checked, else the caller must use the ``torch.func`` path):
 The last two cannot be seen from the module's structure, so `DPSGD` checks
 them on its first batch against the ``torch.func`` path, with every weight
 perturbed so that no zero-initialised layer hides the others' gradients,
-before it trusts this one (``DPSGD._check_bookkeeping``), and each layer's
+before it trusts this one (``DPSGD._probe_ghost_clipping``), and each layer's
 rows per example found there are enforced on every later call.
 """
 
@@ -66,10 +66,10 @@ SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.Embedding)
 # ghost norms below this share of an example's squared mass are formed instead (cancellation)
 CANCELLATION = 1e-4
 
-__all__ = ["SUPPORTED", "BookKeeping", "NotBookKeepable", "unsupported_parameters"]
+__all__ = ["SUPPORTED", "GhostClipping", "NotGhostClippable", "unsupported_parameters"]
 
 
-class NotBookKeepable(RuntimeError):
+class NotGhostClippable(RuntimeError):
     """This model or loss breaks the book-keeping contract; use the torch.func path."""
 
 
@@ -188,7 +188,7 @@ def _conv_weight_part(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor, b: int) ->
 def _parts(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> list[_Part]:
     """The parts of layer `m` with input `x` and output gradient `g` (first dim B*K rows, K per example)."""
     if g.shape[0] != x.shape[0]:  # (rows = K * b is checked by the caller)
-        raise NotBookKeepable(f"{type(m).__name__}: {g.shape[0]} output rows for {x.shape[0]} input rows")
+        raise NotGhostClippable(f"{type(m).__name__}: {g.shape[0]} output rows for {x.shape[0]} input rows")
     w, bias = m.weight, m.bias if hasattr(m, "bias") else None
     out: list[_Part] = []
     if isinstance(m, nn.Linear):
@@ -231,18 +231,18 @@ def _parts(m: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int) -> list[_Part
     return out
 
 
-class BookKeeping:
+class GhostClipping:
     """Clipped per-example gradient sums of `module` by hooks (see the module docstring for the contract).
 
     `rows_per_example` (layer -> K), recorded by the first call (DPSGD's probe), is enforced on every later call: a
     layer whose number of rows does not stay K times the number of examples is not per example (e.g. a layer run
-    on a shared table and then indexed), and raises `NotBookKeepable`.
+    on a shared table and then indexed), and raises `NotGhostClippable`.
     """
 
     def __init__(self, module: nn.Module) -> None:
         bad = unsupported_parameters(module)
         if bad:
-            raise NotBookKeepable("parameters outside supported layers: " + ", ".join(bad[:5]))
+            raise NotGhostClippable("parameters outside supported layers: " + ", ".join(bad[:5]))
         self.module = module
         self.layers = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         self.rows_per_example: dict[nn.Module, int] = {}
@@ -258,7 +258,7 @@ class BookKeeping:
 
         def keep(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise NotBookKeepable(f"{type(m).__name__} called without a positional tensor input")
+                raise NotGhostClippable(f"{type(m).__name__} called without a positional tensor input")
             seen.append((m, inputs[0].detach(), output))
 
         handles = [m.register_forward_hook(keep) for m in self.layers]
@@ -272,13 +272,13 @@ class BookKeeping:
             raise InputError(f"loss_fn must return one loss per example, shape (B,); "
                              f"got {tuple(losses.shape)} for B={b}")
         if len({id(m) for m, _, _ in seen}) != len(seen):
-            raise NotBookKeepable("a layer ran more than once in one forward pass")
+            raise NotGhostClippable("a layer ran more than once in one forward pass")
         record = not self.rows_per_example
         for m, x, _ in seen:
             if record:
                 self.rows_per_example[m] = x.shape[0] // b
             if x.shape[0] != self.rows_per_example.get(m, -1) * b:
-                raise NotBookKeepable(f"{type(m).__name__}: {x.shape[0]} rows for {b} examples, not the "
+                raise NotGhostClippable(f"{type(m).__name__}: {x.shape[0]} rows for {b} examples, not the "
                                       "probe's rows per example")
         outputs = [o for _, _, o in seen]
         grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CHECK = "from dpimages.memory import keep_freed_memory as k; print(k(), k())"
+CHECK = "from dpimages.allocator import keep_freed_memory as k; print(k(), k())"
 
 
 def _run(env_value: str | None) -> str:

@@ -17,9 +17,9 @@ from torch import nn
 from dpimages.errors import InputError
 from dpimages.nets import SmallCNN
 from dpimages.nets.unet import UNet
-from dpimages.privacy import NoiseSource, PrivacyLedger, bookkeeping
-from dpimages.privacy.bookkeeping import unsupported_parameters
+from dpimages.privacy import NoiseSource, PrivacyLedger, ghost_clipping
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, mean_over_repeats, repeat_examples
+from dpimages.privacy.ghost_clipping import unsupported_parameters
 
 torch.set_num_threads(1)
 CLIP = 0.3  # below most per-example norms here, so clipping acts
@@ -119,7 +119,7 @@ def test_linear_over_positions_and_ghost_norm_conv() -> None:
     x, y, z = torch.randn(7, 1, 6, 6), torch.randint(0, 3, (7,)), 0.3 * torch.randn(7, 2, 1, 6, 6)
     _assert_matches_loop(_SeqLinear(), _xent, (x, y))
     wide = _WideConv()
-    assert bookkeeping._ghost_cheaper(2 * 2 * 2, 48 * 9, 64)  # K=2 rows of 2x2 positions: the ghost branch
+    assert ghost_clipping._ghost_cheaper(2 * 2 * 2, 48 * 9, 64)  # K=2 rows of 2x2 positions: the ghost branch
     _assert_matches_loop(wide, _k_loss(2, _xent), (x, y, z))
 
 
@@ -155,7 +155,7 @@ def test_dpdm_unet_with_attention_label_dropout_and_k_draws() -> None:
 
 def test_a_wrong_layer_norm_breaks_the_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mutation: under-count GroupNorm's bias norm; the loop comparison fails and "auto" refuses book-keeping."""
-    real = bookkeeping._formed_part
+    real = ghost_clipping._formed_part
 
     def broken(param, per_example):
         part = real(param, per_example)
@@ -163,7 +163,7 @@ def test_a_wrong_layer_norm_breaks_the_comparison(monkeypatch: pytest.MonkeyPatc
             part.sq_norms = part.sq_norms * 0.25
         return part
 
-    monkeypatch.setattr(bookkeeping, "_formed_part", broken)
+    monkeypatch.setattr(ghost_clipping, "_formed_part", broken)
     torch.manual_seed(0)
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
     with pytest.raises(AssertionError):
@@ -296,7 +296,7 @@ def test_ghost_norm_of_a_zero_gradient_is_not_nan() -> None:
         out = model(torch.stack([a, -a], dim=1))
         return out.sum((1, 2))
 
-    assert bookkeeping._ghost_cheaper(2, 16, 16)
+    assert ghost_clipping._ghost_cheaper(2, 16, 16)
     eng = _engine(lin, loss, chunk=None)
     eng.clip_and_accumulate(torch.randn(50, 16) * 1e3)
     assert torch.isfinite(eng.accumulated()).all()
@@ -365,7 +365,7 @@ def test_ghost_norms_keep_the_clip_when_an_example_s_terms_cancel() -> None:
     def two_positions(model, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x (B, 2, 8), c (B, 2, 8)
         return (model(x) * c).sum((1, 2))
 
-    assert bookkeeping._ghost_cheaper(2, 8, 8)
+    assert ghost_clipping._ghost_cheaper(2, 8, 8)
     eng = _engine(lin, two_positions, chunk=None)
     eng.clip_and_accumulate(torch.randn(6, 2, 8), torch.randn(6, 2, 8))  # the probe: ordinary examples pass
     assert eng.per_example == "book-keeping"
