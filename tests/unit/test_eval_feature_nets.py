@@ -8,7 +8,7 @@ import torch
 
 from dpimages.data import ImageData
 from dpimages.errors import InputError
-from dpimages.eval import features
+from dpimages.eval import feature_nets as features
 from dpimages.eval.inception import FIDInceptionV3, load_fid_inception
 
 
