@@ -33,7 +33,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def methods_cmd(as_json: bool) -> None:
     """List the generation methods."""
-    from dpimages.api import method_class, methods
+    from dpimages.registry import method_class, methods
 
     rows = []
     for name in methods():
@@ -185,7 +185,8 @@ def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: floa
 
     Under torchrun (WORLD_SIZE > 1) the processes train one model (dpdm only); rank 0 writes the run and prints.
     """
-    from dpimages.api import check_distributed, fit_run, method_class
+    from dpimages.fit import check_distributed, fit_run
+    from dpimages.registry import method_class
 
     check_distributed(method_class(method), _world_size())  # before waiting for other processes
     with _process_group(device) as dev:
@@ -222,8 +223,8 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, ov
 
     import numpy as np
 
-    from dpimages.api import load_synthesizer
     from dpimages.data.writers import save_folder
+    from dpimages.fit import load_synthesizer
 
     if n < 1:
         raise InputError(f"--n must be >= 1, got {n}")
@@ -315,7 +316,7 @@ def evaluate_cmd(file: str, real_spec: str, test_spec: str | None, out: str | No
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report_cmd(run_dir: str) -> None:
     """Rewrite RUN_DIR/report.md from the run's files (config, ledger, metrics, grids) and print it."""
-    from dpimages.api import load_synthesizer
+    from dpimages.fit import load_synthesizer
     from dpimages.report import render_report
     from dpimages.runs import Run
 
@@ -453,12 +454,9 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
     """
     import torch
 
-    from dpimages.config import resolve_config
     from dpimages.data import load
-    from dpimages.methods.pe.config import PublicModelConfig
-    from dpimages.methods.pe.public_model import train_and_save_public_model
+    from dpimages.registry import method_class
 
-    cfg = resolve_config(PublicModelConfig, preset, list(overrides))
     if threads is not None:
         if threads < 1:
             raise InputError(f"--threads must be >= 1, got {threads}")
@@ -469,7 +467,9 @@ def public_model_train_cmd(overrides: Sequence[str], data_spec: str, out: str, p
         if not as_json:
             click.echo(" ".join(f"{k}={v}" for k, v in kv.items()), err=True)
 
-    path, meta = train_and_save_public_model(load(data_spec), cfg, out, preset=preset, device=dev, log=log)
+    pe = method_class("pe")
+    cfg = pe.public_model_config(preset, list(overrides))  # bad keys refused before the data is read
+    path, meta = pe.train_public_model(load(data_spec), cfg, out, preset=preset, device=dev, log=log)
     _emit({"out": str(path), **meta}, as_json, f"wrote {path} (EDM U-Net, {meta['parameters']:,} parameters, "
           f"trained on {meta['trained_on']} for {cfg.epochs} epochs in {meta['train_s']:.0f} s); use: dpimages fit "
           f"pe ... api_path={path}")
@@ -499,8 +499,8 @@ def audit_cmd(method: str, epsilon: float, delta: float, canaries: int | None, s
     """
     import torch
 
-    from dpimages.api import methods as registered
     from dpimages.audit import METHOD_TARGETS, TARGETS, audit_passed, run_audit
+    from dpimages.registry import methods as registered
 
     torch.set_num_threads(1)
     if method == "methods" or method in registered():

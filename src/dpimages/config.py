@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import yaml
 
 from dpimages.errors import InputError
+from dpimages.privacy.dpsgd import PER_EXAMPLE_METHODS  # how the engine forms per-example clipped sums (speed only)
 
 PRESETS = ("smoke", "cpu", "gpu", "gpu-short")
 
@@ -58,8 +59,6 @@ def positive_ints() -> Constraint:
     return Constraint(lambda v: len(v) > 0 and all(int(x) == x and x >= 1 for x in v), "must be positive ints")
 
 
-# how the DP-SGD engine computes per-example clipped sums (speed only; see dpimages.privacy.dpsgd)
-PER_EXAMPLE_METHODS = ("auto", "book-keeping", "torch.func")
 
 # run-control fields: checked for every config that has them
 RUN_CONTROL_CONSTRAINTS: dict[str, Constraint] = {

@@ -34,8 +34,8 @@ def run_one(real, epsilon: float, delta: float, preset: str, out: Path, n_sample
     """Fit dp-mepf on `real.train` at `epsilon`, sample, evaluate on `real`; returns the numbers the demo prints."""
     import numpy as np
 
-    from dpimages.api import fit_run
     from dpimages.eval import EvalOptions, evaluate
+    from dpimages.fit import fit_run
 
     run_dir = out / f"demo-dp-mepf-eps{epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
     t = time.time()

@@ -45,13 +45,15 @@ from unittest import mock
 import numpy as np
 import torch
 
-from dpimages.api import FitResult, Synthesizer, fit_run, load_synthesizer, method_class
 from dpimages.data import ImageData
-from dpimages.data.toy import toy_bars
+from dpimages.data.toy import toy_bars, toy_other_bars
 from dpimages.errors import InputError
+from dpimages.fit import fit_run, load_synthesizer
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, merge_events
 from dpimages.privacy.noise import NoiseSource
+from dpimages.registry import method_class
 from dpimages.runs import Run
+from dpimages.synthesizer import FitResult, Synthesizer
 
 EPSILON, DELTA = 10.0, 1e-3
 TIMING = ("_s", "steps_per_s", "time")  # metrics keys that legitimately differ between fits
@@ -74,10 +76,7 @@ def private_set() -> ImageData:
 
 def other_private_set() -> ImageData:
     """Another private set of the same size: other pixels, other labels and other class counts."""
-    bars = toy_bars(seed=5, shift=5)
-    labels = bars.labels.copy()
-    labels[::7] = 0  # class 0 gains, the others lose: other counts
-    return ImageData(bars.images, labels, bars.classes, "other toy bars")
+    return toy_other_bars()
 
 
 def worst_case_image(data: ImageData) -> tuple[np.ndarray, int]:

@@ -20,9 +20,11 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dpimages.api import Synthesizer, fit_run, method_class
 from dpimages.errors import InputError
+from dpimages.fit import fit_run
 from dpimages.privacy.ledger import epsilon_pld
+from dpimages.registry import method_class
+from dpimages.synthesizer import Synthesizer
 from dpimages.testing import RecordingNoise, ReplayingNoise, neighbour, private_set, torch_threads
 
 TOLERANCE = 1e-4  # relative: float32 sums in another order round differently

@@ -20,9 +20,9 @@ multiplier from `dpimages.privacy.calibrate`):
   sampling on a small linear model; each canary's per-example gradient is a
   "Dirac" gradient of norm 100 on its own coordinate of a canary weight
   (white box); score = the total movement of that coordinate over training.
-* ``gaussian-release`` (dpdfd): the teacher ensemble's release
-  (`dpdfd.release.aggregate`: each teacher's vector scaled to norm C, summed;
-  then `gaussian_release` with declared sensitivity 2C); each canary owns one
+* ``gaussian-release`` (dpdfd): the teacher ensemble's release (each
+  teacher's vector scaled to norm C by `normalise_rows`, summed; then
+  `gaussian_release` with declared sensitivity 2C, as dpdfd's release does); each canary owns one
   teacher whose raw vector (norm 100) points along the canary's direction when
   it is included and against it when not.
 
@@ -70,7 +70,7 @@ TARGETS = {
     "gaussian-sum": "clipped_gaussian_class_sums",
     "histogram": "noisy_histogram",
     "dpsgd": "DPSGD (Poisson sampling, per-example clipping)",
-    "gaussian-release": "dpdfd teacher-ensemble sum, gaussian_release (declared sensitivity 2C)",
+    "gaussian-release": "teacher-ensemble sum of rows scaled to C, gaussian_release (declared sensitivity 2C)",
 }
 METHOD_TARGETS = {
     "dp-mepf": "gaussian-sum",
@@ -284,28 +284,27 @@ def _run_gaussian_sum(size: AuditSize, included: np.ndarray, variant: str, noise
 
 def _run_gaussian_release(size: AuditSize, included: np.ndarray, variant: str, noise: NoiseSource, epsilon: float,
                           delta: float, gen: torch.Generator) -> _Run:
-    """DPDFD's ensemble release: `dpdfd.release.aggregate` of teacher vectors, then `gaussian_release` (2C).
+    """DPDFD's ensemble release: teacher vectors scaled to norm C (`normalise_rows`), summed, then
+    `gaussian_release` with declared sensitivity 2C (what dpdfd's release makes).
 
     Every canary owns one teacher (its shard): the teacher's raw vector is
     ``+CANARY_NORM d_i`` when the canary is included and ``-CANARY_NORM d_i``
     when not (the worst case: scaled to C, the term moves by exactly 2C);
     ``size.base`` further teachers hold random vectors. Score = d_i . release.
     """
-    from dpimages.methods.dpdfd import release as dfd
-
     m = size.canaries
     directions = _unit_rows(m, size.dim, gen)
     sign = torch.from_numpy(np.where(included, 1.0, -1.0))
     rows = CANARY_NORM * torch.cat([_unit_rows(size.base, size.dim, gen), sign[:, None] * directions])
-    patch = (mock.patch.object(dfd, "normalise_rows", lambda x, clip_norm: x) if variant == "broken-no-clipping"
+    patch = (mock.patch.object(mech, "normalise_rows", lambda x, clip_norm: x) if variant == "broken-no-clipping"
              else contextlib.nullcontext())
     with patch:
-        value = dfd.aggregate(rows, CLIP)
+        value = mech.normalise_rows(rows, CLIP).sum(0)
     if variant == "broken-sensitivity":  # canary teachers count 10 times in the sum
         value = value + (SENSITIVITY_FACTOR - 1) * CLIP * (sign[:, None] * directions).sum(0)
     ledger = PrivacyLedger(epsilon, delta)
-    release = dfd.release_update(value, clip_norm=CLIP, noise_multiplier=dfd.calibrate_steps(epsilon, delta, 1),
-                                 ledger=ledger, noise=noise)  # the method's own release: declared sensitivity 2C
+    release = mech.gaussian_release(value, sensitivity=2.0 * CLIP, noise_multiplier=calibrate_gaussian(epsilon, delta),
+                                    ledger=ledger, noise=noise, label="audit ensemble sum")
 
     def score(released: torch.Tensor) -> np.ndarray:
         return (directions @ released).numpy()

@@ -253,8 +253,8 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
 
 def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir: Path,
                    real, public) -> tuple[dict, dict]:  # noqa: ANN001
-    from dpimages.api import fit_run
     from dpimages.eval import evaluate
+    from dpimages.fit import fit_run
 
     n = opts.n_samples or (2000 if opts.preset == "smoke" else suite.n_samples)
     t = time.time()
@@ -425,12 +425,12 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
     repeats are not run: a mean over the fits that happened to succeed would
     be biased); the call then raises after the other cells have run.
     """
-    from dpimages.api import method_class
     from dpimages.config import PRESETS, resolve_config
     from dpimages.data import load
     from dpimages.eval import load_real
     from dpimages.eval.evaluate import CLASSIFIER_SETS
     from dpimages.privacy import validate_budget
+    from dpimages.registry import method_class
 
     opts = options or BenchOptions()
     if suite_name not in SUITES:

@@ -20,6 +20,15 @@ def toy_bars(n: int = 200, num_classes: int = 10, seed: int = 0, shift: int = 0)
     return ImageData(images, labels.astype(np.int64), [str(c) for c in range(num_classes)], "toy bars")
 
 
+def toy_other_bars() -> ImageData:
+    """Another `toy_bars()` set of the same size: other pixels, other labels and other class counts (class 0
+    gains every 7th image): the contract's second private set (`dpimages.testing`)."""
+    bars = toy_bars(seed=5, shift=5)
+    labels = bars.labels.copy()
+    labels[::7] = 0
+    return ImageData(bars.images, labels, bars.classes, "other toy bars")
+
+
 SHAPE_CLASSES = ("circle", "square", "stripes")
 
 

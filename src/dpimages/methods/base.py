@@ -15,10 +15,10 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from dpimages.api import ConfigT, FitContext, Synthesizer
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.runs import prefixed, unprefixed
+from dpimages.synthesizer import ConfigT, FitContext, Synthesizer
 
 M = TypeVar("M", bound=torch.nn.Module)
 

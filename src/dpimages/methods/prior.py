@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpimages.api import FitContext, Synthesizer, create
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.privacy import PrivacyEvent, PrivacyLedger
+from dpimages.registry import create
+from dpimages.synthesizer import FitContext, Synthesizer
 
 PRIOR_METHOD = "dp-mepf"
 

@@ -14,7 +14,7 @@ per-image features privately before f2 sees them:
   ``score(h, y) = w . phi(h) + b + embed(y) . phi(h)``. No normalisation
   layer, so it works both on aggregates and under per-example DP-SGD.
 * `SplitDiscriminator`: ``f2(clip(f1(x)), y)`` per image, with the same
-  feature clipping as the aggregation (`dpimages.privacy.mechanisms.clip_rows`);
+  feature clipping as the aggregation (`dpimages.clipping.clip_rows`);
   the plain DP-SGD discriminator of DPAF's ablation.
 
 All take float images (N, C, H, W) in [-1, 1]; all are vmap-friendly
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dpimages.clipping import clip_rows
 from dpimages.errors import InputError
-from dpimages.privacy.mechanisms import clip_rows
 
 
 def _groups(channels: int, groups: int) -> int:

@@ -14,28 +14,25 @@ Sensitivities (add/remove one image with its label):
 * `noisy_histogram` / `noisy_class_counts`: each image adds 1 to one bin;
   L2 sensitivity 1.
 * `gaussian_release`: a caller-bounded value with declared L2 sensitivity
-  (for values normalised by construction, e.g. DPDFD's unit-norm gradient).
+  (for values normalised by construction, e.g. DPDFD's teacher ensemble: rows
+  scaled to norm C by `normalise_rows`, one row per shard, so one image moves
+  the sum by at most 2C).
+
+Row clipping and scaling (`clip_rows`, `normalise_rows`) live in
+`dpimages.clipping`, which networks use too; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dpimages.clipping import clip_rows, normalise_rows
 from dpimages.errors import InputError
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, check_positive
 from dpimages.privacy.noise import NoiseSource
 
-
-def clip_rows(x: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Scale each row of a (N, ...) tensor to L2 norm at most `clip_norm`; a row with a non-finite entry becomes 0.
-
-    Zeroing such a row keeps its contribution a function of that row alone, of norm 0: scaling it (0 x inf is
-    NaN) would turn the whole sum, and so the release, non-finite depending on whether that row was present.
-    """
-    flat = x.reshape(x.shape[0], -1)
-    norms = flat.norm(dim=1, keepdim=True)
-    factor = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
-    return torch.where(torch.isfinite(norms), flat * factor, 0.0).reshape(x.shape)
+__all__ = ["class_sums", "clip_rows", "clipped_gaussian_class_sums", "clipped_gaussian_sum", "gaussian_release",
+           "noisy_class_counts", "noisy_histogram", "normalise_rows"]
 
 
 def _event(noise_multiplier: float, sample_rate: float | None, label: str) -> PrivacyEvent:

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
 from dpimages.methods.base import TrainedSynthesizer, load_frozen
@@ -55,6 +54,7 @@ from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
 from dpimages.runs import Run, load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
+from dpimages.synthesizer import FitContext
 
 
 class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):

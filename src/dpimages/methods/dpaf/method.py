@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.base import TrainedSynthesizer, load_frozen
@@ -62,6 +61,7 @@ from dpimages.privacy import PrivacyEvent
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler, StepInfo
 from dpimages.privacy.keyed import content_digests
 from dpimages.privacy.mechanisms import clip_rows
+from dpimages.synthesizer import FitContext
 
 # the public per-example inputs of a DP-SGD loss, from the labels of a real (False) or fake (True) batch
 PerLabel = Callable[[torch.Tensor, bool], tuple[torch.Tensor, ...]]

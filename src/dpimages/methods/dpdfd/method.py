@@ -109,7 +109,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.base import TrainedSynthesizer
@@ -121,6 +120,7 @@ from dpimages.methods.training import RunClock, TrainLoop, write_grid
 from dpimages.nets.classifiers import SmallCNN, num_parameters
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
+from dpimages.synthesizer import FitContext
 
 
 class DPDFD(TrainedSynthesizer[DPDFDConfig]):

@@ -35,7 +35,7 @@ from torch import nn
 from dpimages.privacy import calibrate_gaussian
 from dpimages.privacy.keyed import content_digests, keyed_buckets
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger
-from dpimages.privacy.mechanisms import gaussian_release
+from dpimages.privacy.mechanisms import gaussian_release, normalise_rows
 from dpimages.privacy.noise import NoiseSource
 
 RELEASE_LABEL = "dpdfd student step"
@@ -118,19 +118,6 @@ def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def normalise(vector: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """`vector` scaled to L2 norm `clip_norm`, in its own dtype (a zero or non-finite vector becomes zero)."""
     return normalise_rows(vector[None], clip_norm)[0].to(vector.dtype)
-
-
-def normalise_rows(rows: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """Every row of (T, D) `rows` scaled to L2 norm `clip_norm`, in float64 (the result's dtype).
-
-    Norms are taken in float64 (no underflow for float32 rows), so a scaled
-    row's norm is C up to float64 rounding (relative 1e-15). Rows that are
-    zero or hold a non-finite entry become zero rows (norm 0 <= C).
-    """
-    rows = rows.to(torch.float64)
-    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    usable = torch.isfinite(norms) & (norms > 0)
-    return torch.where(usable, rows / torch.where(usable, norms, 1.0) * clip_norm, 0.0)
 
 
 def teacher_logits(teachers: Sequence[nn.Module], images: torch.Tensor) -> torch.Tensor:

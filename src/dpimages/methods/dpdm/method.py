@@ -77,7 +77,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.distributed import broadcast_module, dist_world, rank0_values
 from dpimages.errors import InputError
@@ -95,6 +94,7 @@ from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.keyed import content_digests, keyed_values, shared_secret_key
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 from dpimages.runs import load_optimizer, optimizer_tensors, prefixed, unprefixed
+from dpimages.synthesizer import FitContext
 
 RELEASE_LABEL = "dpdm"
 
@@ -161,13 +161,12 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         """The warm-start stages with private reads that the smoke preset (dp-mepf prior) leaves off: central
         images, and the public class selection (foreign public classes; the other private set is the contract's
         in negative, whose images the selection classifier puts in other public classes)."""
-        from dpimages.data.toy import toy_bars
-        from dpimages.testing import other_private_set, private_set
+        from dpimages.data.toy import toy_bars, toy_other_bars
 
         bars = toy_bars(seed=9, shift=3)
         public = ImageData(bars.images, bars.labels, [f"public-{c}" for c in bars.classes], "foreign toy bars")
-        other = other_private_set()
-        negative = ImageData(255 - private_set().images, other.labels, other.classes, "negative toy bars")
+        other = toy_other_bars()
+        negative = ImageData(255 - toy_bars().images, other.labels, other.classes, "negative toy bars")
         return [{"name": "central", "overrides": ["warm_start=central"]},
                 {"name": "public-selection", "overrides": ["warm_start=public", "public_classes=3",
                                                            "select_epochs=10"], "public": public, "other": negative}]

@@ -47,7 +47,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dpimages.api import FitContext
 from dpimages.data import ImageData
 from dpimages.data.imagedata import to_unit_range
 from dpimages.errors import InputError
@@ -58,6 +57,7 @@ from dpimages.privacy import PrivacyEvent, calibrate
 from dpimages.privacy.dpsgd import PoissonSampler
 from dpimages.privacy.mechanisms import clipped_gaussian_class_sums, noisy_histogram
 from dpimages.seeds import stream_seed
+from dpimages.synthesizer import FitContext
 
 CENTRAL_LABEL = "dpdm warm start: per-class sums of downsampled images and counts (central images)"
 SELECT_LABEL = "dpdm warm start: histogram of the private images' predicted public classes (class selection)"

@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpimages.api import FitContext
 from dpimages.config import resolve_config
 from dpimages.data import ImageData, to_uint8, to_unit_range
 from dpimages.errors import InputError
@@ -59,6 +58,7 @@ from dpimages.methods.pe import release as rel
 from dpimages.methods.pe.config import PEConfig, PublicModelConfig
 from dpimages.methods.pe.diffusion_api import DiffusionAPI, model_arch, save_public_model, train_public_model
 from dpimages.methods.pe.image_api import ImageAPI, check_degree, model_sha256
+from dpimages.methods.pe.public_model import cached_public_model, public_model_config, train_and_save_public_model
 from dpimages.methods.pe.report import report_text
 from dpimages.methods.prior import Prior, fit_prior, plan_prior, refuse_spent_stage
 from dpimages.methods.training import RunClock
@@ -73,6 +73,7 @@ from dpimages.nets.feature_extractors import (
 )
 from dpimages.runs import prefixed, rng_state, set_rng_state, unprefixed
 from dpimages.seeds import stream_seed
+from dpimages.synthesizer import FitContext
 
 
 def _path_sha256(path: Path) -> str:
@@ -114,6 +115,10 @@ class PE(TrainedSynthesizer[PEConfig]):
         return {"overrides": [f"api_path={path}", "features=random"]}
 
     # -- parts -----------------------------------------------------------------------------------
+    # `dpimages public-model train` reaches these through the registry (nothing imports a method package)
+    public_model_config = staticmethod(public_model_config)
+    train_public_model = staticmethod(train_and_save_public_model)
+
     def with_api(self, api: ImageAPI) -> PE:
         """Use `api` instead of loading one from the config (e.g. a custom model in a script or test)."""
         self.api = api
@@ -121,7 +126,6 @@ class PE(TrainedSynthesizer[PEConfig]):
 
     def _train_public_api(self, public: ImageData, ctx: FitContext) -> None:
         """First stage without ``api_path``: train (or reuse from the cache) the public model on `public`."""
-        from dpimages.methods.pe.public_model import cached_public_model
 
         def log(**kv: Any) -> None:  # public-data training progress (its own step counter as train_step)
             if ctx.run is not None:

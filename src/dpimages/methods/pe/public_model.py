@@ -27,6 +27,11 @@ from dpimages.methods.pe.config import PublicModelConfig
 from dpimages.methods.pe.diffusion_api import model_arch, sample_grid, save_public_model, train_public_model
 
 
+def public_model_config(preset: str | None, overrides: list[str]) -> PublicModelConfig:
+    """The public model's settings at `preset` with KEY=VALUE `overrides` (InputError, exit 2, for a bad key)."""
+    return resolve_config(PublicModelConfig, preset, overrides)
+
+
 def train_and_save_public_model(public: ImageData, cfg: PublicModelConfig, out: str | Path, *, preset: str | None,
                                 device: torch.device, log: Callable[..., None] | None = None,
                                 progress: bool = False) -> tuple[Path, dict]:
