@@ -34,6 +34,7 @@ import torch
 
 from dpimages import __version__
 from dpimages.allocator import keep_freed_memory
+from dpimages.budget.runner import RunBudget, open_run_budget
 from dpimages.config import MethodConfig, parse_overrides, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.distributed import dist_world, rank0_first, same_on_all_ranks
@@ -295,6 +296,8 @@ def fit_run(
     callbacks: Sequence[Callable[[Synthesizer], None]] = (),
     noise_source: NoiseSource | None = None,
     dataset_size: int | None = None,
+    budget: str | RunBudget | None = None,
+    budget_book: str | Path | None = None,
 ) -> FitResult:
     """Validate everything, then fit `method` (a registered name, or a `Synthesizer` class) on `data` and write the
     run directory.
@@ -318,6 +321,10 @@ def fit_run(
     source (a recording or replaying test double; the run is then marked by
     its ``kind``), and `dataset_size` the public N (default ``len(data)``), so
     that a neighbouring data set is fitted under the same public facts.
+
+    `budget`: a data set's name in the owner's budget book (`budget_book`, default its usual place) or a
+    `dpimages.budget.RunBudget`: every reservation of the run is also reserved there before anything is
+    released, and refused (BudgetExceeded, nothing left behind) past its total (`dpimages.budget.runner`).
     """
     cls = method if isinstance(method, type) else method_class(method)
     method = cls.name
@@ -327,6 +334,7 @@ def fit_run(
     overrides = overrides if isinstance(overrides, dict) else list(overrides)
     config = resolve_config(cls.Config, preset, overrides, config_file)
     validate_budget(epsilon, delta)
+    booking = open_run_budget(budget, budget_book, run_dir, world)
     if cls.needs_public and public is None:
         raise InputError(f"method {method} needs public data: pass --public SPEC (e.g. mnist-5k)")
     private = data if isinstance(data, ImageData) else load(data, skip_bad=skip_bad, num_classes=num_classes)
@@ -337,6 +345,8 @@ def fit_run(
                          "add 'classes' to the file or pass --num-classes K; it is not read from the private labels")
     n_public = len(private) if dataset_size is None else int(dataset_size)
     validate_budget(epsilon, delta, n_public)
+    if booking is not None:
+        booking.check(n_public)
     public_data = public if (public is None or isinstance(public, ImageData)) else load(public, skip_bad=skip_bad)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world > 1 and dev.type == "cuda" and dev.index is None:
@@ -374,6 +384,8 @@ def fit_run(
                                    noise_source=noise.kind)
             ledger.public_facts = public_facts(private, public_data, n_public)
             ledger.write()
+        if booking is not None:
+            booking.attach(ledger, run, private, resume)
         made["ledger"] = ledger
         return ledger.to_json(exact=False)
 
@@ -401,6 +413,8 @@ def fit_run(
             shutil.rmtree(run.path, ignore_errors=True)
         raise
     if run.writer:
+        if booking is not None and (summary := booking.finish(ledger)) is not None:
+            ledger.extra["budget_book"] = summary
         ledger.write(exact=True)
         run.log(-1, event="fit_done", fit_s=round(time.time() - t0, 2), epsilon=ledger.epsilon())
         run.write_report(render_report(run, synth.report_section()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from dpimages.budget.report import report_lines
 from dpimages.privacy.ledger import ASSUMPTIONS_TEXT, PUBLIC_FACTS_TEXT
 from dpimages.runs import Run
 
@@ -70,6 +71,7 @@ def render_report(run: Run, method_section: str = "") -> str:
                 f"{e.get('sample_rate', '-')} | {e['steps']} |"
             )
         lines += ["", "Recompute independently: `python benchmarks/recompute_epsilon.py " f"{run.path}`"]
+        lines += report_lines(privacy)
     lines += ["", "## Sharing", "", SHAREABLE]
     if method_section:
         lines += ["", "## Method", "", method_section.strip()]
