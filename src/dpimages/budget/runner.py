@@ -112,6 +112,11 @@ class BookBudget:
         return {**self.book.summary(self.name), "run_id": self.run_id}
 
 
+def prefixed_events(events: list[PrivacyEvent], prefix: str) -> list[PrivacyEvent]:
+    """`events` with their labels prefixed by ``PREFIX: ``: one stage's releases, distinct from another stage's."""
+    return [replace(e, label=f"{prefix}: {e.label}") for e in events]
+
+
 class StageBudget:
     """A run that is one stage of a larger plan reserved in `parent` (the tuning ledger): every reservation of
     the run is reserved in `parent` too, with its labels prefixed by ``PREFIX: `` so that stages with the same
@@ -121,14 +126,11 @@ class StageBudget:
         self.parent = parent
         self.prefix = prefix
 
-    def relabel(self, events: list[PrivacyEvent]) -> list[PrivacyEvent]:
-        return [replace(e, label=f"{self.prefix}: {e.label}") for e in events]
-
     def check(self, dataset_size: int) -> None:
         return None
 
     def attach(self, ledger: PrivacyLedger, run: Run, private: ImageData, resume: bool) -> None:
-        ledger.on_reserve = lambda plan: self.parent.reserve(*self.relabel(plan))
+        ledger.on_reserve = lambda plan: self.parent.reserve(*prefixed_events(plan, self.prefix))
 
     def finish(self, ledger: PrivacyLedger) -> None:
         return None
