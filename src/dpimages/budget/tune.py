@@ -226,6 +226,7 @@ def tune(
     opts.check()
     validate_budget(epsilon, delta)
     candidates = parse_grid(grid)
+    fixed = {k: v for k, v in candidates[0].items() if all(c[k] == v for c in candidates)}  # single-valued keys
     configs = [resolve_config(cls.Config, preset, dict(c)) for c in candidates]
     out = Path(run_dir)
     require_empty_folder(out, "--run-dir")
@@ -280,7 +281,8 @@ def tune(
                                  noise_multiplier=plan.score_noise_multiplier, ledger=ledger, noise=noise,
                                  label=SCORE_LABEL)
         value = float(noisy[0])  # the exact count is private: only its noisy release is kept
-        scores.append({"overrides": dict(overrides), "noisy_correct": value, "noisy_accuracy": value / n_held})
+        scores.append({"overrides": {k: v for k, v in overrides.items() if k not in fixed}, "noisy_correct": value,
+                       "noisy_accuracy": value / n_held})
         facts = dict(res.ledger.public_facts)
     chosen = int(np.argmax([s["noisy_correct"] for s in scores]))  # post-processing of the noisy releases
 
@@ -292,7 +294,7 @@ def tune(
     ledger.path = run.privacy_path
     ledger.public_facts = {**facts, "dataset_size": n, "data_name": private.name}
     tuning = {
-        "method": method, "preset": preset, "candidates": scores, "chosen": chosen,
+        "method": method, "preset": preset, "fixed": fixed, "candidates": scores, "chosen": chosen,
         "chosen_overrides": scores[chosen]["overrides"], "epsilon": epsilon, "delta": delta,
         "epsilon_per_candidate": plan.epsilon_per_candidate, "score_share": opts.score_share,
         "score_noise_multiplier": plan.score_noise_multiplier, "score_sensitivity": 1.0,
