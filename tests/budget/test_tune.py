@@ -23,22 +23,6 @@ from dpimages.methods.dp_mepf.method import DPMEPF
 from dpimages.privacy.ledger import epsilon_pld
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = ["--preset", "smoke", "steps=4", "eval_every=2", "checkpoint_every=2", "grid_every=1000"]
-
-
-@pytest.fixture
-def book_path(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "owner" / "budget.sqlite"
-    monkeypatch.setenv("DPIMAGES_BUDGET_BOOK", str(path))
-    return path
-
-
-@pytest.fixture
-def toy_npz(tmp_path) -> Path:
-    d = toy_bars(n=300)
-    path = tmp_path / "toy.npz"
-    np.savez(path, images=d.images, labels=d.labels, classes=np.array(d.classes))
-    return path
 
 
 def tune_args(data: Path, run: Path, epsilon: float, *extra: str) -> list[str]:
@@ -91,7 +75,7 @@ def test_tuned_run_ledger_holds_every_candidate_and_score_and_recomputes(book_pa
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "s.npz")]) == 0
-    assert privacy["assumptions"]["public"]["dataset_size"] == 300
+    assert privacy["assumptions"]["public"]["dataset_size"] == 200
 
 
 def test_the_plan_meets_the_tuning_epsilon_and_leaves_the_scores_their_share():
