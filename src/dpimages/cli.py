@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import click
 
 from dpimages.allocator import keep_freed_memory
+from dpimages.budget_cli import BOOK_OPTION_HELP, budget_group, tune_cmd
 from dpimages.errors import DPImagesError, InputError, require_empty_folder
 from dpimages.runs import check_private_eval_path
 
@@ -176,11 +177,13 @@ def _process_group(device: str | None) -> Iterator[str | None]:
               help="Class count of an npz without a 'classes' array (never read from the private labels).")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images in a folder data set.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--budget", default=None, help="The data set's name in the budget book: refused (exit 3) past its total.")
+@click.option("--budget-book", default=None, type=click.Path(dir_okay=False), help=BOOK_OPTION_HELP)
 @click.option("--json", "as_json", is_flag=True)
 def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: float, delta: float, preset: str,
             public_spec: str | None, run_dir: str, config_file: str | None, resume: bool, seed: int,
             insecure_seeded_noise: bool, num_classes: int | None, skip_bad: bool, device: str | None,
-            as_json: bool) -> None:
+            budget: str | None, budget_book: str | None, as_json: bool) -> None:
     """Fit METHOD on private data under (epsilon, delta); KEY=VALUE overrides the config.
 
     Under torchrun (WORLD_SIZE > 1) the processes train one model (dpdm only); rank 0 writes the run and prints.
@@ -193,7 +196,7 @@ def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: floa
         res = fit_run(method, data_spec, epsilon=epsilon, delta=delta, run_dir=run_dir, preset=preset,
                       public=public_spec, overrides=list(overrides), config_file=config_file, resume=resume,
                       seed=seed, insecure_seeded_noise=insecure_seeded_noise, num_classes=num_classes,
-                      skip_bad=skip_bad, device=dev, progress=not as_json)
+                      skip_bad=skip_bad, device=dev, progress=not as_json, budget=budget, budget_book=budget_book)
     if not res.run.writer:  # the other ranks of a process group: rank 0 reports
         return
     out = {"run_dir": str(res.run.path), "epsilon": res.ledger.epsilon(), "epsilon_rdp": res.ledger.epsilon_rdp(),
@@ -201,6 +204,10 @@ def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: floa
     out["noise_source"] = res.ledger.noise_source
     warning = "" if res.ledger.noise_source == "os-csprng" else (
         "\nWARNING: seeded-insecure noise (--insecure-seeded-noise): not private for anyone who knows the seed")
+    book = out["budget_book"] = res.ledger.extra.get("budget_book")
+    if book is not None:
+        warning += (f"\nbudget {book['budget']}: {book['epsilon_total']:.4f} of {book['epsilon_budget']:g} spent over "
+                    f"{book['runs']} runs (composed; naive sum {book['epsilon_sum']:.4f})")
     _emit(out, as_json, f"run {res.run.path}: epsilon {out['epsilon']:.4f} (PLD), {out['epsilon_rdp']:.4f} (RDP) "
           f"at delta {out['delta']:g}; report {res.run.report_path}{warning}")
 
@@ -547,6 +554,10 @@ def _audit_methods(names: list[str], epsilon: float, delta: float, as_json: bool
     _emit({"results": [r.to_json() for r in results]}, as_json, "\n".join(lines))
     if any(r.violation for r in results):
         raise DPImagesError("audit failed: a release moved further than its declared sensitivity")
+
+
+cli.add_command(budget_group)
+cli.add_command(tune_cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

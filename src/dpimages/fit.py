@@ -29,6 +29,7 @@ import torch
 
 from dpimages import __version__
 from dpimages.allocator import keep_freed_memory
+from dpimages.budget.runner import RunBudget, open_run_budget
 from dpimages.config import MethodConfig, parse_overrides, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.distributed import dist_world, rank0_first, same_on_all_ranks
@@ -112,6 +113,7 @@ class _Job:
     dataset_size: int  # the public N
     device: torch.device
     world: int
+    booking: RunBudget | None = None  # the owner's budget book for this run's data set, if any
     fit_s: float = 0.0  # the method's fit, wall time (a whole-run time: public)
 
     def config_record(self, ctx: FitContext) -> dict[str, Any]:
@@ -129,7 +131,8 @@ class _Job:
 def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon: float, delta: float,
               preset: str | None, public: str | ImageData | None, overrides: Sequence[str] | dict[str, Any],
               config_file: str | None, num_classes: int | None, skip_bad: bool, device: str | None,
-              dataset_size: int | None) -> _Job:
+              dataset_size: int | None, budget: str | RunBudget | None = None,
+              budget_book: str | Path | None = None, run_dir: str | Path = "") -> _Job:
     """Step 1: method, config and budget before any data is loaded; the data against delta before anything is
     written or spent (InputError, exit 2)."""
     cls = method if isinstance(method, type) else method_class(method)
@@ -138,6 +141,7 @@ def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon
     config = resolve_config(cls.Config, preset, overrides if isinstance(overrides, dict) else list(overrides),
                             config_file)
     validate_budget(epsilon, delta)
+    booking = open_run_budget(budget, budget_book, run_dir, world)
     if cls.needs_public and public is None:
         raise InputError(f"method {cls.name} needs public data: pass --public SPEC (e.g. mnist-5k)")
     private = data if isinstance(data, ImageData) else load(data, skip_bad=skip_bad, num_classes=num_classes)
@@ -148,11 +152,14 @@ def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon
                          "add 'classes' to the file or pass --num-classes K; it is not read from the private labels")
     n_public = len(private) if dataset_size is None else int(dataset_size)
     validate_budget(epsilon, delta, n_public)
+    if booking is not None:
+        booking.check(n_public)
     public_data = public if (public is None or isinstance(public, ImageData)) else load(public, skip_bad=skip_bad)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # torchrun: cuda:LOCAL_RANK (set by the CLI)
-    return _Job(cls, config, private, public_data, float(epsilon), float(delta), preset, n_public, dev, world)
+    return _Job(cls, config, private, public_data, float(epsilon), float(delta), preset, n_public, dev, world,
+                booking)
 
 
 def _open_run(job: _Job, run_dir: str | Path, *, noise: NoiseSource, seed: int, resume: bool,
@@ -177,6 +184,8 @@ def _open_run(job: _Job, run_dir: str | Path, *, noise: NoiseSource, seed: int, 
                                    noise_source=noise.kind)
             ledger.public_facts = public_facts(job.private, job.public, job.dataset_size)
             ledger.write()
+        if job.booking is not None:  # every reservation of the run is also reserved in the book, first
+            job.booking.attach(ledger, run, job.private, resume)
         made["ledger"] = ledger
         return ledger.to_json(exact=False)
 
@@ -214,6 +223,8 @@ def _finalise(job: _Job, ctx: FitContext, synth: Synthesizer,
     run = ctx.run
     if run is None or not run.writer:
         return
+    if job.booking is not None and (summary := job.booking.finish(ctx.ledger)) is not None:
+        ctx.ledger.extra["budget_book"] = summary
     ctx.ledger.write(exact=True)
     run.log(-1, event="fit_done", fit_s=round(job.fit_s, 2), epsilon=ctx.ledger.epsilon())
     run.write_report(render_report(run, synth.report_section()))
@@ -242,6 +253,8 @@ def fit_run(
     callbacks: Sequence[Callable[[Synthesizer], None]] = (),
     noise_source: NoiseSource | None = None,
     dataset_size: int | None = None,
+    budget: str | RunBudget | None = None,
+    budget_book: str | Path | None = None,
 ) -> FitResult:
     """Validate everything, then fit `method` (a registered name, or a `Synthesizer` class) on `data` and write the
     run directory.
@@ -265,11 +278,15 @@ def fit_run(
     source (a recording or replaying test double; the run is then marked by
     its ``kind``), and `dataset_size` the public N (default ``len(data)``), so
     that a neighbouring data set is fitted under the same public facts.
+
+    `budget`: a data set's name in the owner's budget book (`budget_book`, default its usual place) or a
+    `dpimages.budget.RunBudget`: every reservation of the run is also reserved there before anything is
+    released, and refused (BudgetExceeded, nothing left behind) past its total (`dpimages.budget.runner`).
     """
     keep_freed_memory()  # large tensors every step: reuse freed memory rather than page-fault it back in
     job = _validate(method, data, epsilon=epsilon, delta=delta, preset=preset, public=public, overrides=overrides,
                     config_file=config_file, num_classes=num_classes, skip_bad=skip_bad, device=device,
-                    dataset_size=dataset_size)
+                    dataset_size=dataset_size, budget=budget, budget_book=budget_book, run_dir=run_dir)
     noise = noise_source or NoiseSource(int(seed) if insecure_seeded_noise else None)
     ctx = _open_run(job, run_dir, noise=noise, seed=seed, resume=resume, progress=progress)
     synth = _fit(job, ctx, resume=resume)

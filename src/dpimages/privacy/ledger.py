@@ -21,10 +21,11 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
@@ -57,6 +58,8 @@ PLD_INTERVAL = 1e-4  # the interval used for reported epsilons (and by independe
 # at most P(Z > SUPPORT_SIGMAS - 25.6 = 12) < 2e-33 of a coordinate's mass where the secure sampler has none
 # (`dpimages.privacy.noise`); a smaller one would leave a delta that no ledger holds.
 MIN_NOISE_MULTIPLIER = 1.0 / (SUPPORT_SIGMAS - 12.0)
+# Sections that other modules add to privacy.json through `PrivacyLedger.extra` (kept by `from_json`).
+EXTRA_SECTIONS = ("budget_book", "tuning")
 RDP_ORDERS = [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [64, 80, 96, 128, 192, 256, 512, 1024]
 
 
@@ -199,6 +202,14 @@ class PrivacyLedger:
     Use `reserve` once with the whole planned schedule (it checks the budget
     with the exact accountant); spends inside a reservation are then cheap.
     A spend beyond every reservation is checked on its own.
+
+    `on_reserve` (optional): called with the run's whole plan (the recorded
+    events plus every unspent reservation) whenever the plan grows, at each
+    `reserve` and at a spend beyond the reservations, after this ledger's own
+    check and before anything is recorded or released. If it raises (e.g. the
+    owner's budget book refuses with `BudgetExceeded`), the reservation or
+    spend is refused and the ledger is left as it was. `extra`: sections
+    (`EXTRA_SECTIONS`) that other modules add to privacy.json.
     """
 
     def __init__(
@@ -225,6 +236,8 @@ class PrivacyLedger:
         # (PLD, RDP) epsilon of an event list that contains every recorded event:
         # reported between exact writes, so a per-step write costs no accounting.
         self._bound: tuple[float, float] = (0.0, 0.0)
+        self.on_reserve: Callable[[list[PrivacyEvent]], None] | None = None
+        self.extra: dict[str, Any] = {}
 
     # -- accounting ------------------------------------------------------------
     def epsilon(self, extra: Sequence[PrivacyEvent] = ()) -> float:
@@ -269,7 +282,7 @@ class PrivacyLedger:
         release count towards its reservation. Reservations only move the
         budget check earlier: every spend beyond them is checked on its own.
         """
-        before = list(self._reserved)
+        before, bound = list(self._reserved), self._bound
         totals: dict[tuple, PrivacyEvent] = {}
         for e in events:
             k = e.release_key()
@@ -283,8 +296,10 @@ class PrivacyLedger:
         try:
             planned = self._unspent_reservations()
             self._bound = (self.check(*planned), self.epsilon_rdp(planned))
-        except BudgetExceeded:
-            self._reserved = before
+            if self.on_reserve is not None:
+                self.on_reserve([*self.events, *planned])
+        except Exception:
+            self._reserved, self._bound = before, bound
             raise
 
     def _unspent_reservations(self) -> list[PrivacyEvent]:
@@ -308,7 +323,10 @@ class PrivacyLedger:
         """Check, record and write `event`; call this *before* drawing its noise."""
         if not self._within_reservation(event):
             planned = [*self._unspent_reservations(), event]
-            self._bound = (self.check(*planned), self.epsilon_rdp(planned))
+            bound = (self.check(*planned), self.epsilon_rdp(planned))
+            if self.on_reserve is not None:
+                self.on_reserve([*self.events, *planned])
+            self._bound = bound
         self.events = merge_events([*self.events, event])
         self.write(exact=False)
 
@@ -336,6 +354,7 @@ class PrivacyLedger:
             "private": self.noise_source == "os-csprng",
             "dataset_size": self.dataset_size,
             "events": [e.to_json() for e in self.events],
+            **{k: self.extra[k] for k in EXTRA_SECTIONS if k in self.extra},
         }
 
     def write(self, exact: bool = True) -> None:
@@ -359,6 +378,7 @@ class PrivacyLedger:
         ledger.public_facts = dict(assumptions.get("public", {})) if isinstance(assumptions, dict) else (
             {} if ledger.dataset_size is None else {"dataset_size": ledger.dataset_size})
         ledger.events = merge_events(PrivacyEvent.from_json(e) for e in d.get("events", []))
+        ledger.extra = {k: d[k] for k in EXTRA_SECTIONS if k in d}
         return ledger
 
     @classmethod
