@@ -263,7 +263,9 @@ def test_release_lost_in_a_crash_is_counted_not_redone(tiny_model, tmp_path, mon
     assert [e.steps for e in res.ledger.events] == [3]  # never more, never fewer than planned
     assert res.synthesizer.train_info["lost_releases"] == 1
     state = json.loads((tmp_path / "b" / "checkpoints" / "state.json").read_text())
-    assert state["finished"] and state["releases"] == 3 and state["noise_rng"]["gaussian_draws"] == 3
+    # two draws survive in the saved count: the lost release's draw happened in the crashed process, and the resumed
+    # run re-keys its seeded source (the ledger is ahead of the checkpoint) instead of drawing noise to skip it
+    assert state["finished"] and state["releases"] == 3 and state["noise_rng"]["gaussian_draws"] == 2
     metrics = res.run.read_metrics()
     events = [m.get("event") for m in metrics]
     assert events.count("votes") == 2 and "lost_releases" in events

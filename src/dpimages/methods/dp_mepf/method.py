@@ -48,7 +48,7 @@ from dpimages.methods.dp_mepf import release as rel
 from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.methods.dp_mepf.matching import matching_loss, released_distance
 from dpimages.methods.dp_mepf.report import report_text
-from dpimages.methods.dp_mepf.trunks import build_trunks, restore_trunks, trunk_tensors
+from dpimages.methods.feature_sources import build_trunks, restore_trunks, trunk_tensors
 from dpimages.methods.training import RunClock, ema_update, write_grid
 from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator

@@ -203,9 +203,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         if state.get("finished"):
             return
         spent = ctx.ledger.steps(like=rel.planned_event(sigma, 1))
-        released = cfg.batch_size * self.num_classes if cfg.release_space == "outputs" else num_parameters(student)
-        for _ in range(max(0, spent - ckpt_step)):  # releases lost in a crash: never reuse their noise
-            ctx.noise.standard_normal((released,))
+        # releases lost in a crash are counted, not redone; a seeded source was re-keyed (fit_run's resume_noise)
         if spent > ckpt_step and ctx.run is not None:
             ctx.run.log(spent, event="lost_steps", steps=spent - ckpt_step)
         # 2. the non-private teachers, one per shard: in memory only, retrained on every (re)start

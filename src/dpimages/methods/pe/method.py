@@ -54,31 +54,20 @@ from dpimages.data import ImageData, to_uint8, to_unit_range
 from dpimages.errors import InputError
 from dpimages.eval.grid import save_grid
 from dpimages.methods.base import TrainedSynthesizer
+from dpimages.methods.feature_sources import build_trunks
 from dpimages.methods.pe import release as rel
 from dpimages.methods.pe.config import PEConfig, PublicModelConfig
 from dpimages.methods.pe.diffusion_api import DiffusionAPI, model_arch, save_public_model, train_public_model
-from dpimages.methods.pe.image_api import ImageAPI, check_degree, model_sha256
+from dpimages.methods.pe.image_api import ImageAPI, check_degree
 from dpimages.methods.pe.public_model import cached_public_model, public_model_config, train_and_save_public_model
 from dpimages.methods.pe.report import report_text
 from dpimages.methods.prior import Prior, fit_prior, plan_prior, refuse_spent_stage
 from dpimages.methods.training import RunClock
-from dpimages.nets.feature_extractors import (
-    FeatureExtractor,
-    Trunk,
-    embed_in_chunks,
-    load_trunk,
-    random_conv_trunk,
-    train_conv_trunk,
-    trunk_from_config,
-)
+from dpimages.nets.feature_extractors import FeatureExtractor, Trunk, embed_in_chunks, trunk_from_config
+from dpimages.privacy import PrivacyEvent
 from dpimages.runs import prefixed, rng_state, set_rng_state, unprefixed
 from dpimages.seeds import stream_seed
 from dpimages.synthesizer import FitContext
-
-
-def _path_sha256(path: Path) -> str:
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return model_sha256(*files)
 
 
 class PE(TrainedSynthesizer[PEConfig]):
@@ -198,36 +187,15 @@ class PE(TrainedSynthesizer[PEConfig]):
         return api
 
     def _build_trunk(self, public: ImageData | None, ctx: FitContext) -> tuple[Trunk, dict[str, Any]]:
-        """The vote feature network from public information only."""
-        cfg = self.config
-        c = self.image_shape[2]
-        if cfg.features == "random":
-            return random_conv_trunk(cfg.feature_seed, c, cfg.feature_channels), {
-                "source": "random", "seed": cfg.feature_seed}
-        if cfg.features == "public":
-            if public is None:
-                raise InputError("pe: features=public needs public data: pass --public SPEC (e.g. mnist-5k), or "
-                                 "use features=path feature_path=DIR or features=random")
-            if public.labels is None:
-                raise InputError(f"{public.name}: features=public needs a labelled public set")
-            if public.image_shape[2] != c:
-                raise InputError(f"public images have {public.image_shape[2]} channels, private images {c}")
+        """The vote feature network from public information only (`methods.feature_sources`; `_plan` has refused
+        features=public without public data)."""
 
-            def log(**kv: Any) -> None:
-                if ctx.run is not None:
-                    ctx.run.log(0, event="public_feature_training", **kv)
+        def log(**kv: Any) -> None:
+            if ctx.run is not None:
+                ctx.run.log(0, event="public_feature_training", **kv)
 
-            trunk, facts = train_conv_trunk(public.to_tensor(), public.label_tensor(), public.num_classes,
-                                            channels=cfg.feature_channels, epochs=cfg.public_epochs,
-                                            seed=cfg.feature_seed, log=log)
-            return trunk, {"source": "public", "public": public.name, "public_fingerprint": public.public_id,
-                           **facts}
-        path = Path(cfg.feature_path)
-        trunk, meta = load_trunk(path, tap="post")
-        if trunk.in_channels != c and not (c == 1 and trunk.in_channels == 3 and trunk.arch == "vgg"):
-            raise InputError(f"feature network {path} takes {trunk.in_channels}-channel images, the data has {c}")
-        return trunk, {"source": "path", "path": str(path), "sha256": _path_sha256(path),
-                       **{k: v for k, v in meta.items() if k != "layout"}}
+        (trunk,), facts = build_trunks(self.config, self.image_shape[2], public, log)
+        return trunk, facts
 
     def _set_trunk(self, trunk: Trunk) -> None:
         cfg = self.config
@@ -256,15 +224,29 @@ class PE(TrainedSynthesizer[PEConfig]):
     # -- fit ---------------------------------------------------------------------------------------
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
         """Calibrate and reserve, then T rounds of vote -> noisy histogram -> resample -> vary (module docstring)."""
-        cfg = self.config
         if private.labels is None:
             raise InputError(f"{private.name}: pe needs labelled private data (votes are cast within classes)")
         tensors, state = self.begin_fit(private, ctx)
-        k, per, t_total = self.num_classes, cfg.population_per_class, cfg.iterations
-        p = k * per
-        degrees = cfg.degrees()
         saved = dict(state.get("train_info", {}))
-        # 1. public parts, checked first (cheap refusals before calibration)
+        sigma, planned = self._plan(private, public, ctx, saved)
+        api = self.load_api()
+        self._prepare(public, ctx, tensors, state, saved, api.describe(), sigma)
+        g = ctx.generator("api")  # API and resampling randomness: a seed stream, apart from the privacy noise
+        if "api_rng" in state:
+            set_rng_state(g, state["api_rng"])
+        self._save_index = int(state.get("step", -1)) + 1
+        if state.get("finished"):
+            self._restore_population(tensors)
+            return
+        spent = self._releases_spent(ctx, state, planned[0])
+        self._vote_rounds(private, ctx, api, g, tensors, state, spent, sigma)
+
+    def _plan(self, private: ImageData, public: ImageData | None, ctx: FitContext,
+              saved: dict[str, Any]) -> tuple[float, list[PrivacyEvent]]:
+        """Step 1: the public parts (cheap refusals first), the votes calibrated jointly with a DP prior's events and
+        all of it reserved before any private access; then the prior's stage (if any). Returns (sigma, the votes'
+        planned events)."""
+        cfg = self.config
         prior = None
         if cfg.api == "dp-prior":  # planned here from public facts; fitted after the joint reservation
             prior = plan_prior(cfg.prior_preset, private, public, cfg.prior_share * ctx.target_epsilon,
@@ -276,10 +258,9 @@ class PE(TrainedSynthesizer[PEConfig]):
         if cfg.features == "public" and public is None:
             raise InputError("pe: features=public needs public data: pass --public SPEC (e.g. mnist-5k), or "
                              "use features=path feature_path=DIR or features=random")
-        # 2. the schedule, before any private access: the votes calibrated jointly with a prior's events
         before = [] if prior is None else prior.events
-        sigma = rel.calibrate_votes(ctx.target_epsilon, ctx.ledger.delta, t_total, before)
-        planned = rel.vote_events(sigma, t_total)
+        sigma = rel.calibrate_votes(ctx.target_epsilon, ctx.ledger.delta, cfg.iterations, before)
+        planned = rel.vote_events(sigma, cfg.iterations)
         ctx.ledger.reserve(*before, *planned)
         if prior is not None:
             if saved.get("api_path"):  # resumed: the API trained on the prior's samples is in the run
@@ -288,8 +269,12 @@ class PE(TrainedSynthesizer[PEConfig]):
                 self._train_prior_api(prior, private, public, ctx)
             self.train_info["prior"] = prior.describe()
             self._check_api()
-        api = self.load_api()
-        h = cfg.threshold_sigmas * sigma
+        return sigma, planned
+
+    def _prepare(self, public: ImageData | None, ctx: FitContext, tensors: dict[str, torch.Tensor],
+                 state: dict[str, Any], saved: dict[str, Any], api_info: dict[str, Any], sigma: float) -> None:
+        """Step 2: the vote features (restored, or built from public data or at random) and `train_info`."""
+        cfg = self.config
         if state and "feature_trunk" in state:
             trunk = trunk_from_config(state["feature_trunk"], "post")
             trunk.load_state_dict(unprefixed("features", tensors))
@@ -299,70 +284,66 @@ class PE(TrainedSynthesizer[PEConfig]):
         self._set_trunk(trunk)
         dim = int(self.embed(torch.zeros(1, self.image_shape[2], *self.image_shape[:2])).shape[1])
         self.train_info = {
-            "api": api.describe(), "features": feature_info, "embedding_dim": dim, "noise_multiplier": sigma,
-            "threshold": h, "iterations": t_total, "degrees": degrees, "population_per_class": per,
-            "lookahead": cfg.lookahead, "labels": "uniform", "train_s": float(saved.get("train_s", 0.0)),
-            "lost_releases": int(saved.get("lost_releases", 0)),
+            "api": api_info, "features": feature_info, "embedding_dim": dim, "noise_multiplier": sigma,
+            "threshold": cfg.threshold_sigmas * sigma, "iterations": cfg.iterations, "degrees": cfg.degrees(),
+            "population_per_class": cfg.population_per_class, "lookahead": cfg.lookahead, "labels": "uniform",
+            "train_s": float(saved.get("train_s", 0.0)), "lost_releases": int(saved.get("lost_releases", 0)),
             **({k: self.train_info[k] for k in ("api_path", "prior") if k in self.train_info}),
         }
-        run = ctx.run
-        g = ctx.generator("api")  # API and resampling randomness: a seed stream, apart from the privacy noise
-        if "api_rng" in state:
-            set_rng_state(g, state["api_rng"])
-        self._save_index = int(state.get("step", -1)) + 1
-        # 3. resume bookkeeping: the ledger says how many releases were spent
-        spent = ctx.ledger.steps(like=planned[0])
-        if state.get("finished"):
-            self._restore_population(tensors)
-            return
-        votes_done, phase = int(state.get("votes_done", 0)), state.get("phase", "none")
-        accounted = int(state.get("releases", 0))
-        if spent < accounted or spent > t_total:
+
+    def _releases_spent(self, ctx: FitContext, state: dict[str, Any], vote: PrivacyEvent) -> int:
+        """Step 3 (resume): the vote releases the ledger records; those recorded after the last checkpoint (noise
+        drawn, histogram lost in a crash) are counted, not redone. InputError for an inconsistent run."""
+        spent, accounted = ctx.ledger.steps(like=vote), int(state.get("releases", 0))
+        if spent < accounted or spent > self.config.iterations:
             raise InputError(f"pe: the ledger records {spent} vote releases but the checkpoint accounts for "
-                             f"{accounted} (plan: {t_total}); the run directory is inconsistent")
-        if spent > accounted:  # recorded, noise drawn, histogram lost in a crash: counted, not redone
-            if not ctx.noise.secure:
-                for _ in range(spent - accounted):
-                    ctx.noise.standard_normal((p,))
+                             f"{accounted} (plan: {self.config.iterations}); the run directory is inconsistent")
+        if spent > accounted:
             self.train_info["lost_releases"] += spent - accounted
-            if run is not None:
-                run.log(spent, event="lost_releases", count=spent - accounted,
-                        note="recorded in the ledger before a crash; counted, not redone")
-        clock, train_s0, first = RunClock(), self.train_info["train_s"], spent
+            if ctx.run is not None:
+                ctx.run.log(spent, event="lost_releases", count=spent - accounted,
+                            note="recorded in the ledger before a crash; counted, not redone")
+        return spent
+
+    def _vote_rounds(self, private: ImageData, ctx: FitContext, api: ImageAPI, g: torch.Generator,
+                     tensors: dict[str, torch.Tensor], state: dict[str, Any], spent: int, sigma: float) -> None:
+        """Step 4: the rounds the ledger still lacks: private votes (the only read of private pixels, release.py)
+        -> noisy histogram -> resample -> vary, a checkpoint after each half; the final grid and ``train_done``."""
+        cfg, run = self.config, ctx.run
+        k, per, t_total, degrees = self.num_classes, cfg.population_per_class, cfg.iterations, cfg.degrees()
+        h = cfg.threshold_sigmas * sigma
+        clock, train_s0 = RunClock(), self.train_info["train_s"]
 
         def elapsed() -> float:
             return train_s0 + clock.elapsed()
 
-        # 4. private embeddings: the only read of private pixels (release.py); they feed the votes only
         votes = rel.PrivateVotes(self.embed, private, k, backend=cfg.nn_backend, chunk=cfg.nn_chunk)
-        labels = torch.arange(p) // per
+        labels = torch.arange(k * per) // per
         if "population.images" in tensors:
             self._restore_population(tensors)
         else:
-            x0 = api.random(p, labels, generator=g)
-            self._set_population(x0, labels)
+            self._set_population(api.random(k * per, labels, generator=g), labels)
             self._grid(run, "grid-000.png")
             self._checkpoint(ctx, g, phase="initial", votes_done=0, releases=spent)
-        if phase == "voted":  # the histogram of release votes_done-1 was saved; its variation was not
+        votes_done = int(state.get("votes_done", 0))
+        if state.get("phase") == "voted":  # the histogram of release votes_done-1 was saved; its variation was not
             self._evolve(ctx, api, g, tensors["histogram"], votes_done - 1, degrees[votes_done - 1], h, sigma,
                          spent, elapsed)
-        bar = tqdm(total=t_total, initial=spent, desc="pe", unit="iter", disable=not ctx.progress)
-        for t in range(spent, t_total):
+        for t in tqdm(range(spent, t_total), total=t_total, initial=spent, desc="pe", unit="iter",
+                      disable=not ctx.progress):
             x = to_unit_range(torch.from_numpy(self.population))
             syn_emb = self._synthetic_embeddings(api, x, labels, degrees[t], g)
             noisy = votes.release(syn_emb, labels, noise_multiplier=sigma, ledger=ctx.ledger, noise=ctx.noise)
             self._checkpoint(ctx, g, phase="voted", votes_done=t + 1, releases=t + 1, histogram=noisy,
                              train_s=elapsed())
             self._evolve(ctx, api, g, noisy, t, degrees[t], h, sigma, t + 1, elapsed)
-            bar.update(1)
-        bar.close()
         train_s = elapsed()
         self._checkpoint(ctx, g, phase="varied", votes_done=t_total, releases=t_total, finished=True,
                          train_s=train_s)
         if run is not None:
             self._grid(run, "grid-final.png")
             run.log(t_total, event="train_done", releases=t_total, lost_releases=self.train_info["lost_releases"],
-                    **clock.run_times(t_total - first, train_s))
+                    **clock.run_times(t_total - spent, train_s))
 
     def _evolve(self, ctx: FitContext, api: ImageAPI, g: torch.Generator, noisy: torch.Tensor, t: int,
                 degree: float, h: float, sigma: float, releases: int, elapsed: Callable[[], float]) -> None:

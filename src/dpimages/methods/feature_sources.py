@@ -1,11 +1,15 @@
-"""DP-MEPF's feature networks, built from public information only, and their part of a checkpoint.
+"""Fixed feature networks built from public information only (dp-mepf's matching features, pe's vote features),
+and their part of a checkpoint.
 
 Privacy contract: nothing here reads private data. A trunk is seeded random
 (``features=random``, public seeds ``feature_seed + i``), trained on the
 labelled public set (``features=public``) or loaded from a path
 (``features=path``, recorded by its SHA-256 so that a resumed run refuses
-changed weights). The private images only meet these trunks inside
-`release.release`.
+changed weights). The private images only meet these trunks inside a
+method's release code. A config needs ``features``, ``feature_seed``,
+``feature_channels``, ``feature_path`` and ``public_epochs``; ``feature_nets``,
+``feature_kernel``, ``feature_act``, ``feature_tap`` and ``vgg_resize`` are
+optional (defaults 1, 3, relu, post, 0).
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from typing import Any
 
 import torch
 
+from dpimages.config import MethodConfig
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.filehash import file_sha256
-from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.nets.feature_extractors import ConvTrunk, Trunk, load_trunk, random_conv_trunk, train_conv_trunk
 from dpimages.runs import prefixed, unprefixed
 
@@ -30,16 +34,23 @@ def path_sha256(path: Path) -> str:
     return "sha256:" + file_sha256(*files)
 
 
-def build_trunks(cfg: DPMEPFConfig, channels: int, public: ImageData | None,
+def _arch(cfg: MethodConfig) -> tuple[int, str, str, int]:
+    """(kernel, activation, tap, vgg resize) of `cfg`'s trunks, with the defaults of configs that do not set them."""
+    return (getattr(cfg, "feature_kernel", 3), getattr(cfg, "feature_act", "relu"), getattr(cfg, "feature_tap", "post"),
+            getattr(cfg, "vgg_resize", 0))
+
+
+def build_trunks(cfg: MethodConfig, channels: int, public: ImageData | None,
                  log: Callable[..., None] | None = None) -> tuple[list[Trunk], dict[str, Any]]:
     """The feature trunks for images of `channels` channels, and their public facts (``train_info["features"]``).
 
     `log` receives the public training's per-epoch values (``features=public``).
     """
+    kernel, act, tap, resize = _arch(cfg)
     if cfg.features == "random":
-        seeds = [cfg.feature_seed + i for i in range(cfg.feature_nets)]
-        return [random_conv_trunk(s, channels, cfg.feature_channels, cfg.feature_kernel, cfg.feature_act,
-                                  cfg.feature_tap) for s in seeds], {"source": "random", "seeds": seeds}
+        seeds = [cfg.feature_seed + i for i in range(getattr(cfg, "feature_nets", 1))]
+        return [random_conv_trunk(s, channels, cfg.feature_channels, kernel, act, tap) for s in seeds], {
+            "source": "random", "seeds": seeds}
     if cfg.features == "public":
         if public is None:
             raise InputError("features=public needs public data: pass --public SPEC (e.g. mnist-5k)")
@@ -49,12 +60,12 @@ def build_trunks(cfg: DPMEPFConfig, channels: int, public: ImageData | None,
             raise InputError(f"public images have {public.image_shape[2]} channels, private images {channels}")
         trunk, facts = train_conv_trunk(
             public.to_tensor(), public.label_tensor(), public.num_classes, channels=cfg.feature_channels,
-            kernel=cfg.feature_kernel, act=cfg.feature_act, epochs=cfg.public_epochs, seed=cfg.feature_seed, log=log,
+            kernel=kernel, act=act, epochs=cfg.public_epochs, seed=cfg.feature_seed, log=log,
         )
-        trunk.tap = cfg.feature_tap
+        trunk.tap = tap
         return [trunk], {"source": "public", "public": public.name, "public_fingerprint": public.public_id, **facts}
     path = Path(cfg.feature_path)
-    trunk, meta = load_trunk(path, tap=cfg.feature_tap, resize=cfg.vgg_resize)
+    trunk, meta = load_trunk(path, tap=tap, resize=resize)
     in_ch = trunk.in_channels
     if in_ch != channels and not (channels == 1 and in_ch == 3 and trunk.arch == "vgg"):
         raise InputError(f"feature network {path} takes {in_ch}-channel images, the data has {channels} channels")
@@ -62,7 +73,7 @@ def build_trunks(cfg: DPMEPFConfig, channels: int, public: ImageData | None,
                      **{k: v for k, v in meta.items() if k != "layout"}}
 
 
-def trunk_tensors(cfg: DPMEPFConfig, trunks: list[Trunk]) -> tuple[dict[str, torch.Tensor], int]:
+def trunk_tensors(cfg: MethodConfig, trunks: list[Trunk]) -> tuple[dict[str, torch.Tensor], int]:
     """The trunks' weights for a checkpoint (``feat{i}.*``) and their number; none with ``features=path``."""
     if cfg.features == "path":
         return {}, 0
@@ -72,18 +83,19 @@ def trunk_tensors(cfg: DPMEPFConfig, trunks: list[Trunk]) -> tuple[dict[str, tor
     return tensors, len(trunks)
 
 
-def restore_trunks(cfg: DPMEPFConfig, channels: int, tensors: dict[str, torch.Tensor], count: int,
+def restore_trunks(cfg: MethodConfig, channels: int, tensors: dict[str, torch.Tensor], count: int,
                    features: dict[str, Any]) -> list[Trunk]:
     """The feature trunks of a checkpoint (weights saved there, or the same file by path and hash)."""
+    kernel, act, tap, resize = _arch(cfg)
     if cfg.features == "path":
         path = Path(cfg.feature_path)
         if path_sha256(path) != features.get("sha256"):
             raise InputError(f"--resume: feature weights {path} changed since the run started")
-        trunk, _ = load_trunk(path, tap=cfg.feature_tap, resize=cfg.vgg_resize)
+        trunk, _ = load_trunk(path, tap=tap, resize=resize)
         return [trunk]
     trunks: list[Trunk] = []
     for i in range(count):
-        t = ConvTrunk(channels, cfg.feature_channels, cfg.feature_kernel, cfg.feature_act, cfg.feature_tap)
+        t = ConvTrunk(channels, cfg.feature_channels, kernel, act, tap)
         t.load_state_dict(unprefixed(f"feat{i}", tensors))
         trunks.append(t)
     return trunks
