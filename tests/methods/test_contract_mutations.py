@@ -78,8 +78,7 @@ class NoisyMeans(TrainedSynthesizer[NoisyMeansConfig]):
         self.train_info = {"noise": [e.noise_multiplier for e in planned]}
         if ctx.run is not None:
             ctx.run.log(1, event="released", noisy_counts=[round(float(c), 2) for c in counts])
-            ctx.run.save_checkpoint(self.state_dict(), {"step": 1, "finished": True, "noise_rng": ctx.noise_state(),
-                                                        **self.meta()})
+        self.save_checkpoint(ctx, self.state_dict(), step=1, finished=True)
 
     def release(self, private: ImageData, ctx: FitContext,
                 planned: list[PrivacyEvent]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -382,6 +382,14 @@ def test_ghost_norms_keep_the_clip_when_an_example_s_terms_cancel() -> None:
     assert worst <= CLIP * (1 + 1e-4), f"one example moved the clipped sum by {worst / CLIP:.2f} C"
 
 
+def mixes_above_four(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A loss that mixes examples only when a chunk holds more than 4 of them (batch-norm-like)."""
+    out = model(x)
+    if out.shape[0] > 4:
+        out = out - 0.9 * out.mean(0, keepdim=True)
+    return F.cross_entropy(out, y, reduction="none") * 20.0
+
+
 def test_a_loss_that_mixes_examples_only_in_larger_chunks_is_caught_by_the_probe() -> None:
     """Finding 3 of issue 34: a loss that mixes examples only when a chunk holds more than 4 of them.
 
@@ -389,12 +397,6 @@ def test_a_loss_that_mixes_examples_only_in_larger_chunks_is_caught_by_the_probe
     was removed from a chunk of 16. The probe now covers a whole chunk (and any larger chunk before it is used).
     """
     torch.manual_seed(8)
-
-    def mixes_above_four(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        if out.shape[0] > 4:
-            out = out - 0.9 * out.mean(0, keepdim=True)
-        return F.cross_entropy(out, y, reduction="none") * 20.0
 
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     eng = _engine(SmallCNN(), mixes_above_four, per_example="auto", chunk=16)
@@ -407,12 +409,6 @@ def test_a_loss_that_mixes_examples_only_in_larger_chunks_is_caught_by_the_probe
 def test_book_keeping_never_sees_a_chunk_larger_than_its_probe() -> None:
     """A first batch smaller than a chunk probes only its own size; a larger chunk later is probed first."""
     torch.manual_seed(9)
-
-    def mixes_above_four(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        if out.shape[0] > 4:
-            out = out - 0.9 * out.mean(0, keepdim=True)
-        return F.cross_entropy(out, y, reduction="none") * 20.0
 
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     eng = _engine(SmallCNN(), mixes_above_four, per_example="auto", chunk=16)

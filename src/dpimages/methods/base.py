@@ -79,6 +79,16 @@ class MethodSynthesizer(Synthesizer[ConfigT]):
         out = [to_uint8(generate(torch.from_numpy(labels[i : i + batch]), g)) for i in range(0, n, batch)]
         return ImageData(np.concatenate(out), labels, list(self.classes), f"{self.name} samples")
 
+    def save_checkpoint(self, ctx: FitContext, tensors: dict[str, torch.Tensor], *, step: int, finished: bool,
+                        **state: Any) -> None:
+        """The one checkpoint write of every method: `tensors` (safetensors) and state.json with `step`, `finished`,
+        the noise source's state (``noise_rng``: resume checks the ledger against it), the method's own `state`
+        and its meta (the public facts a reloaded run needs). Nothing without a run (tests), or on a non-writer."""
+        if ctx.run is None:
+            return
+        ctx.run.save_checkpoint(tensors, {"step": int(step), "finished": bool(finished), **state,
+                                          "noise_rng": ctx.noise_state(), **self.meta()})
+
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The sampling network (``self.ema_model``) as ``ema.*`` tensors; InputError before fit."""
         model = getattr(self, "ema_model", None)

@@ -15,8 +15,9 @@ from torch import nn
 from dpimages.errors import InputError
 
 
-def _groups(channels: int, groups: int) -> int:
-    """The largest divisor of `channels` that is <= `groups`."""
+def group_count(channels: int, groups: int) -> int:
+    """GroupNorm's number of groups for `channels` channels: the largest divisor of `channels` that is <= `groups`
+    (the one helper of every network here)."""
     g = max(1, min(groups, channels))
     while channels % g:
         g -= 1
@@ -46,11 +47,11 @@ class SmallCNN(nn.Module):
         c1, c2 = channels
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, 8, stride=2, padding=3),
-            nn.GroupNorm(_groups(c1, groups), c1),
+            nn.GroupNorm(group_count(c1, groups), c1),
             nn.Tanh(),
             nn.MaxPool2d(2, 1),
             nn.Conv2d(c1, c2, 4, stride=2),
-            nn.GroupNorm(_groups(c2, groups), c2),
+            nn.GroupNorm(group_count(c2, groups), c2),
             nn.Tanh(),
             nn.MaxPool2d(2, 1),
         )

@@ -31,14 +31,7 @@ from torch.nn import functional as F
 
 from dpimages.clipping import clip_rows
 from dpimages.errors import InputError
-
-
-def _groups(channels: int, groups: int) -> int:
-    """The largest divisor of `channels` that is <= `groups`."""
-    g = max(1, min(groups, channels))
-    while channels % g:
-        g -= 1
-    return g
+from dpimages.nets.classifiers import group_count
 
 
 class FrontFeatures(nn.Module):
@@ -62,7 +55,7 @@ class FrontFeatures(nn.Module):
         layers: list[nn.Module] = []
         cin = in_channels
         for c in channels:
-            layers += [nn.Conv2d(cin, c, 4, stride=2, padding=1), nn.GroupNorm(_groups(c, groups), c),
+            layers += [nn.Conv2d(cin, c, 4, stride=2, padding=1), nn.GroupNorm(group_count(c, groups), c),
                        nn.LeakyReLU(0.2)]
             cin = c
         layers.append(nn.Conv2d(cin, feature_channels, 1))

@@ -32,14 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpimages.errors import InputError
+from dpimages.nets.classifiers import group_count
 
 
 def _groups(channels: int, max_groups: int = 32) -> int:
     """GroupNorm groups: about channels/4 (at most `max_groups`), a divisor of `channels`."""
-    g = max(1, min(max_groups, channels // 4))
-    while channels % g:
-        g -= 1
-    return g
+    return group_count(channels, max(1, min(max_groups, channels // 4)))
 
 
 def positional_embedding(x: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:

@@ -299,10 +299,9 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         feature_tensors, n_trunks = trunk_tensors(self.config, self.extractor.trunks)
         tensors.update({**opt_tensors, **self.released.tensors(), **feature_tensors})
         cfg = self.config
-        state = {"step": step, "finished": finished, "optimizer": opt_groups, "train_rng": rng_state(rng),
-                 "sample_weights": "best" if cfg.select_best else ("ema" if "ema" in nets else "gen"),
-                 "noise_rng": ctx.noise_state(), "feature_trunks": n_trunks, **self.meta()}
-        ctx.run.save_checkpoint(tensors, state)
+        self.save_checkpoint(ctx, tensors, step=step, finished=finished, optimizer=opt_groups,
+                             train_rng=rng_state(rng), feature_trunks=n_trunks,
+                             sample_weights="best" if cfg.select_best else ("ema" if "ema" in nets else "gen"))
 
     def _finish(self, ctx: FitContext, times: dict[str, float] | None) -> None:
         """The final grid and, after training (`times`: whole-run times), the ``train_done`` event."""

@@ -325,9 +325,8 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
             tensors["buffer"] = torch.stack(self.buffer).cpu()
         if self.center is not None:
             tensors["center"] = self.center.cpu()
-        state.update({"step": ctx.ledger.steps(), "finished": finished, "noise_rng": ctx.noise_state(),
-                      "noise": self.train_info["noise"], **self.meta()})
-        ctx.run.save_checkpoint(tensors, state)
+        self.save_checkpoint(ctx, tensors, step=ctx.ledger.steps(), finished=finished, noise=self.train_info["noise"],
+                             **state)
 
     def _grid(self, gen: ConditionalGenerator, path: Path) -> None:
         """Per-class sample grid from the EMA generator (post-processing; `write_grid`'s fixed seed)."""

@@ -350,9 +350,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         g_tensors, g_groups = optimizer_tensors("gopt", gopt)
         tensors = {**prefixed("student", self.student.state_dict()), **prefixed("gen", self.generator.state_dict()),
                    **s_tensors, **g_tensors}
-        state = {"step": step, "finished": finished, "sopt": s_groups, "gopt": g_groups, "train_rng": rng_state(g),
-                 "noise_rng": ctx.noise_state(), **self.meta()}
-        ctx.run.save_checkpoint(tensors, state)
+        self.save_checkpoint(ctx, tensors, step=step, finished=finished, sopt=s_groups, gopt=g_groups,
+                             train_rng=rng_state(g))
 
     def _grid(self, gen: ConditionalGenerator, path: Path) -> None:
         """Per-class sample grid (post-processing; `write_grid`'s fixed seed); the generator's mode is restored."""

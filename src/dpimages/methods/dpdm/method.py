@@ -343,13 +343,9 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         assert ctx.run is not None
         opt_tensors, opt_groups = optimizer_tensors("opt", opt)
         tensors = {**prefixed("model", model.state_dict()), **prefixed("ema", ema.state_dict()), **opt_tensors}
-        state = {
-            "step": step, "finished": finished, "optimizer": opt_groups,
-            "noise_rng": ctx.noise_state(), "noise_multiplier": self.train_info["noise_multiplier"],
-            "train_s": round(float(self.train_info["train_s"]), 2), "warm": self.train_info.get("warm", {}),
-            **self.meta(),
-        }
-        ctx.run.save_checkpoint(tensors, state)
+        self.save_checkpoint(ctx, tensors, step=step, finished=finished, optimizer=opt_groups,
+                             noise_multiplier=self.train_info["noise_multiplier"],
+                             train_s=round(float(self.train_info["train_s"]), 2), warm=self.train_info.get("warm", {}))
 
     @torch.no_grad()
     def _generate(self, model: EDMDenoiser, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:

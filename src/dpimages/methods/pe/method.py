@@ -387,10 +387,9 @@ class PE(TrainedSynthesizer[PEConfig]):
         if histogram is not None:
             tensors["histogram"] = histogram.double().cpu()
         self.train_info["train_s"] = float(train_s or self.train_info.get("train_s", 0.0))
-        state = {"step": self._save_index, "finished": finished, "phase": phase, "votes_done": votes_done,
-                 "releases": releases, "api_rng": rng_state(g), "noise_rng": ctx.noise_state(),
-                 "feature_trunk": self._trunk.config(), **self.meta()}
-        ctx.run.save_checkpoint(tensors, state)
+        self.save_checkpoint(ctx, tensors, step=self._save_index, finished=finished, phase=phase,
+                             votes_done=votes_done, releases=releases, api_rng=rng_state(g),
+                             feature_trunk=self._trunk.config())
         self._save_index += 1
 
     def _grid(self, run: Any, name: str) -> None:
