@@ -416,23 +416,48 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
               runs_dir: str | Path | None = None, options: BenchOptions | None = None) -> list[dict]:
     """Run every (method, epsilon) cell of a suite `options.repeats` times; append one results line per cell.
 
-    Everything is checked before the first run starts: suite, method names,
-    epsilons, presets, repeats and that no run directory already exists.
-    Repeat k (0-based) of a cell runs with seed ``options.seed + k`` in its
-    own run directory (``...-rK``, K = k + 1, when repeats > 1); the cell's
-    line is `combine_fits` of its fits. A run that fails is reported on
-    stderr and its cell is skipped (no line is written for it, its remaining
-    repeats are not run: a mean over the fits that happened to succeed would
-    be biased); the call then raises after the other cells have run.
+    Everything is checked before the first run starts (`_check_bench`): suite, method names, epsilons, presets,
+    repeats and that no run directory already exists. Repeat k (0-based) of a cell runs with seed
+    ``options.seed + k`` in its own run directory (``...-rK``, K = k + 1, when repeats > 1); the cell's line is
+    `combine_fits` of its fits. A run that fails is reported on stderr and its cell is skipped (no line is
+    written for it, its remaining repeats are not run: a mean over the fits that happened to succeed would be
+    biased); the call then raises after the other cells have run.
     """
-    from dpimages.config import PRESETS, resolve_config
     from dpimages.data import load
     from dpimages.eval import load_real
+
+    opts = options or BenchOptions()
+    suite = _check_bench(suite_name, methods, epsilons, opts)
+    out_dir = Path(out_dir)
+    runs_root = Path(runs_dir) if runs_dir else out_dir.parent / "runs"
+    reps = opts.repeats
+    plan = [(m, e, [runs_root / run_dir_name(m, e, opts.preset, opts.variant, None if reps == 1 else k + 1)
+                    for k in range(reps)]) for m in methods for e in epsilons]
+    for _, _, dirs in plan:
+        for d in dirs:
+            if d.exists() and any(d.iterdir()):
+                raise InputError(f"run directory {d} already exists: remove it or choose --runs-dir")
+    public = load(opts.public) if opts.public else None
+    old_threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    failures: list[str] = []
+    try:
+        lines = _run_cells(suite, plan, opts, out_dir, load_real(suite.real), public, failures)
+    finally:
+        torch.set_num_threads(old_threads)
+    if failures:
+        raise DPImagesError(f"{len(failures)} of {len(plan)} cells failed: " + "; ".join(failures))
+    return lines
+
+
+def _check_bench(suite_name: str, methods: list[str], epsilons: list[float], opts: BenchOptions) -> Suite:
+    """The suite, after checking every input of a benchmark before any run starts (InputError, exit 2)."""
+    from dpimages.config import PRESETS, resolve_config
     from dpimages.eval.evaluate import CLASSIFIER_SETS
     from dpimages.privacy import validate_budget
     from dpimages.registry import method_class
 
-    opts = options or BenchOptions()
     if suite_name not in SUITES:
         raise InputError(f"unknown suite {suite_name!r}; available: {', '.join(SUITES)}")
     suite = SUITES[suite_name]
@@ -464,24 +489,15 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
         raise InputError(f"--n-samples must be >= 100 (10 per class), got {opts.n_samples}")
     if isinstance(opts.repeats, bool) or not isinstance(opts.repeats, int) or opts.repeats < 1:
         raise InputError(f"--repeats must be an integer >= 1, got {opts.repeats!r}")
-    out_dir = Path(out_dir)
-    runs_root = Path(runs_dir) if runs_dir else out_dir.parent / "runs"
-    reps = opts.repeats
-    plan = [(m, e, [runs_root / run_dir_name(m, e, opts.preset, opts.variant, None if reps == 1 else k + 1)
-                    for k in range(reps)]) for m in methods for e in epsilons]
-    for _, _, dirs in plan:
-        for d in dirs:
-            if d.exists() and any(d.iterdir()):
-                raise InputError(f"run directory {d} already exists: remove it or choose --runs-dir")
-    public = load(opts.public) if opts.public else None
-    real = load_real(suite.real)
-    results_path = out_dir / suite.results_file
-    old_threads = torch.get_num_threads()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    lines, failures = [], []
-    bar = tqdm(total=len(plan) * reps, desc=f"bench {suite.name}", unit="run", disable=not opts.progress)
-    try:
+    return suite
+
+
+def _run_cells(suite: Suite, plan: list[tuple[str, float, list[Path]]], opts: BenchOptions, out_dir: Path,
+               real, public, failures: list[str]) -> list[dict]:  # noqa: ANN001 - RealData, ImageData | None
+    """Every cell's fits in turn; a cell whose fits all succeed appends its combined line to the results file."""
+    results_path, reps = out_dir / suite.results_file, opts.repeats
+    lines = []
+    with tqdm(total=len(plan) * reps, desc=f"bench {suite.name}", unit="run", disable=not opts.progress) as bar:
         for method, eps, run_dirs in plan:
             fits = []
             for k, run_dir in enumerate(run_dirs):
@@ -489,8 +505,7 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
                 bar.set_postfix_str(f"{method} eps={eps:g}{fit}")
                 line = _one_fit(suite, method, eps, replace(opts, seed=opts.seed + k,
                                                             grids_dir=out_dir / "grids" if k == 0 else None),
-                                run_dir, real, public,
-                                None if reps == 1 else (k + 1, reps), failures)
+                                run_dir, real, public, None if reps == 1 else (k + 1, reps), failures)
                 bar.update(1)
                 if line is None:
                     bar.update(reps - 1 - k)
@@ -505,11 +520,6 @@ def run_bench(suite_name: str, methods: list[str], epsilons: list[float], out_di
                 sd = f" (sd {line['acc_cnn_sd']:.4f} over {reps} fits)" if line.get("acc_cnn_sd") is not None else ""
                 tqdm.write(f"bench: {method} eps={eps:g}: CNN {line['acc_cnn']}{sd} -> {results_path}",
                            file=sys.stderr)
-    finally:
-        bar.close()
-        torch.set_num_threads(old_threads)
-    if failures:
-        raise DPImagesError(f"{len(failures)} of {len(plan)} cells failed: " + "; ".join(failures))
     return lines
 
 

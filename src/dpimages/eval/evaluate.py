@@ -122,6 +122,42 @@ def _fidelity(fnet: FeatureNet, synthetic: ImageData, real: RealData, opts: Eval
     }
 
 
+def _downstream(synthetic: ImageData, real: RealData, opts: EvalOptions, device: torch.device,
+                emit: Callable[[str], None], timings: dict[str, float]) -> tuple[dict, dict, dict[str, int]]:
+    """Classifiers trained on the synthetic images, each epoch chosen on the validation split, tested once on the
+    test split: (accuracies, per-classifier details, split sizes)."""
+    lim = SMOKE_LIMITS if opts.smoke else dict.fromkeys(SMOKE_LIMITS)
+    train = _subset(synthetic, lim["train"], opts.seed)
+    val, test = _subset(real.val, lim["val"], opts.seed), _subset(real.test, lim["test"], opts.seed)
+    specs = default_specs(opts.smoke) + (wrn_specs(opts.smoke) if opts.classifiers == "wrn" else [])
+    result, details = {}, {}
+    for spec in specs:
+        emit(f"training {spec.name} on {len(train)} synthetic images (up to {spec.epochs} epochs)")
+        r = train_classifier(spec, (train.images, train.labels), (val.images, val.labels),
+                             (test.images, test.labels), real.num_classes, seed=opts.seed, device=device,
+                             progress=emit)
+        emit(f"{spec.name}: test accuracy {r.test_acc:.4f} (best validation epoch {r.best_epoch})")
+        details[spec.name] = r.to_dict()
+        result[f"acc_{spec.name}"] = r.test_acc
+        timings[f"classifier_{spec.name}_s"] = r.seconds
+    if opts.classifiers == "wrn":
+        best = max(("wrn", "resnet"), key=lambda n: details[n]["val_acc"])  # chosen on validation only
+        result["acc_dpimagebench"], result["dpimagebench_arch"] = details[best]["test_acc"], best
+    return result, details, {"n_classifier_train": len(train), "n_val": len(val), "n_test": len(test)}
+
+
+def _memorization(synthetic: ImageData, real: RealData, opts: EvalOptions, pairs: Path | None,
+                  emit: Callable[[str], None]) -> dict:
+    """Each synthetic image's distance to its nearest private training image against held-out real images'."""
+    mem_syn = _subset(synthetic, SMOKE_LIMITS["memorization"] if opts.smoke else None, opts.seed)
+    heldout = _subset(real.test, SMOKE_LIMITS["memorization"] if opts.smoke else None, opts.seed)
+    emit(f"memorization: nearest of {len(real.train)} private images for {len(mem_syn)} synthetic "
+         f"and {len(heldout)} held-out images")
+    report = memorization_report(mem_syn.images, real.train.images, heldout.images, pairs_png=pairs)
+    report["heldout_set"] = real.test.name
+    return report
+
+
 def evaluate(
     synthetic: ImageData,
     real: RealData | str,
@@ -149,31 +185,15 @@ def evaluate(
     old_threads = torch.get_num_threads()
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    prefix = None if artifacts is None else Path(artifacts)
+    pairs = None if prefix is None else check_private_eval_path(  # before any work: it shows private images
+        prefix.with_name(prefix.name + ".closest_pairs.png"), "the closest-pairs image")
     try:
         # the user's Inception weights are checked before any work is done
         fnet_inception = inception_feature_net(opts.fid_weights, device=device) if opts.fid_weights else None
         timings: dict[str, float] = {}
-        result: dict = {}
-
         # 1. downstream classifiers: train on synthetic, select on validation, test once
-        lim = SMOKE_LIMITS if opts.smoke else dict.fromkeys(SMOKE_LIMITS)
-        train = _subset(synthetic, lim["train"], opts.seed)
-        val, test = _subset(real.val, lim["val"], opts.seed), _subset(real.test, lim["test"], opts.seed)
-        specs = default_specs(opts.smoke) + (wrn_specs(opts.smoke) if opts.classifiers == "wrn" else [])
-        details = {}
-        for spec in specs:
-            emit(f"training {spec.name} on {len(train)} synthetic images (up to {spec.epochs} epochs)")
-            r = train_classifier(spec, (train.images, train.labels), (val.images, val.labels),
-                                 (test.images, test.labels), real.num_classes, seed=opts.seed, device=device,
-                                 progress=emit)
-            emit(f"{spec.name}: test accuracy {r.test_acc:.4f} (best validation epoch {r.best_epoch})")
-            details[spec.name] = r.to_dict()
-            result[f"acc_{spec.name}"] = r.test_acc
-            timings[f"classifier_{spec.name}_s"] = r.seconds
-        if opts.classifiers == "wrn":
-            best = max(("wrn", "resnet"), key=lambda n: details[n]["val_acc"])  # chosen on validation only
-            result["acc_dpimagebench"], result["dpimagebench_arch"] = details[best]["test_acc"], best
-
+        result, details, sizes = _downstream(synthetic, real, opts, device, emit, timings)
         # 2. fidelity in the feature space of one named network
         t = time.time()
         fnet = fnet_inception or eval_feature_net(real.train, real.val, device=device, log=emit)
@@ -183,32 +203,19 @@ def evaluate(
         result["feature_net"] = fnet.name
         result["feature_net_info"] = fnet.info
         timings["fidelity_s"] = round(time.time() - t, 2)
-
         # 3. memorization against the private training images, with real held-out images as the yardstick
         t = time.time()
-        mem_syn = _subset(synthetic, SMOKE_LIMITS["memorization"] if opts.smoke else None, opts.seed)
-        heldout = _subset(real.test, SMOKE_LIMITS["memorization"] if opts.smoke else None, opts.seed)
-        emit(f"memorization: nearest of {len(real.train)} private images for {len(mem_syn)} synthetic "
-             f"and {len(heldout)} held-out images")
-        prefix = None if artifacts is None else Path(artifacts)
-        pairs = None if prefix is None else check_private_eval_path(
-            prefix.with_name(prefix.name + ".closest_pairs.png"), "the closest-pairs image")
-        result["memorization"] = memorization_report(mem_syn.images, real.train.images, heldout.images,
-                                                     pairs_png=pairs)
-        result["memorization"]["heldout_set"] = real.test.name
+        result["memorization"] = _memorization(synthetic, real, opts, pairs, emit)
         timings["memorization_s"] = round(time.time() - t, 2)
-
         # 4. a grid of samples per class
-        result["grid_png"] = None
-        if prefix is not None:
-            result["grid_png"] = str(save_grid(prefix.with_name(prefix.name + ".grid.png"), synthetic.images,
-                                               synthetic.labels, real.num_classes))
+        result["grid_png"] = None if prefix is None else str(save_grid(
+            prefix.with_name(prefix.name + ".grid.png"), synthetic.images, synthetic.labels, real.num_classes))
         timings["total_s"] = round(time.time() - t_start, 2)
         result.update({
             "classifiers": details, "classifier_protocol": opts.classifiers, "mode": "smoke" if opts.smoke else "full",
-            "n_synthetic": len(synthetic), "n_classifier_train": len(train), "n_val": len(val), "n_test": len(test),
-            "real": real.spec, "val_set": real.val.name, "test_set": real.test.name, "seed": opts.seed,
-            "device": machine_description(device), "dpimages_version": __version__, "timings": timings,
+            "n_synthetic": len(synthetic), **sizes, "real": real.spec, "val_set": real.val.name,
+            "test_set": real.test.name, "seed": opts.seed, "device": machine_description(device),
+            "dpimages_version": __version__, "timings": timings,
         })
         ordered = {k: result.get(k) for k in RESULT_KEYS}
         return {**ordered, **{k: v for k, v in result.items() if k not in ordered}}
