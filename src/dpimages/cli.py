@@ -179,29 +179,46 @@ def _process_group(device: str | None) -> Iterator[str | None]:
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--budget", default=None, help="The data set's name in the budget book: refused (exit 3) past its total.")
 @click.option("--budget-book", default=None, type=click.Path(dir_okay=False), help=BOOK_OPTION_HELP)
+@click.option("--image-size", type=int, default=None,
+              help="Resize (shorter side) and centre-crop every image of a folder to S x S (images of mixed sizes).")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads (default: torch's, all cores); see the README's table of times by threads.")
 @click.option("--json", "as_json", is_flag=True)
 def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: float, delta: float, preset: str,
             public_spec: str | None, run_dir: str, config_file: str | None, resume: bool, seed: int,
             insecure_seeded_noise: bool, num_classes: int | None, skip_bad: bool, device: str | None,
-            budget: str | None, budget_book: str | None, as_json: bool) -> None:
+            budget: str | None, budget_book: str | None, image_size: int | None, threads: int | None,
+            as_json: bool) -> None:
     """Fit METHOD on private data under (epsilon, delta); KEY=VALUE overrides the config.
 
-    Under torchrun (WORLD_SIZE > 1) the processes train one model (dpdm only); rank 0 writes the run and prints.
+    A folder with one sub-folder per class is class-conditional; a flat folder of images (or an npz without labels)
+    is read as one class and fitted unconditionally. Under torchrun (WORLD_SIZE > 1) the processes train one model
+    (dpdm only); rank 0 writes the run and prints.
     """
+    import torch
+
     from dpimages.fit import check_distributed, fit_run
     from dpimages.registry import method_class
 
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     check_distributed(method_class(method), _world_size())  # before waiting for other processes
     with _process_group(device) as dev:
         res = fit_run(method, data_spec, epsilon=epsilon, delta=delta, run_dir=run_dir, preset=preset,
                       public=public_spec, overrides=list(overrides), config_file=config_file, resume=resume,
                       seed=seed, insecure_seeded_noise=insecure_seeded_noise, num_classes=num_classes,
-                      skip_bad=skip_bad, device=dev, progress=not as_json, budget=budget, budget_book=budget_book)
+                      skip_bad=skip_bad, device=dev, progress=not as_json, budget=budget, budget_book=budget_book,
+                      image_size=image_size)
     if not res.run.writer:  # the other ranks of a process group: rank 0 reports
         return
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
     out = {"run_dir": str(res.run.path), "epsilon": res.ledger.epsilon(), "epsilon_rdp": res.ledger.epsilon_rdp(),
            "delta": res.ledger.delta, "epsilon_budget": res.ledger.epsilon_budget}
     out["noise_source"] = res.ledger.noise_source
+    out["notes"] = res.notes
     warning = "" if res.ledger.noise_source == "os-csprng" else (
         "\nWARNING: seeded-insecure noise (--insecure-seeded-noise): not private for anyone who knows the seed")
     book = out["budget_book"] = res.ledger.extra.get("budget_book")

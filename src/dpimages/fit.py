@@ -113,7 +113,8 @@ class _Job:
     dataset_size: int  # the public N
     device: torch.device
     world: int
-    booking: RunBudget | None = None  # the owner's budget book for this run's data set, if any
+    booking: RunBudget | None = None
+    image_size: int | None = None  # the owner's budget book for this run's data set, if any
     fit_s: float = 0.0  # the method's fit, wall time (a whole-run time: public)
 
     def config_record(self, ctx: FitContext) -> dict[str, Any]:
@@ -124,7 +125,7 @@ class _Job:
             "public_id": None if self.public is None else self.public.public_id, "epsilon": self.epsilon,
             "delta": self.delta, "seed": int(ctx.seed), "noise_source": ctx.noise.kind,
             "config": self.config.to_dict(), "versions": _versions(), "device": str(self.device),
-            "world_size": self.world,
+            "world_size": self.world, "image_size": self.image_size, "threads": torch.get_num_threads(),
         }
 
 
@@ -132,7 +133,7 @@ def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon
               preset: str | None, public: str | ImageData | None, overrides: Sequence[str] | dict[str, Any],
               config_file: str | None, num_classes: int | None, skip_bad: bool, device: str | None,
               dataset_size: int | None, budget: str | RunBudget | None = None,
-              budget_book: str | Path | None = None, run_dir: str | Path = "") -> _Job:
+              budget_book: str | Path | None = None, run_dir: str | Path = "", image_size: int | None = None) -> _Job:
     """Step 1: method, config and budget before any data is loaded; the data against delta before anything is
     written or spent (InputError, exit 2)."""
     cls = method if isinstance(method, type) else method_class(method)
@@ -144,9 +145,9 @@ def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon
     booking = open_run_budget(budget, budget_book, run_dir, world)
     if cls.needs_public and public is None:
         raise InputError(f"method {cls.name} needs public data: pass --public SPEC (e.g. mnist-5k)")
-    private = data if isinstance(data, ImageData) else load(data, skip_bad=skip_bad, num_classes=num_classes)
-    if private.labels is None:
-        raise InputError(f"{private.name}: private data needs labels (class-conditional synthesis)")
+    private = data if isinstance(data, ImageData) else load(data, skip_bad=skip_bad, num_classes=num_classes,
+                                                            image_size=image_size)
+    private = private.as_one_class()  # unlabelled images: one class, fitted unconditionally (a note says so)
     if private.notes.get("classes_from_labels"):
         raise InputError(f"{private.name}: the number of classes is not given (an npz without a 'classes' array): "
                          "add 'classes' to the file or pass --num-classes K; it is not read from the private labels")
@@ -159,7 +160,7 @@ def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # torchrun: cuda:LOCAL_RANK (set by the CLI)
     return _Job(cls, config, private, public_data, float(epsilon), float(delta), preset, n_public, dev, world,
-                booking)
+                booking, image_size)
 
 
 def _open_run(job: _Job, run_dir: str | Path, *, noise: NoiseSource, seed: int, resume: bool,
@@ -255,6 +256,7 @@ def fit_run(
     dataset_size: int | None = None,
     budget: str | RunBudget | None = None,
     budget_book: str | Path | None = None,
+    image_size: int | None = None,
 ) -> FitResult:
     """Validate everything, then fit `method` (a registered name, or a `Synthesizer` class) on `data` and write the
     run directory.
@@ -272,7 +274,9 @@ def fit_run(
     ledger says ``noise_source: seeded-insecure`` and the report opens with a
     warning). `num_classes`: the class count of labelled data whose class
     names are not given (an npz without ``classes``); never derived from the
-    private labels.
+    private labels. Unlabelled data (a flat folder, an npz without labels) is
+    read as one class and fitted unconditionally; `FitResult.notes` says so.
+    `image_size`: resize and centre-crop a folder's images to S x S.
 
     For `dpimages.testing` only: `noise_source` replaces the run's noise
     source (a recording or replaying test double; the run is then marked by
@@ -286,13 +290,15 @@ def fit_run(
     keep_freed_memory()  # large tensors every step: reuse freed memory rather than page-fault it back in
     job = _validate(method, data, epsilon=epsilon, delta=delta, preset=preset, public=public, overrides=overrides,
                     config_file=config_file, num_classes=num_classes, skip_bad=skip_bad, device=device,
-                    dataset_size=dataset_size, budget=budget, budget_book=budget_book, run_dir=run_dir)
+                    dataset_size=dataset_size, budget=budget, budget_book=budget_book, run_dir=run_dir,
+                    image_size=image_size)
     noise = noise_source or NoiseSource(int(seed) if insecure_seeded_noise else None)
     ctx = _open_run(job, run_dir, noise=noise, seed=seed, resume=resume, progress=progress)
     synth = _fit(job, ctx, resume=resume)
     _finalise(job, ctx, synth, callbacks)
     assert ctx.run is not None
-    return FitResult(synth, ctx.ledger, ctx.run, job.config_record(ctx))
+    notes = [job.private.notes["one_class"]] if "one_class" in job.private.notes else []
+    return FitResult(synth, ctx.ledger, ctx.run, job.config_record(ctx), notes)
 
 
 def load_synthesizer(

@@ -80,6 +80,9 @@ class Synthesizer(Generic[ConfigT]):
     description: ClassVar[str] = ""
     # True: fit works in a torch.distributed process group (one model over several processes)
     distributed: ClassVar[bool] = False
+    # True: fits unlabelled data (a flat folder), read as one class; False: the method needs >= 2 classes and
+    # refuses one class with a clear error (e.g. dpdfd, which distils a classifier)
+    unconditional: ClassVar[bool] = True
 
     def __init__(self, config: ConfigT) -> None:
         self.config: ConfigT = config
@@ -160,7 +163,11 @@ class Synthesizer(Generic[ConfigT]):
 
 @dataclass
 class FitResult:
+    """A finished fit: the synthesizer, its ledger, its run directory and resolved config, and one-line notes about
+    how the data was read (e.g. unlabelled images fitted as one class)."""
+
     synthesizer: Synthesizer
     ledger: PrivacyLedger
     run: Run
     config: dict[str, Any]
+    notes: list[str] = field(default_factory=list)

@@ -27,6 +27,8 @@ needs. The checks, in order (each `Check` below):
    anything that reached an output without a release (an exact class count, a statistic in the metrics) shows.
 5. **resume**: a run killed after its first checkpoint and resumed ends with the first fit's ledger.
 6. **bad key**: an unknown config key exits 2 with one line and writes nothing.
+7. **one class**: the private set without labels (a flat folder's shape) is fitted as one class and sampled,
+   and its neighbour with the worst-case image added first keeps every release's sensitivity.
 
 Checks 2-4 also run on each extra case of `Synthesizer.contract_cases` (stages a preset leaves off).
 """
@@ -37,7 +39,7 @@ import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -58,7 +60,7 @@ from dpimages.synthesizer import FitResult, Synthesizer
 EPSILON, DELTA = 10.0, 1e-3
 TIMING = ("_s", "steps_per_s", "time")  # metrics keys that legitimately differ between fits
 SENSITIVITY_TOLERANCE = 1e-4  # relative: float32 sums in another order round differently
-CHECKS = ("fit", "accounting", "neighbours", "other-data", "resume", "bad-key")
+CHECKS = ("fit", "accounting", "neighbours", "other-data", "resume", "bad-key", "one-class")
 
 __all__ = ["CHECKS", "ContractError", "RecordingNoise", "ReplayingNoise", "check_method", "neighbour",
            "other_private_set", "private_set", "worst_case_image"]
@@ -298,9 +300,10 @@ class _Checker:
                                   f"{sorted(recorded)}")
 
     # 3 --------------------------------------------------------------------------------------------------
-    def check_neighbours(self, case: _Case, noise: RecordingNoise) -> None:
-        base = private_set()
-        for position in (0, len(base) // 2, len(base)):
+    def check_neighbours(self, case: _Case, noise: RecordingNoise, base: ImageData | None = None,
+                         positions: tuple[int, ...] | None = None) -> None:
+        base = base or private_set()
+        for position in positions or (0, len(base) // 2, len(base)):
             what = f"neighbours ({case.name}, one image added at {position})"
             replay = ReplayingNoise(noise, added_at=position, what=f"check_method({self.cls.name}) {what}")
             self.fit(case, f"neighbour-{position}", neighbour(base, position), noise_source=replay,
@@ -366,6 +369,27 @@ class _Checker:
             raise self.fail("resume", f"a killed and resumed run's ledger {ledger['events']} differs from an "
                                       f"uninterrupted run's {[e.to_json() for e in straight.ledger.events]}")
 
+    # 7 --------------------------------------------------------------------------------------------------
+    def check_one_class(self, case: _Case) -> None:
+        flat = private_set()
+        flat = ImageData(flat.images, None, [], "flat toy bars")  # what a flat folder or an npz without labels gives
+        noise = RecordingNoise(0)
+        if not self.cls.unconditional:  # a method that needs classes must refuse one class with one clear line
+            try:
+                self.fit(case, "one-class", flat, noise_source=noise)
+            except InputError as err:
+                if "\n" in str(err) or "class" not in str(err):
+                    raise self.fail("one-class", f"one class was refused with an unclear message: {err}") from None
+                return
+            raise self.fail("one-class", "the method says it is not unconditional but fitted one class")
+        res = self.fit(case, "one-class", flat, noise_source=noise)
+        if res.synthesizer.num_classes != 1 or not res.notes:
+            raise self.fail("one-class", "unlabelled data was not read as one class with a note")
+        s = res.synthesizer.sample(8, seed=0)
+        if s.images.shape != (8, *flat.image_shape) or s.labels is None or set(s.labels.tolist()) != {0}:
+            raise self.fail("one-class", f"sampling one class gave {s.images.shape} with labels {s.labels}")
+        self.check_neighbours(replace(case, name=f"{case.name}, one class"), noise, flat, (0,))
+
     # 6 --------------------------------------------------------------------------------------------------
     def check_bad_key(self) -> None:
         target = self.run_dir("bad-key")
@@ -394,6 +418,8 @@ class _Checker:
                 self.check_other_data(case, first, noise)
             if i == 0 and "resume" in checks:
                 self.check_resume(case, first)
+            if i == 0 and "one-class" in checks:
+                self.check_one_class(case)
         if "bad-key" in checks:
             self.check_bad_key()
 

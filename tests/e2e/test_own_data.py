@@ -50,3 +50,31 @@ def test_folder_of_rgb_images_to_shareable_pngs_and_back(tmp_path, capsys):
     assert main(["sample", str(run), "--n", "5", "--out", str(out)]) == 2  # not an empty folder: refused
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["export", str(run), str(tmp_path / "share")]) == 0
+
+
+def test_a_flat_folder_of_mixed_size_jpegs_fits_as_one_class_with_image_size(tmp_path, capsys):
+    """The commonest "my data": a flat folder of JPEGs of mixed sizes. Refused with one line that names
+    --image-size; with it, the images are resized and centre-cropped, read as one class with a note, and fitted."""
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        h, w = (40, 56) if i % 2 else (48, 36)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(flat / f"img{i:03d}.jpg")
+    common = ["fit", "dp-mepf", "--data", f"folder:{flat}", "--epsilon", "10", "--delta", "1e-3", "--preset",
+              "smoke", "--threads", "1"]
+    assert main([*common, "--run-dir", str(tmp_path / "r0")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--image-size" in err[0] and not (tmp_path / "r0").exists()
+    data = load(f"folder:{flat}", image_size=32)
+    assert data.images.shape == (40, 32, 32, 3) and data.classes == ["photos"] and "one_class" in data.notes
+    assert main([*common, "--image-size", "32", "--run-dir", str(tmp_path / "r1"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "note: folder:photos: no class sub-folders: read as one class" in captured.err
+    out = tmp_path / "synthetic"
+    assert main(["sample", str(tmp_path / "r1"), "--n", "6", "--out", str(out)]) == 0
+    assert load(f"folder:{out}").images.shape == (6, 32, 32, 3)
+    assert main([*common, "--threads", "0", "--image-size", "32", "--run-dir", str(tmp_path / "r2")]) == 2

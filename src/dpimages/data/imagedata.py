@@ -71,6 +71,15 @@ class ImageData:
             h.update(np.ascontiguousarray(self.labels).tobytes())
         return h.hexdigest()
 
+    def as_one_class(self) -> ImageData:
+        """Unlabelled images as one class (named "all"), so every method fits them unconditionally; the note in
+        ``notes["one_class"]`` says so. Labelled data is returned as it is."""
+        if self.labels is not None:
+            return self
+        return ImageData(self.images, np.zeros(len(self), np.int64), ["all"], self.name,
+                         {**self.notes, "one_class": f"{self.name}: no labels: read as one class (an unconditional "
+                                                     "fit)"})
+
     def subset(self, index: np.ndarray, name: str | None = None) -> ImageData:
         labels = None if self.labels is None else self.labels[index]
         return ImageData(self.images[index], labels, list(self.classes), name or self.name)

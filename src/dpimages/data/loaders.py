@@ -182,35 +182,54 @@ def load_npz(path: str, num_classes: int | None = None) -> ImageData:
     return ImageData(images, labels, classes, f"npz:{p.name}", notes)
 
 
-def load_folder(path: str, skip_bad: bool = False) -> ImageData:
+def _read_image(f: Path, image_size: int | None) -> np.ndarray:
+    """One image file as uint8 (H, W, C) (C = 1 or 3); with `image_size` S: the shorter side resized to S (bicubic,
+    antialiased), then the centre S x S crop (diffusers' training scripts' --resolution with --center_crop)."""
+    from PIL import Image
+
+    if f.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError("not a PNG or JPEG file")
+    with warnings.catch_warnings():  # a huge header is refused by its size, not warned about
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(f)  # reads the header only
+    with im:
+        w, h = im.size
+        if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:  # before decoding a huge image
+            raise ValueError(f"size {h}x{w} is outside {MIN_SIDE}..{MAX_SIDE} pixels per side")
+        im.load()
+        im = im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB")
+        if image_size is not None:
+            scale = image_size / min(w, h)
+            im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
+                           Image.Resampling.BICUBIC)
+            left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
+            im = im.crop((left, top, left + image_size, top + image_size))
+        arr = np.asarray(im)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def load_folder(path: str, skip_bad: bool = False, image_size: int | None = None) -> ImageData:
+    """PNG/JPEG images: one sub-folder per class, or a flat folder of images (one class named after the folder,
+    ``notes["one_class"]``). All images must have one size, or `image_size` resizes and centre-crops them."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
     if not root.is_dir():
         raise InputError(f"folder not found: {root}")
+    if image_size is not None and (int(image_size) != image_size or not MIN_SIDE <= image_size <= MAX_SIDE):
+        raise InputError(f"--image-size must be an integer in [{MIN_SIDE}, {MAX_SIDE}], got {image_size}")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise InputError(f"{root}: expected one sub-folder per class, found none")
+    flat = not class_dirs
+    groups = [root] if flat else class_dirs
     images, labels, skipped = [], [], 0
     shape = None
-    for label, d in enumerate(class_dirs):
+    for label, d in enumerate(groups):
         for f in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
             try:
-                if f.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise ValueError("not a PNG or JPEG file")
-                with warnings.catch_warnings():  # a huge header is refused by its size, not warned about
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    im = Image.open(f)  # reads the header only
-                with im:
-                    w, h = im.size
-                    if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:  # before decoding a huge image
-                        raise ValueError(f"size {h}x{w} is outside {MIN_SIDE}..{MAX_SIDE} pixels per side")
-                    im.load()
-                    arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB"))
-                if arr.ndim == 2:
-                    arr = arr[..., None]
+                arr = _read_image(f, image_size)
                 if shape is not None and arr.shape != shape:
-                    raise ValueError(f"size {arr.shape} differs from the first image's {shape}")
+                    raise ValueError(f"size {arr.shape} differs from the first image's {shape}; pass --image-size S "
+                                     "to resize and centre-crop every image to S x S")
             except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
                 if skip_bad:
                     skipped += 1
@@ -220,11 +239,12 @@ def load_folder(path: str, skip_bad: bool = False) -> ImageData:
             images.append(arr)
             labels.append(label)
     if not images:
-        raise InputError(f"{root}: no readable images")
-    data = ImageData(
-        np.stack(images), np.asarray(labels, np.int64), [d.name for d in class_dirs], f"folder:{root.name}"
-    )
+        raise InputError(f"{root}: no readable images" + (" (and no class sub-folders)" if flat else ""))
+    data = ImageData(np.stack(images), np.asarray(labels, np.int64), [d.name or "images" for d in groups],
+                     f"folder:{root.name}")
     data.notes["skipped_bad_files"] = skipped
+    if flat:
+        data.notes["one_class"] = f"{data.name}: no class sub-folders: read as one class (an unconditional fit)"
     return data
 
 
@@ -293,11 +313,15 @@ def load_digits_28() -> ImageData:
     return ImageData(images, d.target.astype(np.int64), DIGIT_CLASSES, "digits")
 
 
-def load(spec: str, *, skip_bad: bool = False, num_classes: int | None = None) -> ImageData:
-    """Load a data spec (see module docstring); `num_classes` names the class count of an npz without classes."""
+def load(spec: str, *, skip_bad: bool = False, num_classes: int | None = None,
+         image_size: int | None = None) -> ImageData:
+    """Load a data spec (see module docstring); `num_classes` names the class count of an npz without classes;
+    `image_size` resizes and centre-crops a folder's images to S x S."""
     if not isinstance(spec, str) or not spec:
         raise InputError("a data spec is required, e.g. fashion-mnist or npz:PATH")
     kind, _, rest = spec.partition(":")
+    if image_size is not None and kind != "folder":
+        raise InputError(f"--image-size applies to folder data only, got {spec!r}")
     if num_classes is not None and kind != "npz":
         raise InputError(f"--num-classes applies to npz data only (the other specs name their classes), got {spec!r}")
     if kind.startswith("fashion-mnist"):
@@ -310,7 +334,7 @@ def load(spec: str, *, skip_bad: bool = False, num_classes: int | None = None) -
         return load_fashion_mnist(rest or "train", directory)
     loaders = {
         "npz": lambda: load_npz(rest, num_classes),
-        "folder": lambda: load_folder(rest, skip_bad),
+        "folder": lambda: load_folder(rest, skip_bad, image_size),
         "cifar10": lambda: load_cifar10(rest),
         "mnist-5k": load_mnist_5k,
         "digits": load_digits_28,

@@ -126,6 +126,7 @@ from dpimages.synthesizer import FitContext
 class DPDFD(TrainedSynthesizer[DPDFDConfig]):
     """DPDFD: a student distilled from a non-private teacher through normalised noisy gradients; a generator."""
 
+    unconditional = False  # distils a classifier: needs at least 2 classes
     name = "dpdfd"
     Config = DPDFDConfig
     description = ("DP data-free distillation: teachers on disjoint shards, a DP student from their summed "
@@ -164,7 +165,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         if min(h, w) < 16:
             raise InputError(f"dpdfd needs images of at least 16x16 pixels (SmallCNN), got {h}x{w}x{c}")
         if private.num_classes < 2:
-            raise InputError(f"dpdfd needs at least 2 classes, got {private.num_classes}")
+            raise InputError(f"dpdfd needs at least 2 classes (it distils a classifier), got {private.num_classes}: "
+                             "give the images class sub-folders, or fit unlabelled images with another method")
         if cfg.teachers > len(private):
             raise InputError(f"dpdfd: teachers={cfg.teachers} shards cannot exceed the {len(private)} private images")
         tensors, state = self.begin_fit(private, ctx)
