@@ -59,12 +59,23 @@ def load(run_dir: str, device: str | None = None) -> Synthesizer:
     return load_synthesizer(run_dir, device)
 
 
-def evaluate(images: ImageData | str, *, real: str, test: str | None = None, smoke: bool = False,
-             seed: int = 0) -> dict:
-    """Utility of labelled synthetic `images` (an ImageData or a SPEC) against `real` data (a SPEC).
+def split(data: str | ImageData, held_out: float = 0.1, seed: int = 0) -> tuple[ImageData, ImageData]:
+    """(training part, held-out part) of your data (a SPEC or an ImageData), split by each image's content (adding
+    an image moves no other): fit on the first, evaluate against the second. Both parts are private."""
+    from dpimages.data import held_out_split
+    from dpimages.data import load as _load
 
-    Trains classifiers on the images and tests them on real test images (`test`, needed unless `real` is
-    fashion-mnist or cifar10); also FID and memorization. These figures use the real data without noise.
+    return held_out_split(_load(data) if isinstance(data, str) else data, held_out, seed)
+
+
+def evaluate(images: ImageData | str, *, real: str | ImageData, test: str | ImageData | None = None,
+             smoke: bool = False, seed: int = 0) -> dict:
+    """Utility of labelled synthetic `images` (an ImageData or a SPEC) against `real` data (a SPEC or the training
+    part of `split`).
+
+    Trains classifiers on the images and tests them on real test images (`test`: your held-out part, needed unless
+    `real` is fashion-mnist or cifar10); also FID and memorization. These figures use the real data without
+    noise: they are for you, not to share.
     """
     from dpimages.data import load as _load
     from dpimages.eval import EvalOptions, load_real
@@ -74,4 +85,4 @@ def evaluate(images: ImageData | str, *, real: str, test: str | None = None, smo
     return _evaluate(data, load_real(real, test), options=EvalOptions(smoke=smoke, seed=seed, progress=False))
 
 
-__all__ = ["__version__", "create", "evaluate", "fit", "load", "methods"]
+__all__ = ["__version__", "create", "evaluate", "fit", "load", "methods", "split"]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import dpimages
+import dpimages.data
 from dpimages.cli import main
 from dpimages.data import load
 from dpimages.data.toy import SHAPE_CLASSES, toy_shapes
@@ -78,3 +79,21 @@ def test_a_flat_folder_of_mixed_size_jpegs_fits_as_one_class_with_image_size(tmp
     assert main(["sample", str(tmp_path / "r1"), "--n", "6", "--out", str(out)]) == 0
     assert load(f"folder:{out}").images.shape == (6, 32, 32, 3)
     assert main([*common, "--threads", "0", "--image-size", "32", "--run-dir", str(tmp_path / "r2")]) == 2
+
+
+def test_the_readme_example_holds_out_by_content_and_evaluates_against_it(tmp_path):
+    """README's three lines on the user's own data: `split` puts each image by its content (inserting one image first
+    moves no other between the parts), `fit` on the training part, `evaluate` against the held-out part."""
+    torch.set_num_threads(1)
+    data = toy_shapes(60, 32, 0)
+    train, held_out = dpimages.split(data, held_out=0.1)
+    assert len(train) + len(held_out) == len(data) and 5 <= len(held_out) <= 40
+    extra = toy_shapes(1, 32, 7)
+    bigger = dpimages.data.ImageData(np.concatenate([extra.images[:1], data.images]),
+                                     np.concatenate([extra.labels[:1], data.labels]), data.classes, data.name)
+    train2, held2 = dpimages.split(bigger, held_out=0.1)
+    as_set = lambda d: {im.tobytes() for im in d.images}  # noqa: E731
+    assert as_set(held2) - as_set(held_out) <= as_set(extra) and as_set(train2) - as_set(train) <= as_set(extra)
+    res = dpimages.fit("dp-mepf", train, epsilon=1.0, run_dir=str(tmp_path / "run"), preset="smoke", progress=False)
+    scores = dpimages.evaluate(res.synthesizer.sample(300), real=train, test=held_out, smoke=True)
+    assert 0.0 <= scores["acc_cnn"] <= 1.0 and scores["n_synthetic"] == 300

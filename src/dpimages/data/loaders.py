@@ -56,6 +56,25 @@ def split_train_val(
     return data.subset(np.sort(order[n_val:]), data.name), data.subset(np.sort(order[:n_val]), data.name + ":val")
 
 
+def held_out_split(data: ImageData, fraction: float = 0.1, seed: int = 0) -> tuple[ImageData, ImageData]:
+    """(training part, held-out part) of a user's data: each image goes to the held-out part when a keyed hash of
+    its content (pixels, shape, label) under `seed` falls in the first `fraction` of its range.
+
+    By content, never by position: adding or removing one image moves only that image, so the training part of
+    two neighbouring collections differs by at most that image, and the fit's guarantee holds for the
+    collection. The held-out images are private too: use them only for the owner's own evaluation.
+    """
+    from dpimages.privacy.keyed import content_digests, keyed_buckets
+
+    if not 0 < fraction < 1:
+        raise InputError(f"held-out fraction must be in (0, 1), got {fraction}")
+    held = keyed_buckets(content_digests(data.images, data.labels), int(seed) & (2**63 - 1), 10_000) < round(
+        fraction * 10_000)
+    if held.all() or not held.any():
+        raise InputError(f"{data.name}: {len(data)} images are too few to hold out a fraction {fraction}")
+    return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held), data.name + ":held-out")
+
+
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     """An IDX file (uint8 payload) as an array; checks magic number, image size and payload size.
 

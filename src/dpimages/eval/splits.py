@@ -51,8 +51,15 @@ def _check_compatible(real: RealData) -> RealData:
     return real
 
 
-def load_real(spec: str, test_spec: str | None = None, val_spec: str | None = None) -> RealData:
-    """Resolve `spec` (the generator's training data) to training, validation and test splits."""
+def load_real(spec: str | ImageData, test_spec: str | ImageData | None = None,
+              val_spec: str | None = None) -> RealData:
+    """Resolve `spec` (the generator's training data) to training, validation and test splits; `spec` and
+    `test_spec` may also be `ImageData` (e.g. the two parts of `dpimages.data.held_out_split`)."""
+    if isinstance(spec, ImageData):
+        if not isinstance(test_spec, ImageData):
+            raise InputError("real data given as images needs its test images as images too")
+        test, val = split_train_val(test_spec, n_val=min(5000, len(test_spec) // 2))
+        return _check_compatible(RealData(spec, val, test, spec.name))
     if not isinstance(spec, str) or not spec:
         raise InputError("--real needs a data spec, e.g. fashion-mnist")
     head = spec.split("@", 1)[0]
