@@ -403,7 +403,10 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
               help="Results folder: SUITE.jsonl (appended), SUITE.md and the plot.")
 @click.option("--runs-dir", default=None, type=click.Path(file_okay=False),
               help="Where run directories go (default: OUT/../runs).")
-@click.option("--table", is_flag=True, help="Only render OUT/SUITE.md and the accuracy plot from the results.")
+@click.option("--table", is_flag=True, help="Only render OUT/SUITE.md, OUT/SUITE_headline.md and the accuracy plot "
+              "from the results.")
+@click.option("--readme", default=None, type=click.Path(dir_okay=False),
+              help="With --table: also put the headline table into this README, between its headline markers.")
 @click.option("--n-samples", type=int, default=None, help="Synthetic images per run (default 60,000; smoke 2,000).")
 @click.option("--classifiers", default=None, help="default or wrn (default: wrn on gpu presets).")
 @click.option("--fid-weights", default=None, help="pytorch-fid Inception-v3 weights file: Inception features.")
@@ -424,7 +427,7 @@ def features_train_cmd(public_spec: str, out: str, channels: str, kernel: int, a
 def bench_cmd(overrides: tuple[str, ...], suite_name: str, methods: str | None, epsilons: str, preset: str,
               out_dir: str, runs_dir: str | None, table: bool, n_samples: int | None, classifiers: str | None,
               fid_weights: str | None, seed: int, repeats: int, insecure_seeded_noise: bool, device: str | None,
-              threads: int, public: str | None, variant: str | None) -> None:
+              threads: int, public: str | None, variant: str | None, readme: str | None) -> None:
     """Fit, sample and evaluate each method at each epsilon (--repeats times); append one JSON line per cell.
 
     KEY=VALUE arguments override the preset's settings for every method
@@ -432,11 +435,13 @@ def bench_cmd(overrides: tuple[str, ...], suite_name: str, methods: str | None, 
     noise comes from the OS CSPRNG, so a cell's line is the mean (and sd)
     of its --repeats fits, fit k with seed --seed + k.
     """
-    from dpimages.bench.suite import BenchOptions, parse_list, run_bench, write_table
+    from dpimages.bench.suite import BenchOptions, parse_list, run_bench, update_readme, write_table
 
     if table:
         text, md_path, png = write_table(out_dir, suite_name)
-        click.echo(text + f"\nwrote {md_path} and {png}")
+        if readme:
+            update_readme(readme, (md_path.parent / f"{suite_name}_headline.md").read_text())
+        click.echo(text + f"\nwrote {md_path} and {png}" + (f"; the headline in {readme}" if readme else ""))
         return
     if not methods:
         raise InputError("--methods is required (e.g. --methods dpdm,real), or use --table")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -232,3 +234,16 @@ def test_rows_fitted_before_a_privacy_fix_are_marked_and_kept_beside_newer_ones(
     table = suite.render_table([old, new, other])
     assert "| dpdm (pre-fix) | cpu | 10 |" in table and "| dpdm | cpu | 10 |" in table
     assert "(pre-fix): fitted before a privacy fix" in table and "| dp-mepf (pre-fix)" not in table
+
+
+def test_the_readme_headline_is_the_rendered_one() -> None:
+    """README's first-screen table is `dpimages bench --table`'s headline of the committed results, verbatim."""
+    root = Path(__file__).resolve().parents[2]
+    rows = suite.read_results(root / "benchmarks" / "results" / "fmnist.jsonl")
+    readme = (root / "README.md").read_text()
+    start, end = suite.HEADLINE_MARKERS
+    block = readme.split(start, 1)[1].split(end, 1)[0]
+    assert block == suite.render_headline(rows)
+    assert block == (root / "benchmarks" / "results" / "fmnist_headline.md").read_text()
+    for grid in re.findall(r'src="([^"]+)"', block):
+        assert (root / grid).is_file(), grid

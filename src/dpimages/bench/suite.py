@@ -779,8 +779,73 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+# The README's headline: each method's current default (the row label that runs it) and when to use it. Preset
+# choices were made on Fashion-MNIST runs (docs/privacy.md).
+HEADLINE: dict[str, tuple[str, str]] = {
+    "dp-mepf": ("dp-mepf", "a first try at any budget: minutes, any image size, labels optional"),
+    "dpdm": ("dpdm", "the best images and accuracy at epsilon 10, if an hour of CPU (or a GPU) is fine"),
+    "dpaf": ("dpaf", "a GAN in ~20 minutes; images close to dpdm's at epsilon 1"),
+    "pe": ("pe+dp-prior-p600", "no training on private data: votes steer a generative model (here trained on "
+                               "a DP prior's samples; better with a public model close to your images)"),
+    "dpdfd": ("dpdfd", "you also want a DP classifier; needs labels, weakest images"),
+}
+
+
+def render_headline(rows: list[dict], image_root: str = "benchmarks/results/") -> str:
+    """The README's headline table: each method's current default at epsilon 1 and 10 (CNN accuracy, mean ± sd
+    over fits; FID; fit minutes), its epsilon-10 grid and when to use it, from the same results as `render_table`.
+
+    A row is the latest secure-noise cpu line of the label in `HEADLINE`; one fitted before a privacy fix is shown
+    only when no later one exists, and is marked. `image_root` prefixes grid paths (relative to the README).
+    """
+    current = [r for r in latest_rows(rows) if r["preset"] == "cpu" and not is_seeded(r)]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    out = ["| method | CNN accuracy % at epsilon 1 / 10 | FID (eval CNN) at 1 / 10 | fit minutes at 1 / 10 "
+           "| epsilon 10 samples | use it when |", "|---|---|---|---|---|---|"]
+    for method, (label, when) in HEADLINE.items():
+        cells = {}
+        for eps in (1.0, 10.0):
+            mine = [r for r in current if row_label(r) == label and r["epsilon"] == eps]
+            fixed = [r for r in mine if pre_fix(r) is None]
+            cells[eps] = (fixed or mine or [None])[-1]
+        if not any(cells.values()):
+            continue
+        accs = " / ".join("-" if r is None else _cell(r, "acc_cnn", pct) + (" (pre-fix)" if pre_fix(r) else "")
+                          for r in cells.values())
+        fids = " / ".join("-" if r is None else _fmt(r.get("fid"), 3) for r in cells.values())
+        mins = " / ".join("-" if r is None else _minutes(r.get("fit_s")) for r in cells.values())
+        grid = cells[10.0].get("grid") if cells[10.0] else None
+        thumb = f"<img src=\"{image_root}{grid.split('results/', 1)[-1]}\" width=\"120\">" if grid else "-"
+        name = f"`{method}`" + ("" if label == method else f" (`{label}`)")
+        out.append(f"| {name} | {accs} | {fids} | {mins} | {thumb} | {when} |")
+    ref = [r for r in latest_rows(rows) if r["method"] == "dpsgd-classifier" and r["preset"] == "cpu"]
+    if ref:
+        by_eps = {r["epsilon"]: r for r in ref}
+        accs = " / ".join(pct(by_eps[e]["acc_cnn"]) + (" (seeded)" if is_seeded(by_eps[e]) else "")
+                          if e in by_eps else "-" for e in (1.0, 10.0))
+        out.append(f"| reference: DP-SGD CNN on the private images (`dpsgd-classifier`) | {accs} | - | - | - | the "
+                   "ceiling a generator chases: what training directly with DP-SGD gives |")
+    return "\n".join(out) + "\n"
+
+
+HEADLINE_MARKERS = ("<!-- headline:start -->\n", "<!-- headline:end -->")
+
+
+def update_readme(path: str | Path, headline: str) -> None:
+    """Replace the block between `HEADLINE_MARKERS` in the README at `path` with `headline` (InputError without
+    the markers)."""
+    p = Path(path)
+    text = p.read_text() if p.is_file() else ""
+    start, end = HEADLINE_MARKERS
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise InputError(f"{p}: no headline markers ({start.strip()} ... {end})")
+    before, rest = text.split(start, 1)
+    p.write_text(before + start + headline + end + rest.split(end, 1)[1])
+
+
 def write_table(out_dir: str | Path, suite_name: str = "fmnist") -> tuple[str, Path, Path]:
-    """Render `OUT/SUITE.md` and `OUT/SUITE_accuracy.png` from `OUT/SUITE.jsonl`; return (markdown, md, png)."""
+    """Render `OUT/SUITE.md` (every row), `OUT/SUITE_headline.md` (the README's headline table) and
+    `OUT/SUITE_accuracy.png` from `OUT/SUITE.jsonl`; return (markdown, md, png)."""
     if suite_name not in SUITES:
         raise InputError(f"unknown suite {suite_name!r}; available: {', '.join(SUITES)}")
     out_dir = Path(out_dir)
@@ -789,9 +854,10 @@ def write_table(out_dir: str | Path, suite_name: str = "fmnist") -> tuple[str, P
     png = plot_accuracy(rows, out_dir / f"{suite_name}_accuracy.png")
     md_path = out_dir / f"{suite_name}.md"
     text = md + f"\n![accuracy against epsilon]({png.name})\n"
-    tmp = md_path.with_name(md_path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md_path)
+    for path, content in ((md_path, text), (out_dir / f"{suite_name}_headline.md", render_headline(rows))):
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(content)
+        os.replace(tmp, path)
     return text, md_path, png
 
 
