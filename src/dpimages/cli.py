@@ -197,7 +197,7 @@ def fit_cmd(method: str, overrides: Sequence[str], data_spec: str, epsilon: floa
     """
     import torch
 
-    from dpimages.fit import check_distributed, fit_run
+    from dpimages.fit_runner import check_distributed, fit_run
     from dpimages.registry import method_class
 
     if threads is not None:
@@ -248,7 +248,7 @@ def sample_cmd(run_dir: str, n: int, out: str, seed: int, device: str | None, ov
     import numpy as np
 
     from dpimages.data.writers import save_folder
-    from dpimages.fit import load_synthesizer
+    from dpimages.fit_runner import load_synthesizer
 
     if n < 1:
         raise InputError(f"--n must be >= 1, got {n}")
@@ -340,7 +340,7 @@ def evaluate_cmd(file: str, real_spec: str, test_spec: str | None, out: str | No
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report_cmd(run_dir: str) -> None:
     """Rewrite RUN_DIR/report.md from the run's files (config, ledger, metrics, grids) and print it."""
-    from dpimages.fit import load_synthesizer
+    from dpimages.fit_runner import load_synthesizer
     from dpimages.report import render_report
     from dpimages.runs import Run
 

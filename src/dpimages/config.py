@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +21,7 @@ from dpimages.errors import InputError
 from dpimages.privacy.dpsgd import PER_EXAMPLE_METHODS  # how the engine forms per-example clipped sums (speed only)
 
 PRESETS = ("smoke", "cpu", "gpu", "gpu-short")
+REFERENCE_PIXELS = 28 * 28  # presets are sized for 28x28 images (Fashion-MNIST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,10 @@ class MethodConfig:
     """
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # keys whose work grows with the image area: on images larger than 28x28 the default or preset value is scaled
+    # by 28*28 / (H*W) (never below the floor given here), so a fit stays within its preset's time; a value the
+    # user sets (KEY=VALUE or --config) is kept as it is
+    image_scaled: ClassVar[dict[str, int]] = {}
     # keys that only steer sampling from a fitted model (post-processing): `dpimages sample` may override them
     sampling_keys: ClassVar[tuple[str, ...]] = ()
     constraints: ClassVar[dict[str, Constraint]] = {}
@@ -193,18 +198,33 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return values
 
 
+def area_scale(image_shape: Sequence[int] | None) -> float:
+    """28*28 / (H*W) for images larger than 28x28, else 1: how much less work per image a preset can afford."""
+    if image_shape is None:
+        return 1.0
+    return min(1.0, REFERENCE_PIXELS / float(image_shape[0] * image_shape[1]))
+
+
 def resolve_config(
     config_cls: type[MethodConfig],
     preset: str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     yaml_path: str | Path | None = None,
+    image_shape: Sequence[int] | None = None,
 ) -> MethodConfig:
-    """Defaults, then the preset, then a YAML file, then key=value overrides."""
+    """Defaults, then the preset (its `image_scaled` keys scaled to `image_shape`, (H, W, C), when the images are
+    larger than 28x28), then a YAML file, then key=value overrides."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in config_cls.presets:
             raise InputError(f"unknown preset {preset!r}; this method has: {', '.join(config_cls.presets) or 'none'}")
         values.update(config_cls.presets[preset])
+    scale = area_scale(image_shape)
+    if scale < 1.0:
+        defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+        for key, floor in config_cls.image_scaled.items():
+            base = values.get(key, defaults[key])
+            values[key] = min(base, max(floor, round(base * scale)))  # never above the preset
     if yaml_path is not None:
         try:
             loaded = yaml.safe_load(Path(yaml_path).read_text())

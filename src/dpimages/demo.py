@@ -35,7 +35,7 @@ def run_one(real, epsilon: float, delta: float, preset: str, out: Path, n_sample
     import numpy as np
 
     from dpimages.eval import EvalOptions, evaluate
-    from dpimages.fit import fit_run
+    from dpimages.fit_runner import fit_run
 
     run_dir = out / f"demo-dp-mepf-eps{epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
     t = time.time()

@@ -46,7 +46,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[t
     Returns the (relative path, reason) pairs written to ``OUT/MANIFEST``. InputError (nothing written) for a
     folder that is not a run, an unfinished run, a seeded-insecure run or a non-empty `out_dir`.
     """
-    from dpimages.fit import load_synthesizer  # the registry imports methods; keep `dpimages export` light
+    from dpimages.fit_runner import load_synthesizer  # the registry imports methods; keep `dpimages export` light
 
     run = Run(run_dir)
     cfg = run.read_config()

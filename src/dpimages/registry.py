@@ -39,6 +39,8 @@ def method_class(name: str) -> type[Synthesizer]:
     return cls
 
 
-def create(name: str, preset: str | None = None, **overrides: Any) -> Synthesizer:
+def create(name: str, preset: str | None = None, *, image_shape: tuple[int, int, int] | None = None,
+           **overrides: Any) -> Synthesizer:
+    """A `name` synthesizer at `preset` with `overrides`; `image_shape` scales the preset's image-sized keys."""
     cls = method_class(name)
-    return cls(resolve_config(cls.Config, preset, overrides))
+    return cls(resolve_config(cls.Config, preset, overrides, image_shape=image_shape))

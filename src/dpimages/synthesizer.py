@@ -2,7 +2,7 @@
 
 A method is a `Synthesizer` subclass with a `Config` dataclass, registered in `dpimages.registry`. It reads
 private data only through ``dpimages.privacy`` mechanisms (or the DP-SGD engine), which record each release in
-the ledger before drawing noise; `dpimages.fit.fit_run` does what every method needs around that. The method
+the ledger before drawing noise; `dpimages.fit_runner.fit_run` does what every method needs around that. The method
 contract it is held to is `dpimages.testing.check_method`.
 """
 

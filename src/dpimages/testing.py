@@ -50,7 +50,7 @@ import torch
 from dpimages.data import ImageData
 from dpimages.data.toy import toy_bars, toy_other_bars
 from dpimages.errors import InputError
-from dpimages.fit import fit_run, load_synthesizer
+from dpimages.fit_runner import fit_run, load_synthesizer
 from dpimages.privacy.ledger import PrivacyEvent, PrivacyLedger, merge_events
 from dpimages.privacy.noise import NoiseSource
 from dpimages.registry import method_class

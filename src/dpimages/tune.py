@@ -57,7 +57,7 @@ from dpimages.config import MethodConfig, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.errors import InputError, require_empty_folder
 from dpimages.eval.classifiers import default_specs, train_classifier
-from dpimages.fit import fit_run, load_synthesizer
+from dpimages.fit_runner import fit_run, load_synthesizer
 from dpimages.privacy import NoiseSource, PrivacyEvent, PrivacyLedger, calibrate, validate_budget
 from dpimages.privacy.keyed import content_digests, keyed_buckets
 from dpimages.privacy.ledger import epsilon_pld

@@ -212,3 +212,35 @@ def test_every_rank_refuses_when_one_rank_reads_other_data(tmp_path) -> None:  #
             assert results == ["ok", "ok"]
         else:  # both ranks stop with the same one-line error, none trains on its own data
             assert results[0] == results[1] and "the private data differs between processes (1 of 2" in results[0]
+
+
+def test_presets_scale_their_image_sized_keys_to_larger_images_and_keep_what_the_user_sets():
+    """A 128x128 image has 21x the pixels of a 28x28 one: the image-sized keys of a preset shrink by that much (never
+    below their floor, never above the preset), a KEY=VALUE the user gives is kept, 28x28 changes nothing."""
+    from dpimages.config import area_scale, resolve_config
+    from dpimages.registry import method_class
+
+    cfg = method_class("dpdm").Config
+    base = resolve_config(cfg, "cpu")
+    assert resolve_config(cfg, "cpu", image_shape=(28, 28, 1)) == base and area_scale((28, 28, 1)) == 1.0
+    big = resolve_config(cfg, "cpu", image_shape=(128, 128, 3))
+    assert big.batch_size == round(2400 * 784 / 16384) and big.warm_images == round(60000 * 784 / 16384)
+    assert big.multiplicity == base.multiplicity and big.epochs == base.epochs  # not image-sized
+    assert resolve_config(cfg, "cpu", ["batch_size=300"], image_shape=(128, 128, 3)).batch_size == 300
+    smoke = resolve_config(cfg, "smoke", image_shape=(128, 128, 3))
+    assert smoke.batch_size == 16 and smoke.multiplicity == 1 and smoke.warm_images == 64  # floors; never above
+
+
+def test_a_long_loop_prints_one_time_estimate_from_its_first_steps(capsys, monkeypatch):
+    from dpimages.methods import training
+
+    clock = iter([0.0, 30.0, 31.0, 32.0])
+    monkeypatch.setattr(training.time, "time", lambda: next(clock))
+    est = training.TimeEstimate(100, 0, "demo steps", after_s=20.0, min_steps=3)  # start at t=0
+    est.update(3)  # 3 steps in 30 s: 97 steps left, about 16 min
+    est.update(4)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["demo steps: about 16 min for the 97 steps left (measured over the first 3)"]
+    short = training.TimeEstimate(5, 0, "short", after_s=0.0, min_steps=1)  # t=31: 1 step in 1 s, 4 left: no line
+    short.update(1)
+    assert capsys.readouterr().err == ""

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("synthesizer",),
     ("registry",),
     ("methods",),
-    ("fit",),
+    ("fit_runner",),
     ("testing", "export", "demo", "tune"),
     ("audit", "bench"),
     ("api", "budget_cli"),

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dpimages.errors import InputError
-from dpimages.fit import fit_run
+from dpimages.fit_runner import fit_run
 from dpimages.privacy.ledger import epsilon_pld
 from dpimages.registry import method_class
 from dpimages.synthesizer import Synthesizer

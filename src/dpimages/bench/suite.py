@@ -254,7 +254,7 @@ def _line(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir
 def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions, run_dir: Path,
                    real, public) -> tuple[dict, dict]:  # noqa: ANN001
     from dpimages.eval import evaluate
-    from dpimages.fit import fit_run
+    from dpimages.fit_runner import fit_run
 
     n = opts.n_samples or (2000 if opts.preset == "smoke" else suite.n_samples)
     t = time.time()

@@ -43,7 +43,7 @@ class Prior:
 def plan_prior(preset: str, private: ImageData, public: ImageData | None, epsilon: float, delta: float,
                dataset_size: int) -> Prior:
     """A `PRIOR_METHOD` synthesizer at `preset` and the events its fit at (epsilon, delta) will spend (public N)."""
-    prior = create(PRIOR_METHOD, preset)
+    prior = create(PRIOR_METHOD, preset, image_shape=private.image_shape)
     return Prior(prior, epsilon, prior.planned_events(private, public, epsilon, delta, dataset_size=dataset_size))
 
 

@@ -18,6 +18,7 @@ for the whole run.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,34 @@ class RunClock:
     def run_times(self, units_done: int, train_s: float) -> dict[str, float]:
         """Whole-run times for the ``paused`` / ``train_done`` events (never per step)."""
         return {"train_s": round(float(train_s), 1), "steps_per_s": round(units_done / max(1e-9, self.elapsed()), 4)}
+
+
+class TimeEstimate:
+    """Once a long loop has run a few steps, one line on stderr: the time its remaining steps will take.
+
+    Measured from this process's first steps (after `after_s` seconds and at least `min_steps` steps), printed once
+    and only when the rest would take more than `long_s`; a whole-loop rate, so nothing about a private batch.
+    """
+
+    def __init__(self, total: int, done: int, desc: str, *, enabled: bool = True, after_s: float = 20.0,
+                 min_steps: int = 3, long_s: float = 120.0) -> None:
+        self.total, self.first, self.desc = int(total), int(done), desc
+        self.enabled, self.after_s, self.min_steps, self.long_s = enabled, after_s, min_steps, long_s
+        self.start = time.time()
+        self.message: str | None = None
+
+    def update(self, done: int) -> None:
+        """Call after each step (`done`: steps finished so far, this process's and earlier ones')."""
+        if self.message is not None or not self.enabled:
+            return
+        ran, elapsed = done - self.first, time.time() - self.start
+        if ran < self.min_steps or elapsed < self.after_s or done >= self.total:
+            return
+        rest = elapsed / ran * (self.total - done)
+        self.message = (f"{self.desc}: about {rest / 60:.0f} min for the {self.total - done} steps left "
+                        f"(measured over the first {ran})") if rest > self.long_s else ""
+        if self.message:
+            tqdm.write(self.message, file=sys.stderr)
 
 
 # -- EMA -----------------------------------------------------------------------------------------
@@ -144,12 +173,14 @@ class TrainLoop:
         """Run from step `done` (steps already made) to `total`; True when finished, False when paused."""
         writer = self.run is not None and self.run.writer
         bar = tqdm(total=self.total, initial=done, disable=not self.progress, desc=self.desc)
+        estimate = TimeEstimate(self.total, done, self.desc, enabled=self.progress)
         t, first = done, done
         try:
             while t < self.total:
                 t += 1
                 values = self.step(t)
                 bar.update(1)
+                estimate.update(t)
                 if self.after_step is not None:
                     self.after_step(t)
                 if self.run is None:

@@ -116,6 +116,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=self.size, mode="nearest"))
 
 
+MAX_BOTTLENECK = 16  # pixels per side of the lowest resolution, where the middle attention always runs
+
+
+def fit_levels(channel_mult: Sequence[int], image_size: int | tuple[int, int],
+               max_bottleneck: int = MAX_BOTTLENECK) -> tuple[int, ...]:
+    """`channel_mult` with its last multiplier repeated until the lowest resolution is at most `max_bottleneck`.
+
+    Presets are sized for 28x28 images (a 7 or 14 pixel bottleneck). On larger images the middle attention, whose
+    cost grows with the square of the bottleneck's area, would dominate (a 64x64 bottleneck at 128x128: 4,096
+    positions, 16.7 M attention weights per example): each doubling of the image side adds one level instead.
+    """
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    mult, side = list(channel_mult), min(hw)
+    for _ in range(len(mult) - 1):
+        side = (side + 1) // 2
+    while side > max_bottleneck:
+        mult.append(mult[-1])
+        side = (side + 1) // 2
+    return tuple(mult)
+
+
 class UNet(nn.Module):
     """Class-conditional U-Net ``F(x, c_noise, labels) -> tensor shaped like x``.
 

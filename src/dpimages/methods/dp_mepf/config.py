@@ -89,6 +89,8 @@ class DPMEPFConfig(RunControl):
                       "eval_every": 1000, "grid_every": 4000, "checkpoint_every": 1000},
     }
 
+    # work per image grows with its area: on larger images these shrink (`MethodConfig.image_scaled`)
+    image_scaled: ClassVar[dict[str, int]] = {"batch_size": 16, "eval_per_class": 20, "embed_chunk": 32}
     constraints: ClassVar[dict[str, Constraint]] = {
         "feature_tap": one_of("pre", "post"),
         "feature_act": one_of("relu", "tanh", "lrelu"),

@@ -49,7 +49,7 @@ from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.methods.dp_mepf.matching import matching_loss, released_distance
 from dpimages.methods.dp_mepf.report import report_text
 from dpimages.methods.feature_sources import build_trunks, restore_trunks, trunk_tensors
-from dpimages.methods.training import RunClock, ema_update, write_grid
+from dpimages.methods.training import RunClock, TimeEstimate, ema_update, write_grid
 from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
@@ -239,6 +239,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             save(False)
         budget_s = 60.0 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
         reason: str | None = None
+        estimate = TimeEstimate(cfg.steps, step, "dp-mepf generator steps", enabled=ctx.progress)
         bar = tqdm(total=cfg.steps, initial=step, disable=not ctx.progress, desc="dp-mepf generator steps "
                    "(post-processing)")
         while step < cfg.steps and reason is None:
@@ -254,6 +255,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             opt.step()
             step += 1
             bar.update()
+            estimate.update(step)
             reason = clock.pause_reason(step)  # the time budget only: spent -> finish now
             last = step == cfg.steps or reason is not None
             if ema is not None:

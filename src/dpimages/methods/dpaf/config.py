@@ -99,6 +99,9 @@ class DPAFConfig(MethodConfig):
                       "log_every": 100, "grid_every": 10},
     }
 
+    # work per image grows with its area: on larger images these shrink (`MethodConfig.image_scaled`)
+    image_scaled: ClassVar[dict[str, int]] = {"agg_batch": 16, "f1_batch": 16, "plain_batch": 16, "fake_per_class": 2,
+                                               "physical_batch": 8}
     constraints: ClassVar[dict[str, Constraint]] = {
         **{name: at_least(1) for name in (
             "feature_channels", "gen_channels", "z_dim", "cycles", "agg_steps", "agg_batch", "agg_groups",

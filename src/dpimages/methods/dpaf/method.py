@@ -54,7 +54,7 @@ from dpimages.methods.dpaf.release import (
     release_counts,
 )
 from dpimages.methods.dpaf.report import report_section
-from dpimages.methods.training import RunClock, TrainLoop, write_grid
+from dpimages.methods.training import RunClock, TimeEstimate, TrainLoop, write_grid
 from dpimages.nets.discriminators import BackHead, FrontFeatures, SplitDiscriminator
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
@@ -196,6 +196,7 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
         done0 = done = a + engine.steps_spent
         clock = RunClock(cfg.max_minutes, cfg.cycles_per_run, unit_name="cycles_per_run")
         train_s0 = float(self.train_info.get("train_s", 0.0))
+        estimate = TimeEstimate(total, done0, "dpaf private steps", enabled=ctx.progress)
         with tqdm(total=total, initial=done0, disable=not ctx.progress, desc="dpaf private steps") as bar:
             for cycle in range(first, cfg.cycles):
                 if self.center is None:  # a new cycle (or a resumed one whose phase A had not ended)
@@ -204,6 +205,7 @@ class DPAF(TrainedSynthesizer[DPAFConfig], PostProcessing):
                     logs = self._aggregation_iteration(ctx, nets, sampler, sigma, x_all, y_all, digests)
                     a += 1
                     bar.update(1)
+                    estimate.update(a + engine.steps_spent)
                     if ctx.run is not None and a % cfg.log_every == 0:
                         ctx.run.log(a + engine.steps_spent, phase="A", cycle=cycle, agg_releases=a, **logs)
                     if a == (cycle + 1) * cfg.agg_steps:

@@ -92,6 +92,8 @@ class DPDFDConfig(RunControl):
         },
     }
 
+    # work per image grows with its area: on larger images these shrink (`MethodConfig.image_scaled`)
+    image_scaled: ClassVar[dict[str, int]] = {"teachers": 8, "batch_size": 8, "teacher_batch": 16}
     constraints: ClassVar[dict[str, Constraint]] = {
         **dict.fromkeys(("teachers", "teacher_hidden", "teacher_epochs", "teacher_batch", "student_hidden", "steps",
                          "batch_size", "gen_channels", "z_dim", "gen_every", "gen_steps"), at_least(1)),

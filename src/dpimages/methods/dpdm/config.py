@@ -131,6 +131,9 @@ class DPDMConfig(RunControl):
                       "warm_start": "dp-mepf", "warm_preset": "gpu-short", "warm_batch": 512},
     }
 
+    # work per image grows with its area: on larger images these shrink (`MethodConfig.image_scaled`)
+    image_scaled: ClassVar[dict[str, int]] = {"batch_size": 16, "physical_batch": 4, "multiplicity": 1,
+                                               "warm_images": 1000, "warm_batch": 16, "central_batch": 16}
     constraints: ClassVar[dict[str, Constraint]] = {
         **dict.fromkeys(("channels", "num_res_blocks", "num_heads", "batch_size", "multiplicity", "sample_steps"),
                         at_least(1)),

@@ -88,7 +88,7 @@ from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.methods.prior import refuse_spent_stage
 from dpimages.methods.training import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
 from dpimages.nets.edm import EDMDenoiser, edm_loss
-from dpimages.nets.unet import UNet, num_parameters
+from dpimages.nets.unet import UNet, fit_levels, num_parameters
 from dpimages.privacy import calibrate_dpsgd
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.keyed import content_digests, keyed_values, shared_secret_key
@@ -176,7 +176,8 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         """A fresh denoiser for this synthesizer's image shape and classes (public facts only)."""
         h, w, c = self.image_shape
         cfg = self.config
-        net = UNet((h, w), c, self.num_classes, cfg.channels, cfg.channel_mult, cfg.num_res_blocks,
+        levels = tuple(self.train_info.get("unet_levels") or fit_levels(cfg.channel_mult, (h, w)))
+        net = UNet((h, w), c, self.num_classes, cfg.channels, levels, cfg.num_res_blocks,
                    cfg.attn_resolutions, 0.0, cfg.num_heads)
         return EDMDenoiser(net, cfg.sigma_data, cfg.p_mean, cfg.p_std)
 
@@ -245,6 +246,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         ctx.ledger.reserve(*stage.events)  # the whole joint plan is reserved before any private access
         engine.plan(steps)
         self.train_info = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "dataset_size": n,
+                           "unet_levels": list(fit_levels(cfg.channel_mult, self.image_shape[:2])),
                            "parameters": num_parameters(model), "train_s": 0.0, "warm": stage.describe()}
         resumed = "ema.net.conv_in.weight" in tensors
         if not resumed and stage.mode != "none":

@@ -105,6 +105,8 @@ class PEConfig(MethodConfig):
                       "lookahead": 4, "sample_steps": 18, "variation_steps": 12, "api_batch": 2000},
     }
 
+    # work per image grows with its area: on larger images these shrink (`MethodConfig.image_scaled`)
+    image_scaled: ClassVar[dict[str, int]] = {"population_per_class": 10, "api_batch": 16, "prior_images": 500}
     constraints: ClassVar[dict[str, Constraint]] = {
         "api": one_of(*APIS), "nn_backend": one_of(*NN_BACKENDS), "sampler": one_of(*SAMPLERS),
         "public_model_preset": one_of("smoke", "cpu", "gpu"),

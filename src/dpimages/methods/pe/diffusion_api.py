@@ -41,7 +41,7 @@ from dpimages.methods.pe.config import PublicModelConfig
 from dpimages.methods.pe.image_api import ImageAPI, check_degree, check_images, in_batches, model_sha256
 from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.nets.edm import EDMDenoiser, get_sampler
-from dpimages.nets.unet import UNet, num_parameters
+from dpimages.nets.unet import UNet, fit_levels, num_parameters
 from dpimages.seeds import seeded_init
 
 MODEL_FILE = "model.safetensors"
@@ -66,10 +66,12 @@ def build_model(arch: dict[str, Any], image_shape: tuple[int, int, int]) -> EDMD
     return EDMDenoiser(net)
 
 
-def model_arch(cfg: PublicModelConfig) -> dict[str, Any]:
-    """The U-Net architecture keys of `cfg` (as stored in model.json)."""
-    return {"channels": cfg.channels, "channel_mult": list(cfg.channel_mult), "num_res_blocks": cfg.num_res_blocks,
-            "attn_resolutions": list(cfg.attn_resolutions), "num_heads": cfg.num_heads}
+def model_arch(cfg: PublicModelConfig, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The U-Net architecture keys of `cfg` for images of `image_shape` (as stored in model.json): the levels
+    follow the image size (`fit_levels`)."""
+    return {"channels": cfg.channels, "channel_mult": list(fit_levels(cfg.channel_mult, image_shape[:2])),
+            "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions),
+            "num_heads": cfg.num_heads}
 
 
 def train_public_model(
@@ -88,8 +90,8 @@ def train_public_model(
     dev = torch.device(device)
     g = torch.Generator().manual_seed(int(cfg.seed))
     with seeded_init(cfg.seed):
-        model = build_model(model_arch(cfg), public.image_shape).to(dev)
-        ema = build_model(model_arch(cfg), public.image_shape).to(dev)
+        model = build_model(model_arch(cfg, public.image_shape), public.image_shape).to(dev)
+        ema = build_model(model_arch(cfg, public.image_shape), public.image_shape).to(dev)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     schedule = PretrainSchedule(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, ema=cfg.ema,

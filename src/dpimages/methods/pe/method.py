@@ -62,7 +62,7 @@ from dpimages.methods.pe.image_api import ImageAPI, check_degree
 from dpimages.methods.pe.public_model import cached_public_model, public_model_config, train_and_save_public_model
 from dpimages.methods.pe.report import report_text
 from dpimages.methods.prior import Prior, fit_prior, plan_prior, refuse_spent_stage
-from dpimages.methods.training import RunClock
+from dpimages.methods.training import RunClock, TimeEstimate
 from dpimages.nets.feature_extractors import FeatureExtractor, Trunk, embed_in_chunks, trunk_from_config
 from dpimages.privacy import PrivacyEvent
 from dpimages.runs import prefixed, rng_state, set_rng_state, unprefixed
@@ -100,7 +100,7 @@ class PE(TrainedSynthesizer[PEConfig]):
         cfg = PublicModelConfig(channels=8, channel_mult=(1, 2), epochs=1, max_steps=2, batch_size=16)
         model, facts = train_public_model(public, cfg)
         path = save_public_model(Path(workdir) / "public-model", model, {
-            "arch": model_arch(cfg), "image_shape": [28, 28, 1], "trained_on": public.name, **facts})
+            "arch": model_arch(cfg, (28, 28, 1)), "image_shape": [28, 28, 1], "trained_on": public.name, **facts})
         return {"overrides": [f"api_path={path}", "features=random"]}
 
     # -- parts -----------------------------------------------------------------------------------
@@ -146,10 +146,10 @@ class PE(TrainedSynthesizer[PEConfig]):
                                           desc="pe API on DP-prior samples (post-processing, no privacy cost)")
         out = (ctx.run.checkpoint_dir / "prior-api") if ctx.run is not None else Path(tempfile.mkdtemp()) / "api"
         shutil.rmtree(out, ignore_errors=True)
-        save_public_model(out, model.cpu(), {"arch": model_arch(model_cfg), "image_shape": list(samples.image_shape),
-                                             "trained_on": f"{cfg.prior_images} samples of the DP prior "
-                                                           f"({prior.synthesizer.name}, epsilon {prior.epsilon:.4g})",
-                                             **facts})
+        save_public_model(out, model.cpu(), {
+            "arch": model_arch(model_cfg, samples.image_shape), "image_shape": list(samples.image_shape),
+            "trained_on": f"{cfg.prior_images} samples of the DP prior ({prior.synthesizer.name}, epsilon "
+                          f"{prior.epsilon:.4g})", **facts})
         self.train_info["api_path"] = str(out)
         self.api = None
         if ctx.run is not None:
@@ -329,8 +329,10 @@ class PE(TrainedSynthesizer[PEConfig]):
         if state.get("phase") == "voted":  # the histogram of release votes_done-1 was saved; its variation was not
             self._evolve(ctx, api, g, tensors["histogram"], votes_done - 1, degrees[votes_done - 1], h, sigma,
                          spent, elapsed)
+        estimate = TimeEstimate(t_total, spent, "pe iterations", enabled=ctx.progress, min_steps=1)
         for t in tqdm(range(spent, t_total), total=t_total, initial=spent, desc="pe", unit="iter",
                       disable=not ctx.progress):
+            estimate.update(t)
             x = to_unit_range(torch.from_numpy(self.population))
             syn_emb = self._synthetic_embeddings(api, x, labels, degrees[t], g)
             noisy = votes.release(syn_emb, labels, noise_multiplier=sigma, ledger=ctx.ledger, noise=ctx.noise)

@@ -40,7 +40,7 @@ def train_and_save_public_model(public: ImageData, cfg: PublicModelConfig, out: 
     t0 = time.time()
     model, facts = train_public_model(public, cfg, device=device, log=log, progress=progress)
     meta: dict[str, Any] = {
-        "arch": model_arch(cfg), "image_shape": list(public.image_shape), "trained_on": public.name,
+        "arch": model_arch(cfg, public.image_shape), "image_shape": list(public.image_shape), "trained_on": public.name,
         "public_fingerprint": public.public_id, "public_size": len(public), "preset": preset,
         "config": cfg.to_dict(), **facts, "wall_s": round(time.time() - t0, 1)}
     path = save_public_model(out, model.cpu(), meta)

@@ -21,7 +21,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from dpimages import __version__
 from dpimages.allocator import keep_freed_memory
 from dpimages.budget.runner import RunBudget, open_run_budget
-from dpimages.config import MethodConfig, parse_overrides, resolve_config
+from dpimages.config import MethodConfig, area_scale, parse_overrides, resolve_config
 from dpimages.data import ImageData, load
 from dpimages.distributed import dist_world, rank0_first, same_on_all_ranks
 from dpimages.errors import DPImagesError, InputError
@@ -113,8 +113,9 @@ class _Job:
     dataset_size: int  # the public N
     device: torch.device
     world: int
-    booking: RunBudget | None = None
-    image_size: int | None = None  # the owner's budget book for this run's data set, if any
+    booking: RunBudget | None = None  # the owner's budget book for this run's data set, if any
+    image_size: int | None = None  # --image-size: a folder's images resized and centre-cropped to S x S
+    notes: list[str] = field(default_factory=list)  # one-line notes on how the data and config were read
     fit_s: float = 0.0  # the method's fit, wall time (a whole-run time: public)
 
     def config_record(self, ctx: FitContext) -> dict[str, Any]:
@@ -153,6 +154,16 @@ def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon
                          "add 'classes' to the file or pass --num-classes K; it is not read from the private labels")
     n_public = len(private) if dataset_size is None else int(dataset_size)
     validate_budget(epsilon, delta, n_public)
+    notes = [private.notes["one_class"]] if "one_class" in private.notes else []
+    if area_scale(private.image_shape) < 1.0:  # the preset's image-sized keys follow the images (public facts)
+        scaled = resolve_config(cls.Config, preset, overrides if isinstance(overrides, dict) else list(overrides),
+                                config_file, image_shape=private.image_shape)
+        changed = [f"{k} {getattr(config, k)} -> {getattr(scaled, k)}" for k in cls.Config.image_scaled
+                   if getattr(config, k) != getattr(scaled, k)]
+        if changed:
+            h, w, _ = private.image_shape
+            notes.append(f"{cls.name}: preset sized for 28x28 images, scaled to {h}x{w}: {', '.join(changed)}")
+        config = scaled
     if booking is not None:
         booking.check(n_public)
     public_data = public if (public is None or isinstance(public, ImageData)) else load(public, skip_bad=skip_bad)
@@ -160,7 +171,7 @@ def _validate(method: str | type[Synthesizer], data: str | ImageData, *, epsilon
     if world > 1 and dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # torchrun: cuda:LOCAL_RANK (set by the CLI)
     return _Job(cls, config, private, public_data, float(epsilon), float(delta), preset, n_public, dev, world,
-                booking, image_size)
+                booking, image_size, notes)
 
 
 def _open_run(job: _Job, run_dir: str | Path, *, noise: NoiseSource, seed: int, resume: bool,
@@ -297,8 +308,7 @@ def fit_run(
     synth = _fit(job, ctx, resume=resume)
     _finalise(job, ctx, synth, callbacks)
     assert ctx.run is not None
-    notes = [job.private.notes["one_class"]] if "one_class" in job.private.notes else []
-    return FitResult(synth, ctx.ledger, ctx.run, job.config_record(ctx), notes)
+    return FitResult(synth, ctx.ledger, ctx.run, job.config_record(ctx), job.notes)
 
 
 def load_synthesizer(
