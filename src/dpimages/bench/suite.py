@@ -784,7 +784,7 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
 HEADLINE: dict[str, tuple[str, str]] = {
     "dp-mepf": ("dp-mepf", "a first try at any budget: minutes, any image size, labels optional"),
     "dpdm": ("dpdm", "the best images and accuracy at epsilon 10, if an hour of CPU (or a GPU) is fine"),
-    "dpaf": ("dpaf", "a GAN in ~20 minutes; images close to dpdm's at epsilon 1"),
+    "dpaf": ("dpaf", "a GAN in 20-40 minutes; images close to dpdm's at epsilon 1"),
     "pe": ("pe+dp-prior-p600", "no training on private data: votes steer a generative model (here trained on "
                                "a DP prior's samples; better with a public model close to your images)"),
     "dpdfd": ("dpdfd", "you also want a DP classifier; needs labels, weakest images"),
