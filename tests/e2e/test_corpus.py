@@ -164,7 +164,7 @@ def test_subprocess_prints_one_line_and_no_traceback(argv, needle, workdir):
         ("dp-mepf", GOOD, ["--epsilon", "1e-9"], "is not reachable"),
         ("dpdm", GOOD, ["batch_size=1000"], "batch_size 1000 is larger than the data set"),
         ("dp-mepf", GOOD, ["features=path", "feature_path=/does/not/exist"], "feature weights not found"),
-        ("dpdfd", "npz:{c}/one-class.npz", [], "dpdfd needs at least 2 classes, got 1"),
+        ("dpdfd", "npz:{c}/one-class.npz", [], "dpdfd needs at least 2 classes (it distils a classifier), got 1"),
         ("pe", GOOD, [], "needs api_path=DIR"),
     ],
     ids=["unreachable-epsilon", "batch-larger-than-data", "missing-feature-path", "dpdfd-one-class",
