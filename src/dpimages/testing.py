@@ -30,7 +30,8 @@ needs. The checks, in order (each `Check` below):
 7. **one class**: the private set without labels (a flat folder's shape) is fitted as one class and sampled,
    and its neighbour with the worst-case image added first keeps every release's sensitivity.
 
-Checks 2-4 also run on each extra case of `Synthesizer.contract_cases` (stages a preset leaves off).
+Checks 2-4 also run on each extra case of `Synthesizer.contract_cases` (stages a preset leaves off), with the
+neighbour that adds the image first (the position that moves every later index).
 """
 
 from __future__ import annotations
@@ -412,8 +413,8 @@ class _Checker:
                 self.check_fit(first)
             if "accounting" in checks:
                 self.check_accounting(first, noise, case)
-            if "neighbours" in checks:
-                self.check_neighbours(case, noise)
+            if "neighbours" in checks:  # an extra case's stage: the image added first, the position that bites
+                self.check_neighbours(case, noise, positions=None if i == 0 else (0,))
             if "other-data" in checks:
                 self.check_other_data(case, first, noise)
             if i == 0 and "resume" in checks:

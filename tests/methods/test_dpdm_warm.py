@@ -57,7 +57,8 @@ def test_the_stage_is_calibrated_to_its_share_and_the_whole_plan_to_the_budget(m
     assert sigma > alone  # the stage's share costs DP-SGD some noise
 
 
-@pytest.mark.parametrize("mode", ["central", "dp-mepf", "public"])
+# the public selection's releases are also held to the contract (DPDM.contract_cases): its full run is slow-only
+@pytest.mark.parametrize("mode", ["central", "dp-mepf", pytest.param("public", marks=pytest.mark.slow)])
 def test_fit_spends_exactly_the_planned_stage_then_dp_sgd(tiny_npz, tmp_path, mode):
     cache = str(tmp_path / "cache")
     run = tmp_path / "run"
@@ -251,7 +252,8 @@ def test_pretraining_on_fewer_images_than_a_batch_reports_the_batch_it_used():
     assert facts["steps"] == 3 and facts["batch"] == 7 and facts["epochs_done"] == 3.0
 
 
-@pytest.mark.parametrize("mode", ["central", "dp-mepf"])
+# two processes under torchrun: the preset's dp-mepf stage in every run of the suite, central in make test-slow
+@pytest.mark.parametrize("mode", [pytest.param("central", marks=pytest.mark.slow), "dp-mepf"])
 def test_torchrun_warm_start_is_made_once_by_rank_0_and_matches_one_process(tiny_npz, tmp_path, mode):
     """Two processes: rank 0 alone makes the stage's releases; both start DP-SGD from its pretrained weights."""
     import os

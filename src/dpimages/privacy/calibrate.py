@@ -14,22 +14,23 @@ stays below is refused: it cannot be served without an unaccounted tail. Results
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from dpimages.errors import InputError
-from dpimages.privacy.ledger import MIN_NOISE_MULTIPLIER, PrivacyEvent, check_positive, epsilon_pld
+from dpimages.privacy import disk_cache
+from dpimages.privacy.ledger import (
+    COARSE_PLD_INTERVAL,
+    MIN_NOISE_MULTIPLIER,
+    PrivacyEvent,
+    check_positive,
+    epsilon_pld,
+)
 
-SEARCH_INTERVAL = 1e-3
+SEARCH_INTERVAL = COARSE_PLD_INTERVAL
 RELATIVE_TOLERANCE = 1e-3
 MAX_NOISE_MULTIPLIER = 1e4
 
 EventFactory = Callable[[float], Sequence[PrivacyEvent]]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DPIMAGES_CACHE", Path.home() / ".cache" / "dpimages"))
 
 
 def _cache_key(make_events: EventFactory, target_epsilon: float, delta: float) -> str:
@@ -37,33 +38,14 @@ def _cache_key(make_events: EventFactory, target_epsilon: float, delta: float) -
     return json.dumps([probe, target_epsilon, delta, SEARCH_INTERVAL, RELATIVE_TOLERANCE], sort_keys=True)
 
 
-def _load_cache() -> dict:
-    path = cache_dir() / "calibration.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_cache(cache: dict) -> None:
-    path = cache_dir() / "calibration.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"calibration.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache is an optimisation only
-
-
 def calibrate(make_events: EventFactory, target_epsilon: float, delta: float) -> float:
     """Smallest noise multiplier s (within 0.1%) with epsilon(make_events(s)) <= target."""
     check_positive("epsilon", target_epsilon)
     check_positive("delta", delta)
     key = _cache_key(make_events, target_epsilon, delta)
-    cache = _load_cache()
-    if key in cache:
-        return float(cache[key])
+    cached = disk_cache.load("calibration").get(key)
+    if cached is not None:
+        return float(cached)
 
     def eps(sigma: float) -> float:
         return epsilon_pld(make_events(sigma), delta, SEARCH_INTERVAL)
@@ -92,8 +74,7 @@ def calibrate(make_events: EventFactory, target_epsilon: float, delta: float) ->
             hi = mid
         else:
             lo = mid
-    cache[key] = hi
-    _save_cache(cache)
+    disk_cache.store("calibration", key, hi)
     return hi
 
 
