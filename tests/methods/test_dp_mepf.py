@@ -350,7 +350,7 @@ def test_cli_fit_crash_resume_sample(tiny_npz, tmp_path, monkeypatch, capsys):
     original_grid = DPMEPF._grid
 
     def crashing_grid(self, gen, path, per_class=10):
-        if Path(path).name == "grid-000020.png":
+        if Path(path).name == "grid-0000020.png":
             raise _Crash
         return original_grid(self, gen, path, per_class)
 
@@ -397,7 +397,7 @@ def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch, o
     original_grid = DPMEPF._grid
 
     def crashing_grid(self, gen, path, per_class=10):
-        if Path(path).name == "grid-000020.png":
+        if Path(path).name == "grid-0000020.png":
             raise _Crash
         return original_grid(self, gen, path, per_class)
 

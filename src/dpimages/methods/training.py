@@ -147,9 +147,14 @@ class TrainLoop:
     """Steps ``done+1 .. total`` of a training run, with logging, grids, checkpoints and pausing.
 
     The method gives `step` (does step t, returns the values to log: public or noisy only), `checkpoint`
-    (``checkpoint(t, finished)``) and optionally `grid` (``grid(path)``). `run` is None in tests (nothing
-    written); a non-writer rank runs the steps and the clock but writes nothing. `train_s0` is the training
-    time of earlier processes of the run (resume).
+    (``checkpoint(t, finished)``) and optionally `grid` (``grid(path)``; `final_grid` for the last one, `grid`
+    by default). `run` is None in tests (nothing written); a non-writer rank runs the steps and the clock but
+    writes nothing. `train_s0` is the training time of earlier processes of the run (resume).
+
+    `on_time`: what the clock's limit does: ``"pause"`` (checkpoint, a ``paused`` event, `--resume` goes on) or
+    ``"finish"`` (training ends there, as if it were the last step, with a ``time_budget_reached`` event: a
+    post-processing time budget). Values are logged every `log_every` steps, at the last one, and whenever
+    `log_when(values)` says so; `done_values()` adds fields to the ``train_done`` event.
     """
 
     run: Run | None
@@ -165,6 +170,10 @@ class TrainLoop:
     desc: str = "training steps"
     train_s0: float = 0.0
     after_step: Callable[[int], None] | None = None
+    on_time: str = "pause"
+    log_when: Callable[[dict[str, Any]], bool] | None = None
+    done_values: Callable[[], dict[str, Any]] | None = None
+    final_grid: Callable[[Path], None] | None = None
 
     def train_s(self) -> float:
         return self.train_s0 + self.clock.elapsed()
@@ -174,7 +183,7 @@ class TrainLoop:
         writer = self.run is not None and self.run.writer
         bar = tqdm(total=self.total, initial=done, disable=not self.progress, desc=self.desc)
         estimate = TimeEstimate(self.total, done, self.desc, enabled=self.progress)
-        t, first = done, done
+        t, first, timed_out = done, done, False
         try:
             while t < self.total:
                 t += 1
@@ -183,15 +192,19 @@ class TrainLoop:
                 estimate.update(t)
                 if self.after_step is not None:
                     self.after_step(t)
+                reason = self.clock.pause_reason(t - first)
+                timed_out = self.on_time == "finish" and reason is not None
                 if self.run is None:
+                    if timed_out:
+                        break
                     continue
-                if t % self.log_every == 0 or t == self.total:
+                last = t == self.total or timed_out
+                if t % self.log_every == 0 or last or (self.log_when is not None and self.log_when(values)):
                     self.run.log(t, **values)
-                if t == self.total:
+                if last:
                     break
                 if writer and self.grid is not None and t % self.grid_every == 0:
                     self.grid(self.run.grid_path(f"grid-{t:07d}.png"))
-                reason = self.clock.pause_reason(t - first)
                 if writer and (t % self.checkpoint_every == 0 or reason):
                     self.checkpoint(t, False)
                 if reason:
@@ -202,8 +215,13 @@ class TrainLoop:
             bar.close()
         if writer:
             assert self.run is not None
+            if timed_out:
+                self.run.log(t, event="time_budget_reached", max_minutes=self.clock.max_minutes,
+                             planned_steps=self.total)
             self.checkpoint(t, True)
-            if self.grid is not None:
-                self.grid(self.run.grid_path("grid-final.png"))
-            self.run.log(t, event="train_done", steps=self.total, **self.clock.run_times(t - first, self.train_s()))
+            grid = self.final_grid or self.grid
+            if grid is not None:
+                grid(self.run.grid_path("grid-final.png"))
+            self.run.log(t, event="train_done", steps=t, **(self.done_values() if self.done_values else {}),
+                         **self.clock.run_times(t - first, self.train_s()))
         return True

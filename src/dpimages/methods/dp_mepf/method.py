@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
@@ -49,7 +48,7 @@ from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.methods.dp_mepf.matching import matching_loss, released_distance
 from dpimages.methods.dp_mepf.report import report_text
 from dpimages.methods.feature_sources import build_trunks, restore_trunks, trunk_tensors
-from dpimages.methods.training import RunClock, TimeEstimate, ema_update, write_grid
+from dpimages.methods.training import RunClock, TrainLoop, ema_update, write_grid
 from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
@@ -220,31 +219,30 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             for net in (best, ema):
                 if net is not None:
                     net.load_state_dict(gen.state_dict())
-        step = int(info.get("steps", 0)) if resumed else 0
+        done = int(info.get("steps", 0)) if resumed else 0
         best_d, best_step = float(info.get("best_distance", float("inf"))), int(info.get("best_step", -1))
         clock = RunClock(cfg.max_minutes, unit_name="steps",  # the budget covers the whole run
                          elapsed_before=float(info.get("train_s", 0.0)) if resumed else 0.0)
         self.generator = gen
         self.sample_generator = best if cfg.select_best else (gen if ema is None else ema)
 
-        def save(finished: bool) -> None:
+        def save(step: int, finished: bool) -> None:
             info.update(steps=step, best_step=best_step, best_distance=best_d, train_s=round(clock.elapsed(), 2))
             if run is not None:
                 self._checkpoint(ctx, nets, opt, rng, step, finished)
 
         if state.get("finished"):
-            self._finish(ctx, None)
+            self._finish(ctx)
             return
-        if step == 0:  # the release is safe on disk before any training
-            save(False)
+        if done == 0:  # the release is safe on disk before any training
+            save(0, False)
         budget_s = 60.0 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
-        reason: str | None = None
-        estimate = TimeEstimate(cfg.steps, step, "dp-mepf generator steps", enabled=ctx.progress)
-        bar = tqdm(total=cfg.steps, initial=step, disable=not ctx.progress, desc="dp-mepf generator steps "
-                   "(post-processing)")
-        while step < cfg.steps and reason is None:
+
+        def step(t: int) -> dict[str, Any]:
+            nonlocal best_d, best_step, done
+            done = t
             # the learning rate decays with the fraction of steps or of the time budget, whichever is further
-            frac = min(1.0, max(step / max(cfg.steps - 1, 1), clock.elapsed() / budget_s))
+            frac = min(1.0, max((t - 1) / max(cfg.steps - 1, 1), clock.elapsed() / budget_s))
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * (1.0 - (1.0 - cfg.lr_final) * frac)
             y = torch.randint(m1.shape[0], (cfg.batch_size,), generator=rng).to(self.device)
@@ -253,33 +251,31 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-            bar.update()
-            estimate.update(step)
-            reason = clock.pause_reason(step)  # the time budget only: spent -> finish now
-            last = step == cfg.steps or reason is not None
             if ema is not None:
                 ema_update(ema, gen, cfg.ema)
-            candidate = gen if ema is None else ema
-            metrics: dict[str, Any] = {}
-            if step % cfg.eval_every == 0 or last:
-                d = released_distance(candidate, extractor, m1, m2, cfg.z_dim, cfg.eval_per_class * self.num_classes,
+                ema_update(ema, gen, cfg.ema)
+            values: dict[str, Any] = {"loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]}
+            if t % cfg.eval_every == 0 or t == cfg.steps or clock.out_of_time():
+                d = released_distance(candidate(), extractor, m1, m2, cfg.z_dim, cfg.eval_per_class * self.num_classes,
                                       self.device)
-                metrics["released_distance"] = d
+                values["released_distance"] = d
                 if d < best_d:
-                    best_d, best_step = d, step
-                    best.load_state_dict(candidate.state_dict())
-            if run is not None and (step % cfg.log_every == 0 or metrics):  # no time per step
-                run.log(step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"], **metrics)
-            if run is not None and step % cfg.grid_every == 0:
-                self._grid(candidate, run.grid_path(f"grid-{step:06d}.png"))
-            if step % cfg.checkpoint_every == 0 and not last:
-                save(False)
-        bar.close()
-        if reason is not None and run is not None:
-            run.log(step, event="time_budget_reached", max_minutes=cfg.max_minutes, planned_steps=cfg.steps)
-        save(True)
-        self._finish(ctx, clock.run_times(step, clock.elapsed()))
+                    best_d, best_step = d, t
+                    best.load_state_dict(candidate().state_dict())
+            return values  # no time per step
+
+        def candidate() -> ConditionalGenerator:
+            return gen if ema is None else ema
+
+        loop = TrainLoop(
+            run, cfg.steps, step, checkpoint=save, clock=clock, on_time="finish",
+            grid=lambda path: self._grid(candidate(), path), final_grid=lambda path: self._grid(
+                self.sample_generator, path), log_every=cfg.log_every, grid_every=cfg.grid_every,
+            checkpoint_every=cfg.checkpoint_every, progress=ctx.progress,
+            desc="dp-mepf generator steps (post-processing)", log_when=lambda v: "released_distance" in v,
+            done_values=lambda: {"best_step": best_step, "best_released_distance": best_d})
+        loop(done)
+        info.update(steps=done, best_step=best_step, best_distance=best_d, train_s=round(clock.elapsed(), 2))
 
     def _grid(self, gen: ConditionalGenerator, path: Path, per_class: int = 10) -> None:
         """Each class's cells in turn, from the fixed grid seed."""
@@ -305,17 +301,11 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
                              train_rng=rng_state(rng), feature_trunks=n_trunks,
                              sample_weights="best" if cfg.select_best else ("ema" if "ema" in nets else "gen"))
 
-    def _finish(self, ctx: FitContext, times: dict[str, float] | None) -> None:
-        """The final grid and, after training (`times`: whole-run times), the ``train_done`` event."""
-        run = ctx.run
-        if run is None:
-            return
-        assert self.sample_generator is not None
-        self._grid(self.sample_generator, run.grid_path("grid-final.png"))
-        if times is not None:
-            info = self.train_info
-            run.log(info["steps"], event="train_done", steps=info["steps"], best_step=info["best_step"],
-                    best_released_distance=info["best_distance"], **times)
+    def _finish(self, ctx: FitContext) -> None:
+        """A run that had finished: its final grid again (the generator to sample is restored)."""
+        if ctx.run is not None:
+            assert self.sample_generator is not None
+            self._grid(self.sample_generator, ctx.run.grid_path("grid-final.png"))
 
     def report_section(self) -> str:
         """The method's part of report.md: released quantities, neighbouring relation, features, training."""
