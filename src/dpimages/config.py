@@ -80,6 +80,12 @@ FEATURE_CONSTRAINTS: dict[str, Constraint] = {
     "feature_channels": positive_ints(), "public_epochs": at_least(0),
     "feature_pool": non_negative_ints("(0: full map, 1: channel means)"),
 }
+# a method's DP labeller (`dpimages.methods.labeller`): checked for every config that declares the keys
+LABELLER_CONSTRAINTS: dict[str, Constraint] = {
+    "labeller": one_of("none", "relabel", "filter"), "labeller_share": in_range(0, 1, "neither"),
+    "labeller_batch": at_least(1), "labeller_epochs": positive(), "labeller_lr": positive(),
+    "labeller_clip": positive(),
+}
 
 
 @dataclasses.dataclass
@@ -104,7 +110,8 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         names = {f.name for f in dataclasses.fields(self)}
-        for name, rule in {**RUN_CONTROL_CONSTRAINTS, **FEATURE_CONSTRAINTS, **self.constraints}.items():
+        for name, rule in {**RUN_CONTROL_CONSTRAINTS, **FEATURE_CONSTRAINTS, **LABELLER_CONSTRAINTS,
+                           **self.constraints}.items():
             if name not in names:
                 continue
             value = getattr(self, name)
@@ -174,7 +181,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-FEATURE_SOURCES = ("random", "public", "path")
+FEATURE_SOURCES = ("random", "public", "path", "scatter", "random+scatter")
 
 
 def check_feature_source(features: str, feature_path: str | None) -> None:

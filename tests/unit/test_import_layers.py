@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("privacy",),
     ("config", "data"),
     ("nets", "runs"),
-    ("report", "eval", "budget"),
+    ("report", "eval", "budget", "scatter_classifier"),
     ("synthesizer",),
     ("registry",),
     ("methods",),

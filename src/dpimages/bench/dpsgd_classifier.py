@@ -14,6 +14,12 @@ private data. Neighbouring relation: add or remove one image with its label.
 Hyper-parameters are fixed in the presets, with no selection on the
 private images (SGD momentum 0.9, lr 2 was chosen on 3-epoch runs scored on
 the 5,000 held-out Fashion-MNIST validation images, never on the test set).
+
+``dpsgd-classifier+scatter`` (``features="scatter"``): Tramer and Boneh's
+(2021) ScatterNet+linear instead, a linear layer on fixed scattering
+coefficients trained with DP-SGD (`dpimages.methods.labeller`, the same
+code as the methods' DP labeller; schedule `SCATTER_PRESETS`, chosen on the
+validation images with benchmarks/scatter_classifier.py).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from dpimages.nets import SmallCNN, num_parameters
 from dpimages.privacy import NoiseSource, PrivacyLedger, calibrate_dpsgd, validate_budget
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.ledger import NEIGHBOURING
+from dpimages.scatter_classifier import ClassifierSchedule, train_scatter_classifier
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,13 @@ PRESETS: dict[str, ClassifierPreset] = {
 }
 # the classifier is small: on a GPU the same schedule as `cpu` takes minutes
 PRESETS["gpu"] = PRESETS["gpu-short"] = PRESETS["cpu"]
+# features="scatter": batch, epochs, lr, clip (benchmarks/results/scatter_classifier.jsonl)
+SCATTER_PRESETS: dict[str, ClassifierSchedule] = {
+    "smoke": ClassifierSchedule(256, 0.1, 4.0, 0.1),
+    "demo": ClassifierSchedule(4096, 5, 4.0, 0.1),
+    "cpu": ClassifierSchedule(8192, 40, 4.0, 0.1),
+}
+SCATTER_PRESETS["gpu"] = SCATTER_PRESETS["gpu-short"] = SCATTER_PRESETS["cpu"]
 
 
 def schedule(n: int, epsilon: float, preset: ClassifierPreset) -> tuple[int, float, int]:
@@ -102,6 +116,7 @@ def train_dpsgd_classifier(
     progress: bool = True,
     device: str | torch.device | None = None,
     seed: int = 0,
+    features: str = "pixels",
 ) -> dict:
     """Train `SmallCNN` with DP-SGD on `private` at (epsilon, delta); test on `test`.
 
@@ -125,6 +140,8 @@ def train_dpsgd_classifier(
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = len(private)
+    if features == "scatter":
+        return _scatter_classifier(private, test, epsilon, delta, preset, ledger, noise, progress, dev, seed)
     batch, q, steps = schedule(n, epsilon, p)
     sigma = calibrate_dpsgd(epsilon, delta, q, steps)  # public quantities only
 
@@ -173,4 +190,30 @@ def train_dpsgd_classifier(
         "neighbouring": NEIGHBOURING,
         "fit_s": fit_s,
         "hyperparameters": asdict(p),
+    }
+
+
+def _scatter_classifier(private: ImageData, test: ImageData, epsilon: float, delta: float, preset: str,
+                        ledger: PrivacyLedger, noise: NoiseSource, progress: bool, device: torch.device,
+                        seed: int) -> dict:
+    """``features="scatter"``: ScatterNet+linear trained with DP-SGD (same return value as the pixel CNN)."""
+    from dpimages.seeds import seeded_init
+
+    sched = SCATTER_PRESETS[preset]
+    n = len(private)
+    q, steps = sched.steps(n)
+    sigma = calibrate_dpsgd(epsilon, delta, q, steps)  # public quantities only
+    t0 = time.time()
+    model = train_scatter_classifier(private, sched, sigma, ledger=ledger, noise=noise, dataset_size=n,
+                                     label="dpsgd-classifier+scatter", init=seeded_init(seed), device=device,
+                                     progress=progress, desc=f"DP-SGD scattering classifier eps={epsilon:g}")
+    fit_s = time.time() - t0
+    acc = float((model.predict(test.images) == test.labels).mean())
+    return {
+        "method": "dpsgd-classifier+scatter", "preset": preset, "accuracy": acc, "test": test.name,
+        "model": f"ScatterNet+linear ({num_parameters(model)} parameters, GroupNorm; scattering J=2, L=8)",
+        "private": private.name, "dataset_size": n, "epochs": steps * q, "steps": steps, "batch_size": sched.batch_size,
+        "sample_rate": q, "sigma": sigma, "clip_norm": sched.clip_norm, "epsilon_target": epsilon,
+        "epsilon": ledger.epsilon(), "epsilon_rdp": ledger.epsilon_rdp(), "delta": delta,
+        "neighbouring": NEIGHBOURING, "fit_s": fit_s, "hyperparameters": asdict(sched),
     }

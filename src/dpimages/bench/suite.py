@@ -52,7 +52,7 @@ from tqdm import tqdm
 from dpimages import __version__
 from dpimages.errors import DPImagesError, InputError
 
-REFERENCE_METHODS = ("real", "dpsgd-classifier")
+REFERENCE_METHODS = ("real", "dpsgd-classifier", "dpsgd-classifier+scatter")
 RESULT_KEYS = (
     "method", "preset", "epsilon", "delta", "epsilon_spent", "noise_source", "fits", "acc_cnn", "acc_cnn_sd",
     "acc_mlp", "acc_mlp_sd", "acc_logreg", "acc_logreg_sd", "fid", "fid_sd", "kid", "precision", "recall",
@@ -308,14 +308,16 @@ def _run_real(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, r
                  eval_s=round(eval_s, 1), n_samples=len(real.train), privacy="none", noise_source="none"), ev
 
 
-def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, real) -> tuple[dict, None]:  # noqa: ANN001
+def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, real,  # noqa: ANN001
+               scatter: bool = False) -> tuple[dict, None]:
     from dpimages.bench.dpsgd_classifier import train_dpsgd_classifier
     from dpimages.privacy import NoiseSource, PrivacyLedger
     from dpimages.report import render_report
     from dpimages.runs import Run
 
+    method = "dpsgd-classifier+scatter" if scatter else "dpsgd-classifier"
     run = Run(run_dir)
-    run.start(_reference_config(suite, "dpsgd-classifier", epsilon, opts, real), resume=False)
+    run.start(_reference_config(suite, method, epsilon, opts, real), resume=False)
     noise = NoiseSource(opts.seed if opts.insecure_seeded_noise else None)
     ledger = PrivacyLedger(epsilon, suite.delta, path=run.privacy_path, dataset_size=len(real.train),
                            noise_source=noise.kind)
@@ -323,16 +325,16 @@ def _run_dpsgd(suite: Suite, epsilon: float, opts: BenchOptions, run_dir: Path, 
     t = time.time()
     out = train_dpsgd_classifier(real.train, real.test, epsilon=epsilon, delta=suite.delta, preset=opts.preset,
                                  ledger=ledger, noise=noise, progress=opts.progress, device=opts.device,
-                                 seed=opts.seed)
+                                 seed=opts.seed, features="scatter" if scatter else "pixels")
     fit_s = time.time() - t
     ledger.write(exact=True)
-    section = (f"Reference row `dpsgd-classifier`: {out.get('model')} trained with DP-SGD directly on the private "
+    section = (f"Reference row `{method}`: {out.get('model')} trained with DP-SGD directly on the private "
                f"images ({out.get('steps')} steps, sample rate {out.get('sample_rate', 0):.4g}, noise multiplier "
                f"{out.get('sigma', 0):.4g}, clip {out.get('clip_norm')}); test accuracy "
                f"{out['accuracy']:.4f} on {out.get('test')}. No images are generated: only CNN accuracy exists.")
     run.write_report(render_report(run, section))
     detail = {k: out.get(k) for k in ("model", "steps", "sample_rate", "sigma", "clip_norm", "batch_size", "epochs")}
-    return _line(suite, "dpsgd-classifier", epsilon, opts, run_dir, None, acc_cnn=out["accuracy"],
+    return _line(suite, method, epsilon, opts, run_dir, None, acc_cnn=out["accuracy"],
                  epsilon_spent=ledger.epsilon(), epsilon_rdp=ledger.epsilon_rdp(), fit_s=round(fit_s, 1),
                  sample_s=None, eval_s=None, dpsgd=detail), None
 
@@ -467,7 +469,7 @@ def _check_bench(suite_name: str, methods: list[str], epsilons: list[float], opt
         raise InputError(f"--classifiers must be one of {', '.join(CLASSIFIER_SETS)}, got {opts.classifiers!r}")
     if opts.fid_weights is not None and not Path(opts.fid_weights).is_file():
         raise InputError(f"--fid-weights: file not found: {opts.fid_weights}")
-    if "dpsgd-classifier" in methods:
+    if {"dpsgd-classifier", "dpsgd-classifier+scatter"} & set(methods):
         from dpimages.bench.dpsgd_classifier import PRESETS as DPSGD_PRESETS
 
         if opts.preset not in DPSGD_PRESETS:
@@ -533,8 +535,8 @@ def _one_fit(suite: Suite, method: str, eps: float, opts: BenchOptions, run_dir:
     try:
         if method == "real":
             line, ev = _run_real(suite, eps, opts, run_dir, real)
-        elif method == "dpsgd-classifier":
-            line, ev = _run_dpsgd(suite, eps, opts, run_dir, real)
+        elif method in ("dpsgd-classifier", "dpsgd-classifier+scatter"):
+            line, ev = _run_dpsgd(suite, eps, opts, run_dir, real, scatter=method.endswith("+scatter"))
         else:
             line, ev = _run_generator(suite, method, eps, opts, run_dir, real, public)
     except Exception as e:  # noqa: BLE001 - one failed run must not lose the others; reported by run_bench
@@ -643,7 +645,7 @@ def latest_rows(rows: list[dict]) -> list[dict]:
         key = (row_label(r), r["preset"], r["epsilon"], r.get("eval_mode"), r.get("feature_net"), is_seeded(r),
                pre_fix(r) is None)
         latest[key] = r
-    ref_order = {"real": 0, "dpsgd-classifier": 1}
+    ref_order = {"real": 0, "dpsgd-classifier": 1, "dpsgd-classifier+scatter": 1}
     return sorted(latest.values(), key=lambda r: (r["preset"], ref_order.get(r["method"], 2), row_label(r),
                                                   r["epsilon"], not is_seeded(r), pre_fix(r) is None))
 
@@ -756,7 +758,7 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
                 if not pts:
                     continue
                 xs, ys, sds = zip(*pts, strict=True)
-                style = "--" if method == "real" else ":" if method == "dpsgd-classifier" else "-"
+                style = "--" if method == "real" else ":" if method.startswith("dpsgd-classifier") else "-"
                 ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * s for s in sds] if any(sds) else None,
                             fmt=style, marker="o", capsize=3, color=colours[(method, preset)],
                             label=f"{method} ({preset})")
@@ -791,6 +793,10 @@ HEADLINE: dict[str, tuple[str, str]] = {
 }
 
 
+REFERENCE_ROWS = {"dpsgd-classifier": "DP-SGD CNN on the private images",
+                  "dpsgd-classifier+scatter": "DP-SGD linear classifier on scattering features"}
+
+
 def render_headline(rows: list[dict], image_root: str = "benchmarks/results/") -> str:
     """The README's headline table: each method's current default at epsilon 1 and 10 (CNN accuracy, mean ± sd
     over fits; FID; fit minutes), its epsilon-10 grid and when to use it, from the same results as `render_table`.
@@ -818,13 +824,16 @@ def render_headline(rows: list[dict], image_root: str = "benchmarks/results/") -
         thumb = f"<img src=\"{image_root}{grid.split('results/', 1)[-1]}\" width=\"120\">" if grid else "-"
         name = f"`{method}`" + ("" if label == method else f" (`{label}`)")
         out.append(f"| {name} | {accs} | {fids} | {mins} | {thumb} | {when} |")
-    ref = [r for r in latest_rows(rows) if r["method"] == "dpsgd-classifier" and r["preset"] == "cpu"]
-    if ref:
+    for ref_method, what in REFERENCE_ROWS.items():
+        ref = [r for r in latest_rows(rows) if r["method"] == ref_method and r["preset"] == "cpu"]
+        if not ref:
+            continue
         by_eps = {r["epsilon"]: r for r in ref}
-        accs = " / ".join(pct(by_eps[e]["acc_cnn"]) + (" (seeded)" if is_seeded(by_eps[e]) else "")
+        accs = " / ".join(_cell(by_eps[e], "acc_cnn", pct) + (" (seeded)" if is_seeded(by_eps[e]) else "")
                           if e in by_eps else "-" for e in (1.0, 10.0))
-        out.append(f"| reference: DP-SGD CNN on the private images (`dpsgd-classifier`) | {accs} | - | - | - | the "
-                   "ceiling a generator chases: what training directly with DP-SGD gives |")
+        mins = " / ".join(_minutes(by_eps[e].get("fit_s")) if e in by_eps else "-" for e in (1.0, 10.0))
+        out.append(f"| reference: {what} (`{ref_method}`) | {accs} | - | {mins} | - | the ceiling a generator "
+                   "chases: what training a classifier directly with DP-SGD gives |")
     return "\n".join(out) + "\n"
 
 

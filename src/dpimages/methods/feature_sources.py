@@ -2,7 +2,9 @@
 and their part of a checkpoint.
 
 Privacy contract: nothing here reads private data. A trunk is seeded random
-(``features=random``, public seeds ``feature_seed + i``), trained on the
+(``features=random``, public seeds ``feature_seed + i``), a scattering
+transform (``features=scatter``: fixed wavelets, no parameters and no data;
+``random+scatter``: both, concatenated), trained on the
 labelled public set (``features=public``) or loaded from a path
 (``features=path``, recorded by its SHA-256 so that a resumed run refuses
 changed weights). The private images only meet these trunks inside a
@@ -24,7 +26,14 @@ from dpimages.config import MethodConfig
 from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.filehash import file_sha256
-from dpimages.nets.feature_extractors import ConvTrunk, Trunk, load_trunk, random_conv_trunk, train_conv_trunk
+from dpimages.nets.feature_extractors import (
+    ConvTrunk,
+    ScatterTrunk,
+    Trunk,
+    load_trunk,
+    random_conv_trunk,
+    train_conv_trunk,
+)
 from dpimages.runs import prefixed, unprefixed
 
 
@@ -40,17 +49,34 @@ def _arch(cfg: MethodConfig) -> tuple[int, str, str, int]:
             getattr(cfg, "vgg_resize", 0))
 
 
+SCATTER_SCALES = 2  # J: 2^J-pixel blocks (7x7 maps at 28x28)
+SCATTER_ORIENTATIONS = 8  # L
+
+
+def _scatter_trunk(channels: int, image_size: tuple[int, int]) -> ScatterTrunk:
+    return ScatterTrunk(channels, image_size, SCATTER_SCALES, SCATTER_ORIENTATIONS)
+
+
 def build_trunks(cfg: MethodConfig, channels: int, public: ImageData | None,
-                 log: Callable[..., None] | None = None) -> tuple[list[Trunk], dict[str, Any]]:
+                 log: Callable[..., None] | None = None,
+                 image_size: tuple[int, int] | None = None) -> tuple[list[Trunk], dict[str, Any]]:
     """The feature trunks for images of `channels` channels, and their public facts (``train_info["features"]``).
 
-    `log` receives the public training's per-epoch values (``features=public``).
+    `log` receives the public training's per-epoch values (``features=public``). `image_size` (H, W) is
+    needed by the scattering sources (their filters are built for one size).
     """
     kernel, act, tap, resize = _arch(cfg)
-    if cfg.features == "random":
-        seeds = [cfg.feature_seed + i for i in range(getattr(cfg, "feature_nets", 1))]
-        return [random_conv_trunk(s, channels, cfg.feature_channels, kernel, act, tap) for s in seeds], {
-            "source": "random", "seeds": seeds}
+    if cfg.features in ("random", "random+scatter", "scatter"):
+        seeds = ([] if cfg.features == "scatter" else
+                 [cfg.feature_seed + i for i in range(getattr(cfg, "feature_nets", 1))])
+        trunks: list[Trunk] = [random_conv_trunk(s, channels, cfg.feature_channels, kernel, act, tap) for s in seeds]
+        facts: dict[str, Any] = {"source": cfg.features, "seeds": seeds}
+        if cfg.features != "random":
+            if image_size is None:
+                raise ValueError("scattering features need the image size")
+            trunks.append(_scatter_trunk(channels, image_size))
+            facts["scattering"] = trunks[-1].config()
+        return trunks, facts
     if cfg.features == "public":
         if public is None:
             raise InputError("features=public needs public data: pass --public SPEC (e.g. mnist-5k)")
@@ -93,9 +119,12 @@ def restore_trunks(cfg: MethodConfig, channels: int, tensors: dict[str, torch.Te
             raise InputError(f"--resume: feature weights {path} changed since the run started")
         trunk, _ = load_trunk(path, tap=tap, resize=resize)
         return [trunk]
+    scatter = features.get("scattering")
     trunks: list[Trunk] = []
-    for i in range(count):
+    for i in range(count - (scatter is not None)):
         t = ConvTrunk(channels, cfg.feature_channels, kernel, act, tap)
         t.load_state_dict(unprefixed(f"feat{i}", tensors))
         trunks.append(t)
+    if scatter is not None:  # no weights: rebuilt from its public settings
+        trunks.append(ScatterTrunk(channels, tuple(scatter["image_size"]), scatter["scales"], scatter["orientations"]))
     return trunks

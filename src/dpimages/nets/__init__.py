@@ -1,5 +1,5 @@
 """Neural networks shared by methods, evaluation and benchmarks."""
 
-from dpimages.nets.classifiers import MLP, SmallCNN, num_parameters
+from dpimages.nets.classifiers import MLP, ScatterCNN, SmallCNN, num_parameters
 
-__all__ = ["MLP", "SmallCNN", "num_parameters"]
+__all__ = ["MLP", "ScatterCNN", "SmallCNN", "num_parameters"]

@@ -63,6 +63,33 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class ScatterCNN(nn.Module):
+    """Tramer and Boneh's (2021) classifiers on scattering coefficients, not on pixels.
+
+    Input: coefficients (N, K, h, w) from `dpimages.nets.scattering.Scattering` (computed once per image,
+    outside the model). GroupNorm (a per-example normalisation, ``groups`` groups, no batch statistics),
+    then with ``channels=()`` a linear layer ("ScatterNet+linear"), else conv 3x3 (c1) - tanh - maxpool 2 -
+    conv 3x3 (c2) - tanh - linear (hidden) - tanh - linear (classes) ("ScatterNet+CNN").
+    """
+
+    def __init__(self, in_channels: int = 81, num_classes: int = 10, size: tuple[int, int] = (7, 7),
+                 channels: tuple[int, ...] = (), hidden: int = 32, groups: int = 27) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.GroupNorm(group_count(in_channels, groups), in_channels)]
+        if channels:
+            c1, c2 = channels
+            layers += [nn.Conv2d(in_channels, c1, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
+                       nn.Conv2d(c1, c2, 3, padding=1), nn.Tanh()]
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():  # shapes only, no data
+            n_flat = self.features(torch.zeros(1, in_channels, *size)).numel()
+        self.head = (nn.Sequential(nn.Flatten(), nn.Linear(n_flat, hidden), nn.Tanh(), nn.Linear(hidden, num_classes))
+                     if channels else nn.Sequential(nn.Flatten(), nn.Linear(n_flat, num_classes)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 class MLP(nn.Module):
     """Flatten - (linear - tanh) x len(hidden) - linear."""
 

@@ -240,7 +240,44 @@ class VGGTrunk(nn.Module):
         return out
 
 
-Trunk = ConvTrunk | VGGTrunk
+class ScatterTrunk(nn.Module):
+    """Scattering coefficients as a trunk (no parameters, no data): taps ``s0``, ``s1``, ``s2``, the orders.
+
+    Order 0 is the low-pass image, orders 1 and 2 the low-passed moduli of one and two wavelet
+    filterings (`dpimages.nets.scattering.Scattering`). Every coefficient is non-negative.
+    """
+
+    arch = "scatter"
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], scales: int = 2, orientations: int = 8,
+                 tap: str = "post") -> None:
+        from dpimages.nets.scattering import Scattering
+
+        super().__init__()
+        self.in_channels, self.tap = int(in_channels), tap
+        self.scattering = Scattering(image_size, in_channels, scales, orientations)
+        j, ell = scales, orientations
+        self._orders = (1, j * ell, ell * ell * j * (j - 1) // 2)
+
+    def config(self) -> dict[str, Any]:
+        s = self.scattering
+        return {"arch": "scatter", "in_channels": self.in_channels, "image_size": list(s.image_size),
+                "scales": s.scales, "orientations": s.orientations}
+
+    def layer_names(self) -> list[str]:
+        return ["s0", "s1", "s2"]
+
+    def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        coeffs = self.scattering(x)  # (N, C * K, h, w), channel-major
+        n, _, h, w = coeffs.shape
+        coeffs = coeffs.view(n, self.in_channels, sum(self._orders), h, w)
+        parts = torch.split(coeffs, self._orders, dim=2)
+        want = set(layers or self.layer_names())
+        return {name: part.reshape(n, -1, h, w) for name, part in zip(self.layer_names(), parts, strict=True)
+                if name in want}
+
+
+Trunk = ConvTrunk | VGGTrunk | ScatterTrunk
 
 
 # -- the embedding -------------------------------------------------------------------------
@@ -271,16 +308,17 @@ class FeatureExtractor(nn.Module):
     ) -> None:
         super().__init__()
         self.trunks = nn.ModuleList(trunks)
-        names = trunks[0].layer_names()
-        self.layers = list(layers) or names
-        for t in trunks:
+        # `layers` name the learnt (conv or VGG) trunks' taps; a scattering trunk always gives all its orders
+        learnt = [t for t in trunks if not isinstance(t, ScatterTrunk)]
+        self.layers = list(layers) or (learnt[0].layer_names() if learnt else [])
+        for t in learnt:
             bad = [n for n in self.layers if n not in t.layer_names()]
             if bad:
                 raise InputError(f"feature_layers {bad} not in the network's layers {t.layer_names()}")
         pools = list(pool)
         if len(pools) == 1:
-            pools = pools * len(self.layers)
-        if len(pools) != len(self.layers) or any(p < 0 for p in pools):
+            pools = pools * max(len(self.layers), 1)
+        if (learnt and len(pools) != len(self.layers)) or any(p < 0 for p in pools):
             raise InputError(f"feature_pool must be one int >= 0 or one per layer ({len(self.layers)}), got {pool}")
         self.pools = pools
         self.second_moment = bool(second_moment)
@@ -295,8 +333,11 @@ class FeatureExtractor(nn.Module):
     def _blocks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         first, second = [], []
         for t in self.trunks:
-            maps = t(x, self.layers)
-            for name, p in zip(self.layers, self.pools, strict=True):
+            scatter = isinstance(t, ScatterTrunk)
+            names = t.layer_names() if scatter else self.layers
+            pools = [0] * len(names) if scatter else self.pools  # scattering maps are already pooled (2^J)
+            maps = t(x, names)
+            for name, p in zip(names, pools, strict=True):
                 m = maps[name]
                 if p == 0:
                     first.append(m.flatten(1))
@@ -439,7 +480,9 @@ def trunk_from_config(cfg: dict[str, Any], tap: str) -> Trunk:
         return ConvTrunk(cfg["in_channels"], cfg["channels"], cfg.get("kernel", 3), cfg.get("act", "relu"), tap)
     if cfg.get("arch") == "vgg":
         return VGGTrunk([tuple(x) for x in cfg["layout"]], tap=tap, resize=cfg.get("resize", 0))
-    raise InputError(f"unknown feature architecture {cfg.get('arch')!r} (expected conv or vgg)")
+    if cfg.get("arch") == "scatter":
+        return ScatterTrunk(cfg["in_channels"], tuple(cfg["image_size"]), cfg["scales"], cfg["orientations"])
+    raise InputError(f"unknown feature architecture {cfg.get('arch')!r} (expected conv, vgg or scatter)")
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

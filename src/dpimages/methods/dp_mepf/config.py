@@ -16,7 +16,9 @@ class DPMEPFConfig(RunControl):
     Feature source (``features``): ``random`` (seeded random conv nets, no
     data), ``public`` (a conv net trained at fit time on ``--public``), or
     ``path`` (``feature_path``: a directory from ``dpimages features train``
-    or a torchvision-style VGG state dict). Budget weights split the
+    or a torchvision-style VGG state dict), ``scatter`` (a scattering
+    transform: fixed wavelets, no data) or ``random+scatter`` (both,
+    concatenated). Budget weights split the
     precision (1/sigma^2) of the one-shot release between the first-moment
     sums, the second-moment sums and the class counts. ``cell_bits = b > 0``
     (our extension) splits each class into ``2**b`` cells by hyperplanes
@@ -30,7 +32,9 @@ class DPMEPFConfig(RunControl):
     the generator training time: the learning rate then decays with the
     elapsed share of that time when it is ahead of the step count, and
     training stops when it is spent (post-processing only; no privacy
-    effect).
+    effect). ``labeller`` (``none``, ``relabel``, ``filter``) trains a DP
+    labeller with ``labeller_share`` of epsilon in the same plan and
+    relabels or filters the samples with it (`dpimages.methods.labeller`).
     """
 
     # feature network
@@ -75,12 +79,20 @@ class DPMEPFConfig(RunControl):
     grid_every: int = 1000
     checkpoint_every: int = 1000
     embed_chunk: int = 500
+    # DP labeller (`dpimages.methods.labeller`): samples relabelled or filtered by a DP-SGD scattering classifier
+    # trained on the private images with `labeller_share` of epsilon, in the same joint plan
+    labeller: str = "none"
+    labeller_share: float = 0.25
+    labeller_batch: int = 8192
+    labeller_epochs: float = 40.0
+    labeller_lr: float = 4.0
+    labeller_clip: float = 0.1
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {
             "feature_channels": (8, 16), "public_epochs": 1, "gen_channels": 8, "z_dim": 8, "batch_size": 32,
             "steps": 30, "eval_every": 10, "eval_per_class": 4, "log_every": 5, "grid_every": 20,
-            "checkpoint_every": 10,
+            "checkpoint_every": 10, "labeller_batch": 64, "labeller_epochs": 0.01,
         },
         "cpu": {"gen_channels": 16, "steps": 1500, "max_minutes": 20.0},
         "gpu": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 20000, "eval_every": 1000,

@@ -48,11 +48,22 @@ from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.methods.dp_mepf.matching import matching_loss, released_distance
 from dpimages.methods.dp_mepf.report import report_text
 from dpimages.methods.feature_sources import build_trunks, restore_trunks, trunk_tensors
+from dpimages.methods.labeller import (
+    LabellerPlan,
+    has_labeller,
+    label_samples,
+    labeller_tensors,
+    plan_labeller,
+    restore_labeller,
+    schedule_from,
+)
+from dpimages.methods.prior import refuse_spent_stage
 from dpimages.methods.training import RunClock, TrainLoop, ema_update, write_grid
 from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
 from dpimages.runs import Run, load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
+from dpimages.scatter_classifier import ScatterClassifier, train_scatter_classifier
 from dpimages.synthesizer import FitContext
 
 
@@ -79,6 +90,13 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         self.cell_bits = max(config.cell_bits, 0)
         self._sample_prefix = "best"
         self._trunks: tuple[list, dict] | None = None
+        self.labeller: ScatterClassifier | None = None
+
+    @classmethod
+    def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
+        """The DP labeller stage (its DP-SGD steps before the release, then filtering) and scattering features,
+        which the smoke preset leaves off."""
+        return [{"name": "labeller", "overrides": ["features=random+scatter", "labeller=filter"]}]
 
     # -- building blocks -----------------------------------------------------------------
     def _new_generator(self) -> ConditionalGenerator:
@@ -104,7 +122,8 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             return cfg.cell_bits
         w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, 1,
                         cfg.weight_centres)
-        _, plan = rel.calibrate_plan(epsilon, delta, w, 2)
+        labeller = plan_labeller(cfg, n_images, epsilon, delta)
+        _, plan = rel.calibrate_plan(epsilon, delta, w, 2, [] if labeller is None else labeller.events())
         return rel.auto_cell_bits(plan.noise_first, dims_first, n_images / self.num_classes, cfg.cell_noise)
 
     def _rows(self, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -129,19 +148,22 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         """The feature trunks (random, or trained on PUBLIC data), built once per synthesizer and then reused."""
         if self._trunks is None:
             log = None if run is None else partial(run.log, 0, event="public_feature_training")
-            self._trunks = build_trunks(self.config, channels, public, log)
+            self._trunks = build_trunks(self.config, channels, public, log, self.image_shape[:2])
         return self._trunks
 
-    def _plan(self, n: int, dims: tuple[int, ...], epsilon: float, delta: float) -> tuple[rel.Weights, float,
-                                                                                           rel.ReleasePlan]:
-        """Budget weights, common scale and release plan for N = `n` images at (epsilon, delta); sets the cells."""
+    def _plan(self, n: int, dims: tuple[int, ...], epsilon: float, delta: float) -> tuple[
+            rel.Weights, float, rel.ReleasePlan, LabellerPlan | None]:
+        """Budget weights, common scale and release plan for N = `n` images at (epsilon, delta), and the DP
+        labeller's stage (calibrated to its share first; the release over both); sets the cells."""
         cfg = self.config
         if self.released is None:
             self.cell_bits = self._resolve_cell_bits(n, dims[0], epsilon, delta)
         w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, self.cell_bits,
                         cfg.weight_centres)
-        scale, plan = rel.calibrate_plan(epsilon, delta, w, self.cells)
-        return w, scale, plan
+        labeller = plan_labeller(cfg, n, epsilon, delta)
+        before = [] if labeller is None else labeller.events()
+        scale, plan = rel.calibrate_plan(epsilon, delta, w, self.cells, before)
+        return w, scale, plan, labeller
 
     def planned_events(self, private: ImageData, public: ImageData | None, epsilon: float,
                        delta: float, *, dataset_size: int) -> list[PrivacyEvent]:
@@ -155,7 +177,8 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         cfg = self.config
         dims = FeatureExtractor(trunks, cfg.feature_layers, cfg.feature_pool, cfg.second_moment,
                                 cfg.feature_balance).dims((channels, *self.image_shape[:2]))
-        return self._plan(dataset_size, dims, epsilon, delta)[2].events()
+        _, _, plan, labeller = self._plan(dataset_size, dims, epsilon, delta)
+        return [*([] if labeller is None else labeller.events()), *plan.events()]
 
     # -- fit ----------------------------------------------------------------------------
     def fit(self, private: ImageData, public: ImageData | None, ctx: FitContext) -> None:
@@ -179,8 +202,12 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
                                      cfg.feature_balance).to(self.device)
         self.extractor = extractor
         dims = extractor.dims((channels, *self.image_shape[:2]))
-        w, scale, plan = self._plan(ctx.public_size(private), dims, ctx.target_epsilon, ctx.ledger.delta)
+        w, scale, plan, labeller = self._plan(ctx.public_size(private), dims, ctx.target_epsilon, ctx.ledger.delta)
         self.train_info["release"] = {"scale": scale, "weights": list(w), "dims": list(dims), **asdict(plan)}
+        if labeller is not None:
+            self.train_info["labeller"] = labeller.describe()
+            ctx.ledger.reserve(*labeller.events(), *plan.events())  # the joint plan, before any private read
+            self._fit_labeller(labeller, private, ctx, tensors)
         if self.released is None:
             self._set_released(rel.release(
                 extractor, private.to_tensor(self.device), private.label_tensor(self.device), self.num_classes, plan,
@@ -194,6 +221,18 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
                         noise_second=plan.noise_second, noise_counts=plan.noise_counts,
                         noisy_counts=[round(float(v), 1) for v in self.released.counts])
         self._train(ctx, tensors, state)
+
+    def _fit_labeller(self, plan: LabellerPlan, private: ImageData, ctx: FitContext,
+                      tensors: dict[str, torch.Tensor]) -> None:
+        """The DP labeller: restored from the checkpoint, or trained with DP-SGD (its reserved stage)."""
+        if has_labeller(tensors):
+            self.labeller = restore_labeller(plan.schedule, self.image_shape, self.num_classes, tensors, self.device)
+            return
+        refuse_spent_stage(ctx.ledger, plan.events(), "labeller")
+        self.labeller = train_scatter_classifier(
+            private, plan.schedule, plan.noise_multiplier, ledger=ctx.ledger, noise=ctx.noise,
+            dataset_size=ctx.public_size(private), label=plan.events()[0].label, init=ctx.seeded_init("labeller"),
+            device=self.device, progress=ctx.progress, desc="dp-mepf labeller DP-SGD steps")
 
     def _train(self, ctx: FitContext, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """Post-processing: fit the generator to the released means, keep the weights closest to them."""
@@ -295,7 +334,8 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         tensors = {k: v for prefix, net in nets.items() for k, v in prefixed(prefix, net.state_dict()).items()}
         opt_tensors, opt_groups = optimizer_tensors("opt", opt)
         feature_tensors, n_trunks = trunk_tensors(self.config, self.extractor.trunks)
-        tensors.update({**opt_tensors, **self.released.tensors(), **feature_tensors})
+        tensors.update({**opt_tensors, **self.released.tensors(), **feature_tensors,
+                        **({} if self.labeller is None else labeller_tensors(self.labeller))})
         cfg = self.config
         self.save_checkpoint(ctx, tensors, step=step, finished=finished, optimizer=opt_groups,
                              train_rng=rng_state(rng), feature_trunks=n_trunks,
@@ -321,13 +361,20 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         g = torch.Generator().manual_seed(int(seed or 0))
         gen = self.sample_generator
         gen.eval()
-        out = []
-        with torch.no_grad():
-            for i in range(0, n, 1000):
-                y = self._rows(torch.from_numpy(labels[i : i + 1000]), g).to(self.device)
+
+        @torch.no_grad()
+        def generate(wanted: np.ndarray) -> np.ndarray:
+            out = [np.zeros((0, *self.image_shape), np.uint8)]
+            for i in range(0, len(wanted), 1000):
+                y = self._rows(torch.from_numpy(wanted[i : i + 1000]), g).to(self.device)
                 z = torch.randn(len(y), self.config.z_dim, generator=g).to(self.device)
                 out.append(to_uint8(gen(z, y)))
-        return ImageData(np.concatenate(out), labels, list(self.classes), "dp-mepf samples")
+            return np.concatenate(out)
+
+        if self.labeller is None:
+            return ImageData(generate(labels), labels, list(self.classes), "dp-mepf samples")
+        images, labels = label_samples(self.labeller, self.config.labeller, labels, generate)
+        return ImageData(images, labels, list(self.classes), f"dp-mepf samples ({self.config.labeller}ed)")
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "cell_bits": self.cell_bits,
@@ -342,7 +389,11 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.sample_generator is None:
             raise InputError("dp-mepf: nothing to save before fit")
-        return prefixed("best", self.sample_generator.state_dict())
+        return {**prefixed("best", self.sample_generator.state_dict()),
+                **({} if self.labeller is None else labeller_tensors(self.labeller))}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.sample_generator = load_frozen(self._new_generator, self._sample_prefix, tensors, self.name, self.device)
+        if self.config.labeller != "none" and has_labeller(tensors):
+            self.labeller = restore_labeller(schedule_from(self.config), self.image_shape, self.num_classes, tensors,
+                                             self.device)

@@ -42,7 +42,7 @@ sensitivity 1: the same computation as `clipped_gaussian_class_sums`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,11 +112,16 @@ def plan_for(scale: float, w: Weights, cells: int = 1) -> ReleasePlan:
     )
 
 
-def calibrate_plan(epsilon: float, delta: float, w: Weights, cells: int = 1) -> tuple[float, ReleasePlan]:
-    """The smallest common scale s whose planned events meet (epsilon, delta); runs before data is read."""
+def calibrate_plan(epsilon: float, delta: float, w: Weights, cells: int = 1,
+                   before: Sequence[PrivacyEvent] = ()) -> tuple[float, ReleasePlan]:
+    """The smallest common scale s whose planned events meet (epsilon, delta); runs before data is read.
+
+    `before`: fixed events of an earlier stage of the same run (a DP labeller), composed with these.
+    """
     if (cells > 1) != (w[3] > 0):
         raise ValueError("cells per class > 1 needs a centres weight > 0, and only then")
-    scale = calibrate(lambda s: plan_for(s, w, cells).events(), epsilon, delta)
+    fixed = list(before)
+    scale = calibrate(lambda s: [*fixed, *plan_for(s, w, cells).events()], epsilon, delta)
     return scale, plan_for(scale, w, cells)
 
 

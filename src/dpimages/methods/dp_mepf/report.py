@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dpimages.methods.dp_mepf.config import DPMEPFConfig
+from dpimages.methods.labeller import labeller_text
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 
 
@@ -72,6 +73,8 @@ def report_text(cfg: DPMEPFConfig, num_classes: int, cell_bits: int, info: dict[
     ]
     if "release" in info:
         lines += _released_lines(cfg, num_classes, cell_bits, info["release"])
+    if "labeller" in info:
+        lines += ["", labeller_text(info["labeller"])]
     lines += [
         "",
         "Sensitivity: each image's feature vector has norm 1 (clipped to 1); classes (and cells) are "

@@ -166,5 +166,8 @@ class PublicModelConfig(MethodConfig):
     }
 
     def check(self) -> None:
+        if self.features == "random+scatter":
+            raise InputError("pe votes in one feature network: use features=random or features=scatter, "
+                             "not random+scatter")
         if self.channels % self.num_heads:
             raise InputError(f"channels ({self.channels}) must be divisible by num_heads ({self.num_heads})")

@@ -194,7 +194,7 @@ class PE(TrainedSynthesizer[PEConfig]):
             if ctx.run is not None:
                 ctx.run.log(0, event="public_feature_training", **kv)
 
-        (trunk,), facts = build_trunks(self.config, self.image_shape[2], public, log)
+        (trunk,), facts = build_trunks(self.config, self.image_shape[2], public, log, self.image_shape[:2])
         return trunk, facts
 
     def _set_trunk(self, trunk: Trunk) -> None:
