@@ -389,7 +389,7 @@ def test_cli_fit_crash_resume_sample(tiny_npz, tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not empty" in err
 
 
-@pytest.mark.parametrize("overrides", [[], ["cell_bits=2"]])
+@pytest.mark.parametrize("overrides", [[], ["cell_bits=2"], ["features=random+scatter", "labeller=filter"]])
 def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch, overrides):
     data = load(f"npz:{tiny_npz}")
     straight = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "a", preset="smoke", overrides=overrides,
@@ -408,7 +408,7 @@ def test_resumed_fit_equals_uninterrupted_fit(tiny_npz, tmp_path, monkeypatch, o
     monkeypatch.setattr(DPMEPF, "_grid", original_grid)
     resumed = fit_run("dp-mepf", data, epsilon=1.0, run_dir=tmp_path / "b", preset="smoke", overrides=overrides,
                       resume=True, progress=False, insecure_seeded_noise=True)
-    assert resumed.synthesizer.cells == straight.synthesizer.cells == (4 if overrides else 1)
+    assert resumed.synthesizer.cells == straight.synthesizer.cells == (4 if "cell_bits=2" in overrides else 1)
     assert [e.label for e in resumed.ledger.events] == [e.label for e in straight.ledger.events]
     a, b = straight.synthesizer.state_dict(), resumed.synthesizer.state_dict()
     assert a.keys() == b.keys()

@@ -127,6 +127,10 @@ class PEConfig(MethodConfig):
             return [self.degree_start]
         return [self.degree_start + (self.degree_end - self.degree_start) * i / (t - 1) for i in range(t)]
 
+    def check(self) -> None:
+        if self.features == "random+scatter":
+            raise InputError("pe votes in one feature network: use features=random or features=scatter, "
+                             "not random+scatter")
 
 
 @dataclass
@@ -166,8 +170,5 @@ class PublicModelConfig(MethodConfig):
     }
 
     def check(self) -> None:
-        if self.features == "random+scatter":
-            raise InputError("pe votes in one feature network: use features=random or features=scatter, "
-                             "not random+scatter")
         if self.channels % self.num_heads:
             raise InputError(f"channels ({self.channels}) must be divisible by num_heads ({self.num_heads})")
