@@ -9,7 +9,7 @@ benchmarks/results/scatter_classifier.jsonl.
     python benchmarks/scatter_classifier.py --epsilons 1,10 --schedules 4096:30:4:0.1 8192:40:4:0.1
 
 A schedule is BATCH:EPOCHS:LR:CLIP. The validation images are private data too: a choice made here
-is a choice made on Fashion-MNIST, stated as such in docs/methods.md, not one made on a user's data.
+is a choice made on Fashion-MNIST, stated as such in docs/dp-mepf.md, not one made on a user's data.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ transform at import time, and scipy 1.17 removed that name in favour of
 re-ordering of the new function (``sph_harm(m, n, theta, phi) ==
 sph_harm_y(n, m, phi, theta)``) before kymatio is imported; the 2-D transform
 used here never calls it. A shim keeps the maintained filter bank and avoids
-pinning scipy below what the rest of the stack needs (docs/methods.md).
+pinning scipy below what the rest of the stack needs (docs/dp-mepf.md).
 
 For a 28x28 image, J=2 and L=8 give 1 + J L + L^2 J (J - 1) / 2 = 81
 coefficient maps of 7x7 per channel.
