@@ -3,8 +3,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-# Slow tests are excluded by default (pyproject addopts); `make test-slow` runs them.
-PYTEST_FLAGS ?= -q
+# Slow tests are excluded by default (pyproject addopts); `make test-slow` runs them. The tests run on one torch
+# thread each (tests/conftest.py), so two pytest-xdist workers use both cores; one file stays in one worker, so its
+# module fixtures (shared fits) are made once.
+PYTEST_FLAGS ?= -q -n 2 --dist loadfile
 
 .PHONY: install data demo test test-slow lint bench clean
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DPIMAGES_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    """One calibration and evaluation-network cache per test session, shared by its xdist workers (each worker's
+    base temp is a sub-folder of the session's; the caches write atomically)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    monkeypatch.setenv("DPIMAGES_CACHE", str(base / "cache"))
 
 
 @pytest.fixture
