@@ -3,8 +3,11 @@
 `MethodSynthesizer` is the base of every method: a device (`to`), the first
 step of ``fit`` (`begin_fit`) and the checks of a ``sample`` request
 (`checked_labels`). `TrainedSynthesizer` adds ``train_info``, the facts of a
-training run that are saved in the checkpoint. Nothing here reads private data
-or touches the ledger.
+training run that are saved in the checkpoint, and the DP labeller stage
+(`labeller_plan`, `fit_labeller`, applied by `sample_in_batches`) that a
+method whose config has the ``labeller`` keys runs in its joint plan.
+Nothing here reads private data or touches the ledger except `fit_labeller`,
+which trains through `dpimages.scatter_classifier` (DP-SGD, reserved plan).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import torch
 
 from dpimages.data import ImageData, to_uint8
 from dpimages.errors import InputError
+from dpimages.methods import labeller as lab
+from dpimages.methods.prior import refuse_spent_stage
 from dpimages.runs import prefixed, unprefixed
+from dpimages.scatter_classifier import ScatterClassifier, train_scatter_classifier
 from dpimages.synthesizer import ConfigT, FitContext, Synthesizer
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -28,6 +34,8 @@ class MethodSynthesizer(Synthesizer[ConfigT]):
 
     # attributes holding the networks used for sampling, moved by `to`
     device_modules: ClassVar[tuple[str, ...]] = ()
+    # a fitted DP labeller (`TrainedSynthesizer.fit_labeller`): `sample_in_batches` relabels or filters with it
+    labeller: ScatterClassifier | None = None
 
     def __init__(self, config: ConfigT) -> None:
         super().__init__(config)
@@ -73,11 +81,21 @@ class MethodSynthesizer(Synthesizer[ConfigT]):
     def sample_in_batches(self, n: int, labels: np.ndarray | None, seed: int | None, batch: int,
                           generate: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> ImageData:
         """`n` samples (balanced classes when `labels` is None): ``generate(labels, g)`` batch by batch, from one
-        generator seeded with `seed` (0 when None); images in [-1, 1] (N, C, H, W) become uint8 (N, H, W, C)."""
+        generator seeded with `seed` (0 when None); images in [-1, 1] (N, C, H, W) become uint8 (N, H, W, C).
+        With a fitted DP labeller, the images are relabelled or filtered by it (post-processing)."""
         labels = self.checked_labels(n, labels)
         g = torch.Generator().manual_seed(int(seed or 0))
-        out = [to_uint8(generate(torch.from_numpy(labels[i : i + batch]), g)) for i in range(0, n, batch)]
-        return ImageData(np.concatenate(out), labels, list(self.classes), f"{self.name} samples")
+
+        def draw(wanted: np.ndarray) -> np.ndarray:
+            out = [to_uint8(generate(torch.from_numpy(wanted[i : i + batch]), g)) for i in range(0, len(wanted), batch)]
+            return np.concatenate(out) if out else np.zeros((0, *self.image_shape), np.uint8)
+
+        if self.labeller is None:
+            return ImageData(draw(labels), labels, list(self.classes), f"{self.name} samples")
+        mode = self.config.labeller
+        images, labels = lab.label_samples(self.labeller, mode, labels, draw)
+        return ImageData(images, labels, list(self.classes), f"{self.name} samples ({mode}ed by the DP labeller)")
+
 
     def save_checkpoint(self, ctx: FitContext, tensors: dict[str, torch.Tensor], *, step: int, finished: bool,
                         **state: Any) -> None:
@@ -110,6 +128,38 @@ class TrainedSynthesizer(MethodSynthesizer[ConfigT]):
     def restore_meta(self, state: dict[str, Any]) -> None:
         super().restore_meta(state)
         self.train_info = dict(state.get("train_info", {}))
+
+    # -- the DP labeller stage (configs with the ``labeller`` keys) -------------------------------
+
+    def labeller_plan(self, dataset_size: int, epsilon: float, delta: float) -> lab.LabellerPlan | None:
+        """The labeller stage of this fit's plan, from public facts only (None without ``labeller`` or when off)."""
+        return lab.plan_labeller(self.config, dataset_size, epsilon, delta) if hasattr(self.config, "labeller") \
+            else None
+
+    def fit_labeller(self, plan: lab.LabellerPlan, private: ImageData, ctx: FitContext,
+                     tensors: dict[str, torch.Tensor]) -> None:
+        """The DP labeller: restored from the checkpoint `tensors`, or trained (its DP-SGD steps, reserved with the
+        rest of the plan by the caller). A run that stopped inside the stage is refused (its steps are spent)."""
+        self.train_info["labeller"] = plan.describe()
+        if lab.has_labeller(tensors):
+            self.labeller = lab.restore_labeller(plan.schedule, self.image_shape, self.num_classes, tensors,
+                                                 self.device)
+            return
+        refuse_spent_stage(ctx.ledger, plan.events(), "labeller")
+        self.labeller = train_scatter_classifier(
+            private, plan.schedule, plan.noise_multiplier, ledger=ctx.ledger, noise=ctx.noise,
+            dataset_size=ctx.public_size(private), label=lab.RELEASE_LABEL, init=ctx.seeded_init("labeller"),
+            device=self.device, progress=ctx.progress, desc=f"{self.name} labeller DP-SGD steps")
+
+    def labeller_tensors(self) -> dict[str, torch.Tensor]:
+        """The labeller's weights for a checkpoint or the sampling state (none without one)."""
+        return {} if self.labeller is None else lab.labeller_tensors(self.labeller)
+
+    def load_labeller(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The labeller of a saved state, when the config uses one and the state holds it."""
+        if getattr(self.config, "labeller", "none") != "none" and lab.has_labeller(tensors):
+            self.labeller = lab.restore_labeller(lab.schedule_from(self.config), self.image_shape, self.num_classes,
+                                                 tensors, self.device)
 
 
 def load_frozen(new: Callable[[], M], prefix: str, tensors: dict[str, torch.Tensor], method: str,

@@ -42,7 +42,7 @@ from dpimages.privacy import PrivacyEvent, calibrate_dpsgd
 from dpimages.runs import prefixed, unprefixed
 from dpimages.scatter_classifier import ClassifierSchedule, ScatterClassifier
 
-RELEASE_LABEL = "labeller: DP-SGD steps of a CNN on scattering coefficients"
+RELEASE_LABEL = "labeller: DP-SGD steps of a classifier on scattering coefficients"
 MODES = ("none", "relabel", "filter")
 FILTER_ROUNDS = 10  # a filtered sample draws at most this many candidates
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpimages.data import ImageData, to_uint8
+from dpimages.data import ImageData
 from dpimages.errors import InputError
 from dpimages.methods.base import TrainedSynthesizer, load_frozen
 from dpimages.methods.dp_mepf import release as rel
@@ -48,22 +48,12 @@ from dpimages.methods.dp_mepf.config import DPMEPFConfig
 from dpimages.methods.dp_mepf.matching import matching_loss, released_distance
 from dpimages.methods.dp_mepf.report import report_text
 from dpimages.methods.feature_sources import build_trunks, restore_trunks, trunk_tensors
-from dpimages.methods.labeller import (
-    LabellerPlan,
-    has_labeller,
-    label_samples,
-    labeller_tensors,
-    plan_labeller,
-    restore_labeller,
-    schedule_from,
-)
-from dpimages.methods.prior import refuse_spent_stage
+from dpimages.methods.labeller import LabellerPlan
 from dpimages.methods.training import RunClock, TrainLoop, ema_update, write_grid
 from dpimages.nets.feature_extractors import FeatureExtractor
 from dpimages.nets.generators import ConditionalGenerator
 from dpimages.privacy import PrivacyEvent
 from dpimages.runs import Run, load_optimizer, optimizer_tensors, prefixed, rng_state, set_rng_state, unprefixed
-from dpimages.scatter_classifier import ScatterClassifier, train_scatter_classifier
 from dpimages.synthesizer import FitContext
 
 
@@ -90,7 +80,6 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         self.cell_bits = max(config.cell_bits, 0)
         self._sample_prefix = "best"
         self._trunks: tuple[list, dict] | None = None
-        self.labeller: ScatterClassifier | None = None
 
     @classmethod
     def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
@@ -122,7 +111,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             return cfg.cell_bits
         w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, 1,
                         cfg.weight_centres)
-        labeller = plan_labeller(cfg, n_images, epsilon, delta)
+        labeller = self.labeller_plan(n_images, epsilon, delta)
         _, plan = rel.calibrate_plan(epsilon, delta, w, 2, [] if labeller is None else labeller.events())
         return rel.auto_cell_bits(plan.noise_first, dims_first, n_images / self.num_classes, cfg.cell_noise)
 
@@ -160,7 +149,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
             self.cell_bits = self._resolve_cell_bits(n, dims[0], epsilon, delta)
         w = rel.weights(cfg.second_moment, cfg.weight_first, cfg.weight_second, cfg.weight_counts, self.cell_bits,
                         cfg.weight_centres)
-        labeller = plan_labeller(cfg, n, epsilon, delta)
+        labeller = self.labeller_plan(n, epsilon, delta)
         before = [] if labeller is None else labeller.events()
         scale, plan = rel.calibrate_plan(epsilon, delta, w, self.cells, before)
         return w, scale, plan, labeller
@@ -205,9 +194,8 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         w, scale, plan, labeller = self._plan(ctx.public_size(private), dims, ctx.target_epsilon, ctx.ledger.delta)
         self.train_info["release"] = {"scale": scale, "weights": list(w), "dims": list(dims), **asdict(plan)}
         if labeller is not None:
-            self.train_info["labeller"] = labeller.describe()
             ctx.ledger.reserve(*labeller.events(), *plan.events())  # the joint plan, before any private read
-            self._fit_labeller(labeller, private, ctx, tensors)
+            self.fit_labeller(labeller, private, ctx, tensors)
         if self.released is None:
             self._set_released(rel.release(
                 extractor, private.to_tensor(self.device), private.label_tensor(self.device), self.num_classes, plan,
@@ -221,18 +209,6 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
                         noise_second=plan.noise_second, noise_counts=plan.noise_counts,
                         noisy_counts=[round(float(v), 1) for v in self.released.counts])
         self._train(ctx, tensors, state)
-
-    def _fit_labeller(self, plan: LabellerPlan, private: ImageData, ctx: FitContext,
-                      tensors: dict[str, torch.Tensor]) -> None:
-        """The DP labeller: restored from the checkpoint, or trained with DP-SGD (its reserved stage)."""
-        if has_labeller(tensors):
-            self.labeller = restore_labeller(plan.schedule, self.image_shape, self.num_classes, tensors, self.device)
-            return
-        refuse_spent_stage(ctx.ledger, plan.events(), "labeller")
-        self.labeller = train_scatter_classifier(
-            private, plan.schedule, plan.noise_multiplier, ledger=ctx.ledger, noise=ctx.noise,
-            dataset_size=ctx.public_size(private), label=plan.events()[0].label, init=ctx.seeded_init("labeller"),
-            device=self.device, progress=ctx.progress, desc="dp-mepf labeller DP-SGD steps")
 
     def _train(self, ctx: FitContext, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """Post-processing: fit the generator to the released means, keep the weights closest to them."""
@@ -335,7 +311,7 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         opt_tensors, opt_groups = optimizer_tensors("opt", opt)
         feature_tensors, n_trunks = trunk_tensors(self.config, self.extractor.trunks)
         tensors.update({**opt_tensors, **self.released.tensors(), **feature_tensors,
-                        **({} if self.labeller is None else labeller_tensors(self.labeller))})
+                        **self.labeller_tensors()})
         cfg = self.config
         self.save_checkpoint(ctx, tensors, step=step, finished=finished, optimizer=opt_groups,
                              train_rng=rng_state(rng), feature_trunks=n_trunks,
@@ -357,24 +333,15 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
         class's noisy cell proportions)."""
         if self.sample_generator is None:
             raise InputError("dp-mepf: fit or load the synthesizer before sampling")
-        labels = self.checked_labels(n, labels)
-        g = torch.Generator().manual_seed(int(seed or 0))
         gen = self.sample_generator
         gen.eval()
 
         @torch.no_grad()
-        def generate(wanted: np.ndarray) -> np.ndarray:
-            out = [np.zeros((0, *self.image_shape), np.uint8)]
-            for i in range(0, len(wanted), 1000):
-                y = self._rows(torch.from_numpy(wanted[i : i + 1000]), g).to(self.device)
-                z = torch.randn(len(y), self.config.z_dim, generator=g).to(self.device)
-                out.append(to_uint8(gen(z, y)))
-            return np.concatenate(out)
+        def generate(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            rows = self._rows(y, g).to(self.device)
+            return gen(torch.randn(len(rows), self.config.z_dim, generator=g).to(self.device), rows)
 
-        if self.labeller is None:
-            return ImageData(generate(labels), labels, list(self.classes), "dp-mepf samples")
-        images, labels = label_samples(self.labeller, self.config.labeller, labels, generate)
-        return ImageData(images, labels, list(self.classes), f"dp-mepf samples ({self.config.labeller}ed)")
+        return self.sample_in_batches(n, labels, seed, 1000, generate)
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "cell_bits": self.cell_bits,
@@ -389,11 +356,8 @@ class DPMEPF(TrainedSynthesizer[DPMEPFConfig]):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.sample_generator is None:
             raise InputError("dp-mepf: nothing to save before fit")
-        return {**prefixed("best", self.sample_generator.state_dict()),
-                **({} if self.labeller is None else labeller_tensors(self.labeller))}
+        return {**prefixed("best", self.sample_generator.state_dict()), **self.labeller_tensors()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.sample_generator = load_frozen(self._new_generator, self._sample_prefix, tensors, self.name, self.device)
-        if self.config.labeller != "none" and has_labeller(tensors):
-            self.labeller = restore_labeller(schedule_from(self.config), self.image_shape, self.num_classes, tensors,
-                                             self.device)
+        self.load_labeller(tensors)
