@@ -259,6 +259,24 @@ def resolve_config(
 
 
 @dataclasses.dataclass
+class LabellerKeys:
+    """A method's DP labeller (`dpimages.methods.labeller`): ``labeller`` none, relabel or filter; the share of
+    epsilon its DP-SGD steps are calibrated to, and its schedule (chosen on Fashion-MNIST's validation split with
+    benchmarks/scatter_classifier.py). Mixed into the configs of the methods that run it."""
+
+    labeller: str = "none"
+    labeller_share: float = 0.25
+    labeller_batch: int = 8192
+    labeller_epochs: float = 40.0
+    labeller_lr: float = 4.0
+    labeller_clip: float = 0.1
+
+
+# the smoke presets' labeller: a step or two (tests)
+LABELLER_SMOKE: dict[str, Any] = {"labeller_batch": 64, "labeller_epochs": 0.01}
+
+
+@dataclasses.dataclass
 class RunControl(MethodConfig):
     """The run-control fields of a method that trains in checkpointed steps (dp-mepf, dpdfd, dpdm).
 

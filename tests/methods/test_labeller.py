@@ -107,3 +107,20 @@ def test_reference_row_on_scattering_features_records_one_release():
     assert [(e.label, e.steps, e.sample_rate) for e in ledger.events] == [("dpsgd-classifier+scatter", steps, q)]
     assert noise.gaussian_draws == steps and 1.5 < r["epsilon"] <= 2.0 + 1e-9
     assert r["method"] == "dpsgd-classifier+scatter" and 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_dpdm_runs_the_labeller_after_its_warm_stage_and_resumes_it_from_the_checkpoint(tmp_path):
+    data = toy_bars()
+    kw = dict(epsilon=4.0, preset="smoke", overrides=["labeller=filter", "max_steps=3"], progress=False,
+              insecure_seeded_noise=True)
+    r = fit_run("dpdm", data, run_dir=tmp_path / "run", **kw)
+    labels = [e.label for e in r.ledger.events]
+    first_dpsgd = next(i for i, lab in enumerate(labels) if lab.startswith("dpdm"))
+    assert labels.index(RELEASE_LABEL) < first_dpsgd  # the labeller's steps come before DP-SGD
+    assert r.ledger.epsilon() <= 4.0 + 1e-9
+    assert "DP labeller (filter)" in (tmp_path / "run" / "report.md").read_text()
+    s = r.synthesizer.sample(20, seed=1)
+    assert s.name.endswith("(filtered by the DP labeller)")
+    resumed = fit_run("dpdm", data, run_dir=tmp_path / "run", resume=True, **kw)
+    assert [e.label for e in resumed.ledger.events] == labels  # nothing spent again
+    torch.testing.assert_close(resumed.synthesizer.labeller_tensors(), r.synthesizer.labeller_tensors())

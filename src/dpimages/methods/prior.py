@@ -43,7 +43,8 @@ class Prior:
 def plan_prior(preset: str, private: ImageData, public: ImageData | None, epsilon: float, delta: float,
                dataset_size: int) -> Prior:
     """A `PRIOR_METHOD` synthesizer at `preset` and the events its fit at (epsilon, delta) will spend (public N)."""
-    prior = create(PRIOR_METHOD, preset, image_shape=private.image_shape)
+    # the prior is a stage of another plan: its own labeller stage stays off (the caller may run one)
+    prior = create(PRIOR_METHOD, preset, image_shape=private.image_shape, labeller="none")
     return Prior(prior, epsilon, prior.planned_events(private, public, epsilon, delta, dataset_size=dataset_size))
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import Constraint, RunControl, at_least, in_range, one_of, positive
+from dpimages.config import LABELLER_SMOKE, Constraint, LabellerKeys, RunControl, at_least, in_range, one_of, positive
 from dpimages.errors import InputError
 
 
 @dataclass
-class DPMEPFConfig(RunControl):
+class DPMEPFConfig(RunControl, LabellerKeys):
     """DP-MEPF settings. Presets change sizes only.
 
     Feature source (``features``): ``random`` (seeded random conv nets, no
@@ -79,20 +79,12 @@ class DPMEPFConfig(RunControl):
     grid_every: int = 1000
     checkpoint_every: int = 1000
     embed_chunk: int = 500
-    # DP labeller (`dpimages.methods.labeller`): samples relabelled or filtered by a DP-SGD scattering classifier
-    # trained on the private images with `labeller_share` of epsilon, in the same joint plan
-    labeller: str = "none"
-    labeller_share: float = 0.25
-    labeller_batch: int = 8192
-    labeller_epochs: float = 40.0
-    labeller_lr: float = 4.0
-    labeller_clip: float = 0.1
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {
             "feature_channels": (8, 16), "public_epochs": 1, "gen_channels": 8, "z_dim": 8, "batch_size": 32,
             "steps": 30, "eval_every": 10, "eval_per_class": 4, "log_every": 5, "grid_every": 20,
-            "checkpoint_every": 10, "labeller_batch": 64, "labeller_epochs": 0.01,
+            "checkpoint_every": 10, **LABELLER_SMOKE,
         },
         "cpu": {"gen_channels": 16, "steps": 1500, "max_minutes": 20.0},
         "gpu": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 20000, "eval_every": 1000,

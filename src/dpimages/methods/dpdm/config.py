@@ -42,7 +42,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import Constraint, RunControl, at_least, in_range, one_of, positive, positive_ints
+from dpimages.config import (
+    LABELLER_SMOKE,
+    Constraint,
+    LabellerKeys,
+    RunControl,
+    at_least,
+    in_range,
+    one_of,
+    positive,
+    positive_ints,
+)
 from dpimages.errors import InputError
 from dpimages.nets.edm import SAMPLERS
 
@@ -50,7 +60,7 @@ PAPER_UNET: dict[str, Any] = {"channels": 32, "channel_mult": (1, 2, 2), "num_re
 
 
 @dataclass
-class DPDMConfig(RunControl):
+class DPDMConfig(RunControl, LabellerKeys):
     """DPDM settings (defaults: the paper's (F)MNIST setting, as the ``gpu`` preset)."""
 
     # U-Net (dpimages.nets.unet.UNet)
@@ -116,7 +126,7 @@ class DPDMConfig(RunControl):
             "sample_batch": 64,
             "log_every": 2, "grid_every": 3, "checkpoint_every": 2,
             "warm_preset": "smoke", "warm_images": 64, "warm_epochs": 5.0, "warm_batch": 16, "central_batch": 32,
-            "central_releases": 2, "central_size": 7,
+            "central_releases": 2, "central_size": 7, **LABELLER_SMOKE,
         },
         "cpu": {
             "channels": 8, "channel_mult": (1, 2, 4), "num_res_blocks": 1, "attn_resolutions": (7,),

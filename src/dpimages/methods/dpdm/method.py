@@ -84,6 +84,7 @@ from dpimages.methods.base import TrainedSynthesizer, load_frozen
 from dpimages.methods.dpdm import warm
 from dpimages.methods.dpdm.config import DPDMConfig
 from dpimages.methods.dpdm.draws import keyed_normals
+from dpimages.methods.labeller import labeller_text
 from dpimages.methods.pretrain import PretrainSchedule, train_denoiser
 from dpimages.methods.prior import refuse_spent_stage
 from dpimages.methods.training import RunClock, TrainLoop, ema_update, warmup_decay, write_grid
@@ -158,16 +159,17 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
 
     @classmethod
     def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
-        """The warm-start stages with private reads that the smoke preset (dp-mepf prior) leaves off: central
-        images, and the public class selection (foreign public classes; the other private set is the contract's
-        in negative, whose images the selection classifier puts in other public classes)."""
+        """The stages with private reads that the smoke preset (dp-mepf prior) leaves off: central images (with
+        the DP labeller's stage after it), and the public class selection (foreign public classes; the other
+        private set is the contract's in negative, whose images the selection classifier puts in other public
+        classes)."""
         from dpimages.data.toy import toy_bars, toy_other_bars
 
         bars = toy_bars(seed=9, shift=3)
         public = ImageData(bars.images, bars.labels, [f"public-{c}" for c in bars.classes], "foreign toy bars")
         other = toy_other_bars()
         negative = ImageData(255 - toy_bars().images, other.labels, other.classes, "negative toy bars")
-        return [{"name": "central", "overrides": ["warm_start=central"]},
+        return [{"name": "central+labeller", "overrides": ["warm_start=central", "labeller=relabel"]},
                 {"name": "public-selection", "overrides": ["warm_start=public", "public_classes=3",
                                                            "select_epochs=10"], "public": public, "other": negative}]
 
@@ -234,7 +236,11 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         # 1. the schedule and sigma, from public choices only, before any private pixel is read
         q, steps = schedule(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
         stage = warm.plan(cfg, private, public, ctx.target_epsilon, ctx.ledger.delta, n)
-        sigma = calibrate_dpsgd(ctx.target_epsilon, ctx.ledger.delta, q, steps, stage.events)
+        labeller = self.labeller_plan(n, ctx.target_epsilon, ctx.ledger.delta)
+        if labeller is not None and dist_world()[1] > 1:
+            raise InputError("labeller: the DP labeller runs in one process; fit without torchrun, or labeller=none")
+        before = [*stage.events, *([] if labeller is None else labeller.events())]
+        sigma = calibrate_dpsgd(ctx.target_epsilon, ctx.ledger.delta, q, steps, before)
         (sigma,) = rank0_values(sigma)  # a process group: every rank records rank 0's sigma
         with ctx.seeded_init("model"):
             model = self.new_model().to(self.device)
@@ -243,7 +249,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
         engine = DPSGD(model, self._loss_fn, sampler=sampler, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
                        ledger=ctx.ledger, noise=ctx.noise, label=RELEASE_LABEL, max_physical_batch=cfg.physical_batch,
                        per_example=cfg.per_example)
-        ctx.ledger.reserve(*stage.events)  # the whole joint plan is reserved before any private access
+        ctx.ledger.reserve(*before)  # the whole joint plan is reserved before any private access
         engine.plan(steps)
         self.train_info = {"sample_rate": q, "steps": steps, "noise_multiplier": sigma, "dataset_size": n,
                            "unet_levels": list(fit_levels(cfg.channel_mult, self.image_shape[:2])),
@@ -264,8 +270,10 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             self.train_info["warm"] = state.get("warm", self.train_info["warm"])
             if abs(float(state.get("noise_multiplier", sigma)) - sigma) > 1e-12:
                 raise InputError("--resume: the calibrated noise multiplier differs from the checkpoint's")
-        elif stage.mode != "none" and ctx.run is not None and ctx.run.writer:
-            self._checkpoint(ctx, model, ema, opt, 0, finished=False)  # a crash after this keeps the stage
+        if labeller is not None:  # after the warm stage, before DP-SGD; restored when resumed
+            self.fit_labeller(labeller, private, ctx, tensors)
+        if not resumed and (stage.mode != "none" or labeller is not None) and ctx.run is not None and ctx.run.writer:
+            self._checkpoint(ctx, model, ema, opt, 0, finished=False)  # a crash after this keeps the stages
         self.ema_model = ema
         if state.get("finished"):
             return
@@ -344,7 +352,8 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
                     step: int, *, finished: bool) -> None:
         assert ctx.run is not None
         opt_tensors, opt_groups = optimizer_tensors("opt", opt)
-        tensors = {**prefixed("model", model.state_dict()), **prefixed("ema", ema.state_dict()), **opt_tensors}
+        tensors = {**prefixed("model", model.state_dict()), **prefixed("ema", ema.state_dict()), **opt_tensors,
+                   **self.labeller_tensors()}
         self.save_checkpoint(ctx, tensors, step=step, finished=finished, optimizer=opt_groups,
                              noise_multiplier=self.train_info["noise_multiplier"],
                              train_s=round(float(self.train_info["train_s"]), 2), warm=self.train_info.get("warm", {}))
@@ -377,11 +386,12 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             return self.sample_in_batches(n, labels, seed, bs, generate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The sampling (EMA) weights, prefixed ``ema.``."""
-        return self.ema_state_dict()
+        """The sampling (EMA) weights, prefixed ``ema.``, and the DP labeller's (``labeller.``) if any."""
+        return {**self.ema_state_dict(), **self.labeller_tensors()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.ema_model = load_frozen(self.new_model, "ema", tensors, "dpdm", self.device)
+        self.load_labeller(tensors)
 
     # -- report ------------------------------------------------------------------------------------
     def report_section(self) -> str:
@@ -409,6 +419,7 @@ class DPDM(TrainedSynthesizer[DPDMConfig]):
             f"- Sampling: {cfg.sampler} sampler, {cfg.sample_steps} EDM steps (sigma {cfg.sigma_max:g} to "
             f"{cfg.sigma_min:g}, rho {cfg.rho:g}), guidance {cfg.guidance:g}.",
             *warm_report(t.get("warm", {}), cfg),
+            *([f"- {labeller_text(t['labeller'])}"] if "labeller" in t else []),
             "- Logged during training: only the noisy gradient's norm (a function of released values) and the EMA "
             "decay, and with a warm start the pretraining loss on the stage's images and their count "
             "(post-processing); times only for a whole run or stage (a step's time grows with its private batch "
