@@ -2,8 +2,9 @@
 
 A method with ``labeller=relabel`` or ``labeller=filter`` trains, as the
 first stage of its own plan, a classifier on the private images with
-DP-SGD (Tramer and Boneh's ScatterNet+CNN: fixed scattering coefficients,
-`dpimages.nets.scattering`, then a small GroupNorm/tanh CNN, ``ScatterCNN``).
+DP-SGD (Tramer and Boneh's ScatterNet+linear: fixed scattering coefficients,
+`dpimages.nets.scattering`, then GroupNorm and a linear layer, ``ScatterCNN``
+without channels; `dpimages.scatter_classifier`).
 Its generator's samples are then relabelled by the classifier
 (``relabel``) or kept only where the classifier agrees with the class the
 generator was asked for (``filter``; images that never pass within
@@ -43,7 +44,6 @@ from dpimages.runs import prefixed, unprefixed
 from dpimages.scatter_classifier import ClassifierSchedule, ScatterClassifier
 
 RELEASE_LABEL = "labeller: DP-SGD steps of a classifier on scattering coefficients"
-MODES = ("none", "relabel", "filter")
 FILTER_ROUNDS = 10  # a filtered sample draws at most this many candidates
 
 
@@ -75,8 +75,8 @@ def labeller_text(info: dict[str, Any]) -> str:
     return (f"DP labeller ({info['mode']}): {head} on fixed scattering coefficients, trained with DP-SGD on the "
             f"private images: {info['steps']} steps, Poisson rate {info['sample_rate']:.4g}, per-example clip "
             f"{info['clip_norm']:g}, noise multiplier {info['noise_multiplier']:.5g}, calibrated on its own to "
-            f"epsilon {info['epsilon_share']:.4g} (its share of the budget); the release above was calibrated over "
-            f"the labeller's steps and its own events together (one PLD composition), all reserved before any "
+            f"epsilon {info['epsilon_share']:.4g} (its share of the budget); the method's own releases were calibrated "
+            f"over the labeller's steps and their events together (one PLD composition), all reserved before any "
             f"private read. {use[0].upper()}{use[1:]}: post-processing.")
 
 
