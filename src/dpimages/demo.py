@@ -26,7 +26,9 @@ import torch
 
 from dpimages.errors import DPImagesError, InputError
 
-DEMO_OVERRIDES = ("steps=300", "eval_every=100", "grid_every=100", "checkpoint_every=100")
+# a short schedule, random features and no labeller stage: a couple of minutes (the cpu preset adds both)
+DEMO_OVERRIDES = ("steps=300", "eval_every=100", "grid_every=100", "checkpoint_every=100", "features=random",
+                  "labeller=none")
 
 
 def run_one(real, epsilon: float, delta: float, preset: str, out: Path, n_samples: int, seed: int,  # noqa: ANN001

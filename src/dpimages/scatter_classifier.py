@@ -16,6 +16,7 @@ weights.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from dpimages.nets.scattering import Scattering
 from dpimages.privacy import PrivacyLedger
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.noise import NoiseSource
+
+MAX_PRECOMPUTED_BYTES = 2 << 30  # coefficients of every image kept in memory up to this size
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,10 @@ def train_scatter_classifier(private: ImageData, schedule: ClassifierSchedule, n
                    clip_norm=schedule.clip_norm, ledger=ledger, noise=noise, label=label)
     engine.plan(steps)  # BudgetExceeded here, before any private access
     images = private.to_tensor(device)
-    # a fixed per-example map: computed once for all images when the schedule passes over them at least once
-    coefficients = model.scattering.embed(images) if q * steps >= 1 else None
+    # a fixed per-example map: computed once for all images when the schedule passes over them at least once and
+    # they fit in memory (large images: per batch instead)
+    size = len(private) * model.scattering.out_channels * math.prod(model.scattering.out_size) * 4
+    coefficients = model.scattering.embed(images) if q * steps >= 1 and size <= MAX_PRECOMPUTED_BYTES else None
     labels = private.label_tensor(device)
     opt = torch.optim.SGD(model.head.parameters(), lr=schedule.lr, momentum=schedule.momentum)
     bar = tqdm(total=steps, initial=steps - engine.steps_remaining, disable=not progress, desc=desc, unit="step")

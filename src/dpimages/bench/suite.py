@@ -784,7 +784,8 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
 # The README's headline: each method's current default (the row label that runs it) and when to use it. Preset
 # choices were made on Fashion-MNIST runs (docs/privacy.md).
 HEADLINE: dict[str, tuple[str, str]] = {
-    "dp-mepf": ("dp-mepf", "a first try at any budget: minutes, any image size, labels optional"),
+    "dp-mepf": ("dp-mepf+scatter-relabel", "a first try at any budget, 20-25 minutes: scattering features and a "
+                                           "DP labeller (the cpu preset's default; labels optional)"),
     "dpdm": ("dpdm", "the best images and accuracy at epsilon 10, if an hour of CPU (or a GPU) is fine"),
     "dpaf": ("dpaf", "a GAN in 20-40 minutes; images close to dpdm's at epsilon 1"),
     "pe": ("pe+dp-prior-p600", "no training on private data: votes steer a generative model (here trained on "

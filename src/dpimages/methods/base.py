@@ -132,9 +132,11 @@ class TrainedSynthesizer(MethodSynthesizer[ConfigT]):
     # -- the DP labeller stage (configs with the ``labeller`` keys) -------------------------------
 
     def labeller_plan(self, dataset_size: int, epsilon: float, delta: float) -> lab.LabellerPlan | None:
-        """The labeller stage of this fit's plan, from public facts only (None without ``labeller`` or when off)."""
-        return lab.plan_labeller(self.config, dataset_size, epsilon, delta) if hasattr(self.config, "labeller") \
-            else None
+        """The labeller stage of this fit's plan, from public facts only: None without ``labeller``, when off, or
+        for one class (nothing to label)."""
+        if not hasattr(self.config, "labeller") or getattr(self, "num_classes", 0) < 2:
+            return None
+        return lab.plan_labeller(self.config, dataset_size, epsilon, delta)
 
     def fit_labeller(self, plan: lab.LabellerPlan, private: ImageData, ctx: FitContext,
                      tensors: dict[str, torch.Tensor]) -> None:

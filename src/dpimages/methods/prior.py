@@ -43,8 +43,9 @@ class Prior:
 def plan_prior(preset: str, private: ImageData, public: ImageData | None, epsilon: float, delta: float,
                dataset_size: int) -> Prior:
     """A `PRIOR_METHOD` synthesizer at `preset` and the events its fit at (epsilon, delta) will spend (public N)."""
-    # the prior is a stage of another plan: its own labeller stage stays off (the caller may run one)
-    prior = create(PRIOR_METHOD, preset, image_shape=private.image_shape, labeller="none")
+    # the prior is a stage of another plan: random features and no labeller stage of its own (the settings dpdm's
+    # and pe's rows were measured with; the caller may run a labeller)
+    prior = create(PRIOR_METHOD, preset, image_shape=private.image_shape, features="random", labeller="none")
     return Prior(prior, epsilon, prior.planned_events(private, public, epsilon, delta, dataset_size=dataset_size))
 
 

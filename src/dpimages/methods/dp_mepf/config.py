@@ -86,7 +86,10 @@ class DPMEPFConfig(RunControl, LabellerKeys):
             "steps": 30, "eval_every": 10, "eval_per_class": 4, "log_every": 5, "grid_every": 20,
             "checkpoint_every": 10, **LABELLER_SMOKE,
         },
-        "cpu": {"gen_channels": 16, "steps": 1500, "max_minutes": 20.0},
+        # scattering features and the DP labeller: on Fashion-MNIST (one secure fit each) CNN 79.7% against
+        # 75.0 +- 1.0 at epsilon 1 and 79.5% against 78.6 +- 0.2 at epsilon 10, FID 2.4-2.5 against 3.3-3.6
+        "cpu": {"gen_channels": 16, "steps": 1500, "max_minutes": 20.0, "features": "random+scatter",
+                "labeller": "relabel"},
         "gpu": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 20000, "eval_every": 1000,
                 "grid_every": 5000, "checkpoint_every": 2000},
         "gpu-short": {"feature_nets": 4, "gen_channels": 128, "batch_size": 512, "steps": 8000,
