@@ -786,7 +786,7 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
 HEADLINE: dict[str, tuple[str, str]] = {
     "dp-mepf": ("dp-mepf+scatter-relabel", "a first try at any budget, 20-25 minutes: scattering features and a "
                                            "DP labeller (the cpu preset's default; labels optional)"),
-    "dpdm": ("dpdm", "the best images and accuracy at epsilon 10, if an hour of CPU (or a GPU) is fine"),
+    "dpdm": ("dpdm", "the best images (FID), if one to two hours of CPU (or a GPU) are fine"),
     "dpaf": ("dpaf", "a GAN in 20-40 minutes; images close to dpdm's at epsilon 1"),
     "pe": ("pe+dp-prior-p600", "no training on private data: votes steer a generative model (here trained on "
                                "a DP prior's samples; better with a public model close to your images)"),
