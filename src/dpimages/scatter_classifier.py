@@ -36,6 +36,14 @@ from dpimages.privacy.noise import NoiseSource
 MAX_PRECOMPUTED_BYTES = 2 << 30  # coefficients of every image kept in memory up to this size
 
 
+def poisson_schedule(n: int, batch_size: int, epochs: float) -> tuple[int, float, int]:
+    """(expected batch, sample rate q, steps) for N = `n` (public): the batch capped at N / 2, q = batch / N,
+    steps = round(epochs / q). The one schedule of both DP-SGD reference classifiers and the labeller."""
+    batch = max(1, min(batch_size, n // 2 or 1))
+    q = batch / n
+    return batch, q, max(1, round(epochs / q))
+
+
 @dataclass(frozen=True)
 class ClassifierSchedule:
     """Public sizes of one DP-SGD scattering classifier: expected batch, epochs, SGD, clipping, head widths."""
@@ -49,10 +57,9 @@ class ClassifierSchedule:
     hidden: int = 32
 
     def steps(self, n: int) -> tuple[float, int]:
-        """(sample rate q, steps) for N = `n` (public): q = batch / N, steps = round(epochs / q)."""
-        batch = max(1, min(self.batch_size, n // 2 or 1))
-        q = batch / n
-        return q, max(1, round(self.epochs / q))
+        """(sample rate q, steps) for N = `n` (public): `poisson_schedule`."""
+        _, q, steps = poisson_schedule(n, self.batch_size, self.epochs)
+        return q, steps
 
 
 class ScatterClassifier(nn.Module):

@@ -17,7 +17,7 @@ the 5,000 held-out Fashion-MNIST validation images, never on the test set).
 
 ``dpsgd-classifier+scatter`` (``features="scatter"``): Tramer and Boneh's
 (2021) ScatterNet+linear instead, a linear layer on fixed scattering
-coefficients trained with DP-SGD (`dpimages.methods.labeller`, the same
+coefficients trained with DP-SGD (`dpimages.scatter_classifier`, the same
 code as the methods' DP labeller; schedule `SCATTER_PRESETS`, chosen on the
 validation images with benchmarks/scatter_classifier.py).
 """
@@ -39,7 +39,7 @@ from dpimages.nets import SmallCNN, num_parameters
 from dpimages.privacy import NoiseSource, PrivacyLedger, calibrate_dpsgd, validate_budget
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.ledger import NEIGHBOURING
-from dpimages.scatter_classifier import ClassifierSchedule, train_scatter_classifier
+from dpimages.scatter_classifier import ClassifierSchedule, poisson_schedule, train_scatter_classifier
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,7 @@ def schedule(n: int, epsilon: float, preset: ClassifierPreset) -> tuple[int, flo
     low = epsilon <= preset.low_epsilon
     batch = (preset.low_epsilon_batch_size if low and preset.low_epsilon_batch_size else preset.batch_size)
     epochs = preset.low_epsilon_epochs if low and preset.low_epsilon_epochs else preset.epochs
-    batch = max(1, min(batch, n // 2 or 1))
-    q = batch / n
-    return batch, q, max(1, round(epochs / q))
+    return poisson_schedule(n, batch, epochs)
 
 
 def classifier_loss(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
