@@ -33,6 +33,7 @@ from dpimages.nets.feature_extractors import (
     load_trunk,
     random_conv_trunk,
     train_conv_trunk,
+    trunk_from_config,
 )
 from dpimages.runs import prefixed, unprefixed
 
@@ -126,5 +127,5 @@ def restore_trunks(cfg: MethodConfig, channels: int, tensors: dict[str, torch.Te
         t.load_state_dict(unprefixed(f"feat{i}", tensors))
         trunks.append(t)
     if scatter is not None:  # no weights: rebuilt from its public settings
-        trunks.append(ScatterTrunk(channels, tuple(scatter["image_size"]), scatter["scales"], scatter["orientations"]))
+        trunks.append(trunk_from_config(scatter, tap))
     return trunks

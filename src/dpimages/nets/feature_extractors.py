@@ -251,13 +251,12 @@ class ScatterTrunk(nn.Module):
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], scales: int = 2, orientations: int = 8,
                  tap: str = "post") -> None:
-        from dpimages.nets.scattering import Scattering
+        from dpimages.nets.scattering import Scattering, scatter_orders
 
         super().__init__()
         self.in_channels, self.tap = int(in_channels), tap
         self.scattering = Scattering(image_size, in_channels, scales, orientations)
-        j, ell = scales, orientations
-        self._orders = (1, j * ell, ell * ell * j * (j - 1) // 2)
+        self._orders = scatter_orders(scales, orientations)
 
     def config(self) -> dict[str, Any]:
         s = self.scattering

@@ -50,9 +50,14 @@ def _kymatio_scattering(height: int, width: int, scales: int, orientations: int)
     return KymatioScattering2D(J=scales, shape=(height, width), L=orientations)
 
 
+def scatter_orders(scales: int = 2, orientations: int = 8) -> tuple[int, int, int]:
+    """Coefficient maps per channel of orders 0, 1 and 2: ``(1, J L, L^2 J (J - 1) / 2)``."""
+    return 1, scales * orientations, orientations**2 * scales * (scales - 1) // 2
+
+
 def scatter_channels(channels: int, scales: int = 2, orientations: int = 8) -> int:
-    """Coefficient maps per image: ``channels * (1 + J L + L^2 J (J - 1) / 2)``."""
-    return channels * (1 + scales * orientations + orientations**2 * scales * (scales - 1) // 2)
+    """Coefficient maps per image: ``channels * sum(scatter_orders(J, L))``."""
+    return channels * sum(scatter_orders(scales, orientations))
 
 
 class Scattering(nn.Module):
