@@ -84,9 +84,10 @@ def stage_estimate(bar: dict) -> float:
 
 
 def run_fit(method: str, data: Path, public: Path, run_dir: Path, extra: list[str], minutes: float,
-            threads: int) -> dict:
+            threads: int, preset: str = "cpu", overrides: bool = True) -> dict:
     cmd = [sys.executable, "-m", "dpimages", "fit", method, "--data", f"folder:{data}", "--epsilon", "10",
-           "--delta", "1e-4", "--preset", "cpu", "--run-dir", str(run_dir), *OVERRIDES[method], *extra]
+           "--delta", "1e-4", "--preset", preset, "--threads", str(threads), "--run-dir", str(run_dir),
+           *(OVERRIDES[method] if overrides else []), *extra]
     if method == "pe":
         cmd += ["--public", f"folder:{public}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -110,11 +111,12 @@ def run_fit(method: str, data: Path, public: Path, run_dir: Path, extra: list[st
             "fit_s": fit_s, "bars": bars(stderr)}
 
 
-def time_method(method: str, size: int, folders: dict, work: Path, minutes: float, threads: int) -> dict:
+def time_method(method: str, size: int, folders: dict, work: Path, minutes: float, threads: int,
+                preset: str = "cpu", overrides: bool = True) -> dict:
     data, public = folders[size]
     minutes *= MINUTES_SCALE.get(method, 1.0)
-    first = run_fit(method, data, public, work / f"{method}-{size}", [], minutes, threads)
-    row = {"method": method, "size": size, "runs": [first]}
+    first = run_fit(method, data, public, work / f"{method}-{size}", [], minutes, threads, preset, overrides)
+    row = {"method": method, "size": size, "preset": preset, "runs": [first]}
     if first["finished"]:
         row.update(fit_s=first["fit_s"], measured=True)
         return row
@@ -122,7 +124,8 @@ def time_method(method: str, size: int, folders: dict, work: Path, minutes: floa
     for k, (target, extra) in enumerate(PROBES.get(method, [])):
         if any(desc.startswith(target) for desc in stages):
             continue
-        probe = run_fit(method, data, public, work / f"{method}-{size}-probe{k}", extra, minutes, threads)
+        probe = run_fit(method, data, public, work / f"{method}-{size}-probe{k}", extra, minutes, threads, preset,
+                        overrides)
         probe["probe_overrides"] = extra
         row["runs"].append(probe)
         # only stages the first run never showed: a probe's earlier stages are the trivial ones
@@ -140,11 +143,15 @@ def time_method(method: str, size: int, folders: dict, work: Path, minutes: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="dpaf,dpdfd,dpdm,pe")
+    parser.add_argument("--methods", default="dpaf,dpdfd,dpdm,pe", help=f"any of {','.join(OVERRIDES)}")
     parser.add_argument("--sizes", default="32,64")
     parser.add_argument("--minutes", type=float, default=3.0,
                         help="stop each fit after this long (pe: 3 times this)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--no-overrides", action="store_true",
+                        help="fit the preset as it is (at 128x128 the walkthrough's 900-image batches would stop "
+                             "the preset's image scaling)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
@@ -160,7 +167,8 @@ def main() -> None:
                              save_folder(toy_shapes(PER_CLASS, size, seed=1), work / f"public{size}"))
         for size in folders:
             for method in methods:
-                row = time_method(method, size, folders, work, args.minutes, args.threads)
+                row = time_method(method, size, folders, work, args.minutes, args.threads, args.preset,
+                                  not args.no_overrides)
                 how = "measured" if row["measured"] else "estimate; unbarred work after a stop not counted"
                 if row.get("stages_not_reached"):
                     how += f"; lower bound, not reached: {', '.join(row['stages_not_reached'])}"
@@ -168,7 +176,8 @@ def main() -> None:
                 print(f"{method:8s} {size}x{size}: {minutes} min ({how})", flush=True)
                 rows.append(row)
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
-              "images": 3 * PER_CLASS, "minutes_per_run": args.minutes,
+              "images": 3 * PER_CLASS, "minutes_per_run": args.minutes, "preset": args.preset,
+              "overrides": {} if args.no_overrides else OVERRIDES,
               "minutes_scale": MINUTES_SCALE, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
