@@ -124,3 +124,49 @@ def test_dpdm_runs_the_labeller_after_its_warm_stage_and_resumes_it_from_the_che
     resumed = fit_run("dpdm", data, run_dir=tmp_path / "run", resume=True, **kw)
     assert [e.label for e in resumed.ledger.events] == labels  # nothing spent again
     torch.testing.assert_close(resumed.synthesizer.labeller_tensors(), r.synthesizer.labeller_tensors())
+
+
+def test_dpdfd_dp_sgd_teacher_is_the_whole_plan_and_the_student_steps_release_nothing(tmp_path):
+    data = toy_bars()
+    kw = dict(epsilon=3.0, preset="smoke", overrides=["teacher=dp-sgd", "labeller=relabel", "steps_per_run=3"],
+              progress=False, insecure_seeded_noise=True)
+    r = fit_run("dpdfd", data, run_dir=tmp_path / "run", **kw)
+    info = r.synthesizer.train_info["dp_teacher"]
+    (event,) = r.ledger.events  # the teacher's DP-SGD steps only: no event per student step
+    assert event.label == RELEASE_LABEL and event.steps == info["steps"] and info["epsilon_share"] == 3.0
+    assert epsilon_pld([event], r.ledger.delta) == pytest.approx(3.0, rel=2e-3)
+    assert not (tmp_path / "run" / "student.safetensors").exists()  # paused after 3 of the smoke preset's 8 steps
+    for _ in range(2):  # steps 4-6, then 7-8
+        resumed = fit_run("dpdfd", data, run_dir=tmp_path / "run", resume=True, **kw)
+    assert (tmp_path / "run" / "student.safetensors").exists()
+    assert resumed.ledger.events == r.ledger.events  # the teacher was restored, not trained again
+    torch.testing.assert_close(resumed.synthesizer.labeller_tensors(), r.synthesizer.labeller_tensors())
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "DPDFD with a DP teacher" in report and "relabels every sample" in report
+    s = resumed.synthesizer.sample(30, seed=2)
+    assert np.array_equal(s.labels, resumed.synthesizer.dp_teacher.predict(s.images))
+    from dpimages import load as load_run
+
+    again = load_run(tmp_path / "run").sample(30, seed=2)
+    assert np.array_equal(again.images, s.images) and np.array_equal(again.labels, s.labels)
+
+
+def test_dpdfd_distillation_step_from_a_dp_teacher_is_the_normalised_loss_gradient():
+    from dpimages.methods.dpdfd import release as rel
+    from dpimages.nets.classifiers import SmallCNN
+
+    torch.manual_seed(0)
+    student, teacher = SmallCNN(1, 10, 28, (4, 8), 8), SmallCNN(1, 10, 28, (4, 8), 8)
+    x = torch.rand(16, 1, 28, 28) * 2 - 1
+    step = rel.distillation_step(student, teacher, x, clip_norm=0.5, loss="kl", temperature=2.0)
+    loss = rel.distillation_loss(student(x), teacher(x).detach(), "kl", 2.0)
+    grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(student.parameters()))])
+    torch.testing.assert_close(step, grad * 0.5 / grad.norm(), rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_dpdfd_labeller_needs_the_dp_teacher():
+    with pytest.raises(InputError, match="teacher=dp-sgd"):
+        create("dpdfd", "smoke", labeller="relabel")
+    with pytest.raises(InputError, match="teacher"):
+        create("dpdfd", "smoke", teacher="ensemble")

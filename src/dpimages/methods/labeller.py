@@ -86,14 +86,19 @@ def schedule_from(cfg: Any) -> ClassifierSchedule:
                               clip_norm=cfg.labeller_clip)
 
 
-def plan_labeller(cfg: Any, dataset_size: int, epsilon: float, delta: float) -> LabellerPlan | None:
-    """The labeller stage for a config with ``labeller`` != none, from public facts only (None otherwise)."""
-    if cfg.labeller == "none":
+def plan_labeller(cfg: Any, dataset_size: int, epsilon: float, delta: float,
+                  share: float | None = None) -> LabellerPlan | None:
+    """The labeller stage for a config with ``labeller`` != none, from public facts only (None otherwise).
+
+    `share` (default: the config's ``labeller_share``) is the fraction of `epsilon` its steps are calibrated to;
+    1.0 where the classifier is the run's only release (dpdfd's ``teacher=dp-sgd``, planned whatever ``labeller``
+    says: there it is the teacher first)."""
+    if cfg.labeller == "none" and share is None:
         return None
     schedule = schedule_from(cfg)
     q, steps = schedule.steps(dataset_size)
-    share = cfg.labeller_share * epsilon
-    return LabellerPlan(cfg.labeller, share, q, steps, calibrate_dpsgd(share, delta, q, steps), schedule)
+    eps = (cfg.labeller_share if share is None else share) * epsilon
+    return LabellerPlan(cfg.labeller, eps, q, steps, calibrate_dpsgd(eps, delta, q, steps), schedule)
 
 
 def label_samples(classifier: ScatterClassifier, mode: str, labels: np.ndarray,

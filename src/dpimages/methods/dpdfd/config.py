@@ -16,6 +16,16 @@ Presets change sizes only (never code paths):
 
 The number of student steps is fixed before any private access: it sets the
 noise multiplier (each step is one Gaussian release).
+
+``teacher=dp-sgd`` (our variant; METHODS.md's teacher is non-private)
+replaces the shard teachers and the noisy steps: one classifier on
+scattering coefficients is trained with DP-SGD on the whole budget (the
+``labeller_*`` schedule of `dpimages.methods.labeller`; ``labeller_share``
+does not apply, nothing else is released) and the student is distilled from
+it without noise, which is post-processing. ``labeller=relabel|filter`` then
+lets that teacher relabel or filter the samples too (also post-processing);
+with ``teacher=shards`` there is no DP teacher to label them and a labeller
+is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dpimages.config import Constraint, RunControl, at_least, in_range, one_of, positive
+from dpimages.config import LABELLER_SMOKE, Constraint, LabellerKeys, RunControl, at_least, in_range, one_of, positive
+from dpimages.errors import InputError
 
 LOSSES = ("kl", "l1")
 _TWO_CHANNELS = Constraint(lambda v: len(v) == 2 and all(int(c) == c and c >= 1 for c in v),  # SmallCNN's convs
@@ -31,9 +42,12 @@ _TWO_CHANNELS = Constraint(lambda v: len(v) == 2 and all(int(c) == c and c >= 1 
 
 
 @dataclass
-class DPDFDConfig(RunControl):
+class DPDFDConfig(RunControl, LabellerKeys):
     """DPDFD settings (defaults: the ``cpu`` preset)."""
 
+    # "shards": non-private teachers on disjoint shards, noisy student steps (the method); "dp-sgd": one DP-SGD
+    # teacher on scattering coefficients (labeller_* keys, the whole budget), student steps without noise
+    teacher: str = "shards"
     # teachers: non-private, in memory only (dpimages.nets.classifiers.SmallCNN), one per disjoint shard
     teachers: int = 400  # M shards of the private data (keyed hash of each image), one teacher each
     teacher_channels: tuple[int, ...] = (16, 32)
@@ -80,7 +94,7 @@ class DPDFDConfig(RunControl):
         "smoke": {
             "teachers": 3, "teacher_channels": (4, 8), "teacher_hidden": 16, "teacher_epochs": 1, "teacher_batch": 32,
             "student_channels": (4, 8), "student_hidden": 8, "steps": 8, "batch_size": 16, "gen_channels": 4,
-            "z_dim": 8, "eval_every": 4, "log_every": 2, "grid_every": 4, "checkpoint_every": 3,
+            "z_dim": 8, "eval_every": 4, "log_every": 2, "grid_every": 4, "checkpoint_every": 3, **LABELLER_SMOKE,
         },
         "cpu": {},
         "gpu": {
@@ -102,6 +116,12 @@ class DPDFDConfig(RunControl):
         **dict.fromkeys(("w_ce", "w_entropy", "w_balance", "w_diversity"), at_least(0)),
         **dict.fromkeys(("student_momentum", "gen_beta1"), in_range(0.0, 1.0)),
         "release_space": one_of("parameters", "outputs"),
+        "teacher": one_of("shards", "dp-sgd"),
         "loss": one_of(*LOSSES),
         "generator": one_of("dcgan", "resnet"),
     }
+
+    def check(self) -> None:
+        if self.labeller != "none" and self.teacher != "dp-sgd":
+            raise InputError(f"dpdfd: labeller={self.labeller} needs teacher=dp-sgd (the DP teacher labels the "
+                             "samples; the shard teachers are not private)")

@@ -86,6 +86,22 @@ Neighbouring relation: add or remove one image together with its label.
   costs all the utility; M in the hundreds, on the logits, is what makes the
   student useful (measured in docs/dpdfd.md).
 
+The DP-SGD teacher (``teacher=dp-sgd``)
+---------------------------------------
+Our variant, not in METHODS.md (there the teacher is non-private): one classifier on
+fixed scattering coefficients (`dpimages.methods.labeller`'s classifier and
+``labeller_*`` schedule) is trained with DP-SGD on all private images,
+its steps calibrated to the whole budget and reserved before any pixel is
+read: Poisson sampling at rate ``labeller_batch / N``, per-example clipping,
+Gaussian noise on the sum (`dpimages.scatter_classifier`). That is the only
+private read and the only release. The student is then distilled from this
+DP teacher on generator batches with the same loss, its gradient scaled to
+norm C and no noise (the teacher is a DP output: post-processing), and the
+generator is trained against the student as above. The teacher's weights
+are in the checkpoint (``labeller.*``: a DP release, so a resumed run
+restores it rather than spending its steps again); with ``labeller=relabel``
+or ``filter`` it also labels the samples.
+
 Resume
 ------
 ``--resume`` is supported. The teachers are never saved, so a resumed run
@@ -111,6 +127,7 @@ from tqdm.auto import tqdm
 
 from dpimages.data import ImageData
 from dpimages.errors import InputError
+from dpimages.methods import labeller as lab
 from dpimages.methods.base import TrainedSynthesizer
 from dpimages.methods.dpdfd import release as rel
 from dpimages.methods.dpdfd.config import DPDFDConfig
@@ -138,6 +155,12 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         super().__init__(config)
         self.generator: ConditionalGenerator | None = None
         self.student: SmallCNN | None = None
+        self.dp_teacher: torch.nn.Module | None = None  # teacher=dp-sgd: the DP-SGD classifier (a DP release)
+
+    @classmethod
+    def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
+        """The DP-SGD teacher (its steps are the whole plan; the student steps release nothing), filtering."""
+        return [{"name": "dp-sgd teacher", "overrides": ["teacher=dp-sgd", "labeller=filter"]}]
 
     # -- networks (public facts only: shapes, classes, config, seeds) ---------------------------
     def new_generator(self) -> ConditionalGenerator:
@@ -167,12 +190,19 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         if private.num_classes < 2:
             raise InputError(f"dpdfd needs at least 2 classes (it distils a classifier), got {private.num_classes}: "
                              "give the images class sub-folders, or fit unlabelled images with another method")
-        if cfg.teachers > len(private):
+        if cfg.teacher == "shards" and cfg.teachers > len(private):
             raise InputError(f"dpdfd: teachers={cfg.teachers} shards cannot exceed the {len(private)} private images")
         tensors, state = self.begin_fit(private, ctx)
         # 1. schedule and noise from public choices only, before any private pixel is read
-        sigma = rel.calibrate_steps(ctx.ledger.epsilon_budget, ctx.ledger.delta, cfg.steps)
-        ctx.ledger.reserve(rel.planned_event(sigma, cfg.steps))
+        dp_teacher = cfg.teacher == "dp-sgd"
+        if dp_teacher:  # the DP-SGD teacher's steps are the whole plan; the student steps release nothing
+            plan = lab.plan_labeller(cfg, ctx.public_size(private), ctx.target_epsilon, ctx.ledger.delta, share=1.0)
+            assert plan is not None
+            sigma = plan.noise_multiplier
+            ctx.ledger.reserve(*plan.events())
+        else:
+            sigma = rel.calibrate_steps(ctx.target_epsilon, ctx.ledger.delta, cfg.steps)
+            ctx.ledger.reserve(rel.planned_event(sigma, cfg.steps))
         with ctx.seeded_init("model"):
             student = self.new_student().to(self.device)
             gen = self.new_generator().to(self.device)
@@ -187,6 +217,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
             "student_test_accuracy": None, "student_test_set": None, "teachers": cfg.teachers,
             "update_scale": rel.update_scale(cfg.clip_norm, sigma, num_parameters(student), cfg.teachers),
         }
+        if dp_teacher:
+            self.train_info.update(teachers=1, noise_std=0.0, update_scale=1.0, sigma_methods_md=None)
         ckpt_step = 0
         if "student.head.1.weight" in tensors:
             if abs(float(state["train_info"]["noise_multiplier"]) - sigma) > 1e-12:
@@ -202,7 +234,12 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         self.student, self.generator = student, gen
         test, test_name = public_test_set(private) if cfg.student_eval else (None, "student_eval=false")
         self.train_info["student_test_set"] = test_name if test is not None else f"skipped: {test_name}"
+        if dp_teacher:  # 2'. the DP-SGD teacher (restored from the checkpoint when resumed); steps release nothing
+            self._fit_dp_teacher(plan, private, ctx, tensors)
         if state.get("finished"):
+            return
+        if dp_teacher:
+            self._train(ctx, [self.dp_teacher], sopt, gopt, g, sigma, ckpt_step, test)
             return
         spent = ctx.ledger.steps(like=rel.planned_event(sigma, 1))
         # releases lost in a crash are counted, not redone; a seeded source was re-keyed (fit_run's resume_noise)
@@ -213,6 +250,20 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         # 3. the noisy student steps alternating with generator steps
         self._train(ctx, teachers, sopt, gopt, g, sigma, spent, test)
         del teachers
+
+    def _fit_dp_teacher(self, plan: lab.LabellerPlan, private: ImageData, ctx: FitContext,
+                        tensors: dict[str, torch.Tensor]) -> None:
+        """``teacher=dp-sgd``: the DP-SGD classifier (`fit_labeller`: trained, or restored when resumed), frozen;
+        it labels the samples too unless ``labeller=none``."""
+        t0 = time.time()
+        self.fit_labeller(plan, private, ctx, tensors)
+        self.train_info["dp_teacher"] = self.train_info.pop("labeller")
+        self.dp_teacher = self.labeller
+        assert self.dp_teacher is not None
+        self.dp_teacher.requires_grad_(False)
+        if self.config.labeller == "none":
+            self.labeller = None
+        self.train_info["teacher_s"] = float(self.train_info.get("teacher_s", 0.0)) + time.time() - t0
 
     def _train_teachers(self, private: ImageData, ctx: FitContext, spent: int) -> list[torch.nn.Module]:
         """T non-private teachers (`release.train_teacher`), teacher i on shard i (`release.shard_of`).
@@ -283,6 +334,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         g_params = list(gen.parameters())
         outputs = cfg.release_space == "outputs"
         scale = float(self.train_info["update_scale"])  # the parameters release's public step scale
+        dp_teacher = cfg.teacher == "dp-sgd"
         student.train()
         gen.train()
 
@@ -290,14 +342,19 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
             z, y = self._draws(cfg.batch_size, g)
             with torch.no_grad():
                 x = gen(z, y)
-            update = rel.ensemble_gradient(student, teachers, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
-                                           temperature=cfg.temperature, space=cfg.release_space)
-            noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma, ledger=ctx.ledger,
-                                       noise=ctx.noise).to(x.dtype)  # float64 release, float32 training
-            del update
-            # post-processing: the released vector (outputs: through J^T of the public student) as the step
-            rel.set_gradients(s_params, rel.backprop_released(student, x, noisy, cfg.clip_norm) if outputs
-                              else noisy * scale)
+            if dp_teacher:  # distilling a DP classifier: post-processing, no release
+                noisy = rel.distillation_step(student, teachers[0], x, clip_norm=cfg.clip_norm, loss=cfg.loss,
+                                              temperature=cfg.temperature)
+                rel.set_gradients(s_params, noisy)
+            else:
+                update = rel.ensemble_gradient(student, teachers, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
+                                               temperature=cfg.temperature, space=cfg.release_space)
+                noisy = rel.release_update(update, clip_norm=cfg.clip_norm, noise_multiplier=sigma,
+                                           ledger=ctx.ledger, noise=ctx.noise).to(x.dtype)  # float64 -> float32
+                del update
+                # post-processing: the released vector (outputs: through J^T of the public student) as the step
+                rel.set_gradients(s_params, rel.backprop_released(student, x, noisy, cfg.clip_norm) if outputs
+                                  else noisy * scale)
             sopt.step()
             sopt.zero_grad(set_to_none=True)
             terms: dict[str, float] = {}
@@ -308,7 +365,8 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
                     loss.backward(inputs=g_params)
                     gopt.step()
                     terms["gen_loss"] = float(loss.detach())
-            values: dict[str, Any] = {"noisy_update_norm": round(float(noisy.norm()), 4),
+            norm_key = "update_norm" if dp_teacher else "noisy_update_norm"
+            values: dict[str, Any] = {norm_key: round(float(noisy.norm()), 4),
                                       **{k: round(v, 5) for k, v in terms.items()}}
             if test is not None and (t == cfg.steps or (run is not None and t % cfg.eval_every == 0)):
                 values["student_test_accuracy"] = round(accuracy(student, test, self.device), 5)
@@ -351,9 +409,13 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         s_tensors, s_groups = optimizer_tensors("sopt", sopt)
         g_tensors, g_groups = optimizer_tensors("gopt", gopt)
         tensors = {**prefixed("student", self.student.state_dict()), **prefixed("gen", self.generator.state_dict()),
-                   **s_tensors, **g_tensors}
+                   **s_tensors, **g_tensors, **self._dp_teacher_tensors()}
         self.save_checkpoint(ctx, tensors, step=step, finished=finished, sopt=s_groups, gopt=g_groups,
                              train_rng=rng_state(g))
+
+    def _dp_teacher_tensors(self) -> dict[str, torch.Tensor]:
+        """The DP-SGD teacher's weights (``labeller.*``, a DP release), none with the shard teachers."""
+        return {} if self.dp_teacher is None else lab.labeller_tensors(self.dp_teacher)  # type: ignore[arg-type]
 
     def _grid(self, gen: ConditionalGenerator, path: Path) -> None:
         """Per-class sample grid (post-processing; `write_grid`'s fixed seed); the generator's mode is restored."""
@@ -380,10 +442,11 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
                                       lambda y, g: self._generate(gen, y, g))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Generator (``gen.``) and student (``student.``) weights."""
+        """Generator (``gen.``) and student (``student.``) weights, and the DP labeller's (``labeller.``) if any."""
         if self.generator is None or self.student is None:
             raise InputError("dpdfd: nothing to save before fit")
-        return {**prefixed("gen", self.generator.state_dict()), **prefixed("student", self.student.state_dict())}
+        return {**prefixed("gen", self.generator.state_dict()), **prefixed("student", self.student.state_dict()),
+                **self.labeller_tensors()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         gen_w, student_w = unprefixed("gen", tensors), unprefixed("student", tensors)
@@ -393,6 +456,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         gen.load_state_dict(gen_w)
         student.load_state_dict(student_w)
         self.generator, self.student = gen.to(self.device).eval(), student.to(self.device).eval()
+        self.load_labeller(tensors)
 
     # -- report ------------------------------------------------------------------------------------
     def bench_extras(self) -> dict[str, Any]:

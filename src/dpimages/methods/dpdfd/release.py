@@ -176,6 +176,18 @@ def _logit_gradients(logits: torch.Tensor, t_logits: torch.Tensor, kind: str, te
     return grad
 
 
+def distillation_step(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, clip_norm: float,
+                      loss: str = "kl", temperature: float = 1.0) -> torch.Tensor:
+    """The student's update from a DP teacher (``teacher=dp-sgd``): the gradient of the distillation loss on a
+    synthetic batch, flattened, scaled to norm `clip_norm` (the step size of the noisy variant). The teacher is a
+    DP release and the batch synthetic: post-processing, nothing released or recorded."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    with torch.no_grad():
+        t_logits = teacher(images)
+    grads = torch.autograd.grad(distillation_loss(student(images), t_logits, loss, temperature), params)
+    return normalise(flat(grads).detach(), clip_norm)
+
+
 def backprop_released(student: nn.Module, images: torch.Tensor, released: torch.Tensor,
                       clip_norm: float) -> torch.Tensor:
     """The student's parameter update from a released logit gradient: J^T g, flattened, scaled to norm `clip_norm`.

@@ -26,6 +26,8 @@ def report_text(cfg: DPDFDConfig, t: dict[str, Any]) -> str:
     else:
         space = f"over the student's logits on the batch ({cfg.batch_size} x classes entries)"
         update = "J^T of the noisy logit gradient through the student on the same batch, scaled to norm C"
+    if cfg.teacher == "dp-sgd":
+        return _dp_teacher_text(cfg, t, acc_text)
     teachers = int(t.get("teachers", cfg.teachers))
     trainings = (f" ({t['teacher_trainings']} times: a resumed run retrains {'them' if teachers > 1 else 'it'})"
                  if t.get("teacher_trainings", 0) > 1 else "")
@@ -72,6 +74,13 @@ def report_text(cfg: DPDFDConfig, t: dict[str, Any]) -> str:
         f"weights in `{STUDENT_FILE}`",
         f"- test accuracy: {acc_text}",
         "",
+        *_generator_lines(cfg, t),
+        "- Logged: only functions of released values (noisy update norm, generator terms, student test accuracy).",
+    ])
+
+
+def _generator_lines(cfg: DPDFDConfig, t: dict[str, Any]) -> list[str]:
+    return [
         "### Generator (post-processing)",
         "",
         f"- {cfg.generator} label-conditional generator, {t['generator_parameters']:,} parameters; Adam lr "
@@ -80,5 +89,39 @@ def report_text(cfg: DPDFDConfig, t: dict[str, Any]) -> str:
         f"- {cfg.w_entropy:g} x per-image entropy - {cfg.w_balance:g} x entropy of the batch-mean prediction "
         f"- {cfg.w_diversity:g} x mode-seeking ratio",
         f"- training time {float(t.get('train_s', 0.0)):.0f} s (teacher {float(t.get('teacher_s', 0.0)):.0f} s)",
-        "- Logged: only functions of released values (noisy update norm, generator terms, student test accuracy).",
+    ]
+
+
+def _dp_teacher_text(cfg: DPDFDConfig, t: dict[str, Any], acc_text: str) -> str:
+    """``teacher=dp-sgd``: the DP teacher is the one release; the student and generator are post-processing."""
+    info = t["dp_teacher"]
+    head = "a linear layer" if not info.get("channels") else f"a CNN {list(info['channels'])}"
+    use = {"none": "", "relabel": " It also relabels every sample (post-processing).",
+           "filter": " It also filters the samples to those it assigns the class asked for (post-processing)."}
+    return "\n".join([
+        "DPDFD with a DP teacher (our variant): a classifier trained with DP-SGD is distilled into a student on "
+        "generator batches, without further noise, and a label-conditional generator is trained against the "
+        "student.",
+        "",
+        "### What was released",
+        "",
+        f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released: the teacher, {head} on fixed "
+        f"scattering coefficients trained with DP-SGD on the private images: {info['steps']} steps, Poisson rate "
+        f"{info['sample_rate']:.4g}, per-example clip {info['clip_norm']:g}, noise multiplier "
+        f"{info['noise_multiplier']:.5g}, calibrated to the whole budget (epsilon {info['epsilon_share']:.4g}) and "
+        "reserved before any private read. That is the only private read.",
+        "",
+        f"The student's {t['steps']} steps use the {cfg.loss} distillation loss between the DP teacher and the "
+        f"student on synthetic batches of {cfg.batch_size}, its gradient scaled to norm C = {cfg.clip_norm:g}: "
+        "post-processing of the teacher, no noise and no ledger events. The teacher's weights are in the "
+        "checkpoint (a DP release)." + use.get(cfg.labeller, ""),
+        "",
+        "### Student (the DP classifier)",
+        "",
+        f"- SmallCNN, channels {list(cfg.student_channels)}, hidden {cfg.student_hidden}; SGD lr "
+        f"{cfg.student_lr:g}, momentum {cfg.student_momentum:g}; weights in `{STUDENT_FILE}`",
+        f"- test accuracy: {acc_text}",
+        "",
+        *_generator_lines(cfg, t),
+        "- Logged: the distillation step's norm (C), generator terms, student test accuracy.",
     ])
