@@ -31,7 +31,10 @@ class _NoiseSynth(api.Synthesizer):
     description = "uniform noise (tests only)"
 
     def fit(self, private: ImageData, public: ImageData | None, ctx: api.FitContext) -> None:
+        from dpimages.scatter_classifier import ScatterClassifier
+
         self.num_classes, self.image_shape, self.classes = private.num_classes, private.image_shape, private.classes
+        self.labeller = ScatterClassifier(self.image_shape, self.num_classes)  # untrained: public facts only
 
     def sample(self, n: int, labels: np.ndarray | None = None, seed: int | None = None) -> ImageData:
         images = np.random.default_rng(seed).integers(0, 256, (n, *self.image_shape), dtype=np.uint8)
@@ -61,6 +64,10 @@ def test_bench_smoke_run_writes_lines_reports_and_table(tmp_path, monkeypatch) -
     assert {"privacy.json", "config.yaml", "report.md"} <= {p.name for p in run.iterdir()}
     assert "## Benchmark evaluation" in (run / "report.md").read_text()
     assert (run / "private-eval" / "eval.grid.png").exists()
+    # a run's DP classifier is scored on the held-out real images, for the owner only
+    scored = json.loads((run / "private-eval" / "labeller.json").read_text())
+    assert scored["n_test"] == 10000 and 0.0 <= scored["accuracy"] <= 1.0
+    assert "labeller" not in (run / "shareable.json").read_text() and "labeller" not in json.dumps(noise)
 
     md, md_path, png = suite.write_table(out)
     assert md_path.read_text().startswith("# Benchmark results: fmnist") and png.exists()
