@@ -7,7 +7,9 @@ METHOD --preset cpu`` on it, with the overrides the walkthrough documents for
 900 images. A fit that ends within ``--minutes`` gives its measured
 ``fit_s``. A longer one is stopped there, and its time is estimated from its
 progress bars: each stage (one bar) takes its elapsed time plus, for the stage
-it was stopped in, the remaining steps at that stage's rate so far. A stage
+it was stopped in, the remaining steps at that stage's rate so far (capped at
+the preset's ``max_minutes`` for a stage that ends when they are spent: dp-mepf's
+generator training, `TIME_CAPPED`). A stage
 that the first run never reached is timed by a *probe*: a second run whose
 overrides make the earlier stages trivial without changing the later stage's
 work (e.g. dpdm with ``warm_preset=smoke``: its dp-mepf stage shrinks, its
@@ -18,6 +20,9 @@ missing and an estimate is a lower bound for it.
 
     python benchmarks/own_data_times.py --methods dpaf,dpdfd,dpdm,pe --sizes 32,64 --minutes 3 \\
         --out benchmarks/results/own_data_times.json
+    # each preset as it is at 128x128 (its image scaling applies), smoke and cpu:
+    python benchmarks/own_data_times.py --methods dp-mepf,dpaf,dpdfd,dpdm,pe --sizes 128 --minutes 5 \\
+        --preset smoke --no-overrides --out benchmarks/results/own_data_times_128_smoke.json
 
 Run it on an idle machine with ``--threads 2`` (the torch threads of each fit);
 other jobs on the same cores distort every number. The ledgers spend a budget
@@ -57,6 +62,9 @@ PROBES = {
 }
 # pe's first stage (training the public model, cached only once complete) takes most of a short stop at 64x64
 MINUTES_SCALE = {"pe": 3.0}
+# stages that end when the preset's max_minutes is spent (the fit finishes, it does not pause): an estimate from
+# the stage's rate is capped at max_minutes
+TIME_CAPPED = {"dp-mepf": "dp-mepf generator steps"}
 BAR = re.compile(r"^(?P<desc>[^\r\n|]*?):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+) \[(?P<elapsed>[\d:]+)")
 
 
@@ -133,6 +141,13 @@ def time_method(method: str, size: int, folders: dict, work: Path, minutes: floa
     row["stages_not_reached"] = [t for t, _ in PROBES.get(method, []) if not any(d.startswith(t) for d in stages)]
     outside = max(0.0, first["wall_s"] - sum(b["elapsed_s"] for b in first["bars"].values()))
     estimates = {desc: stage_estimate(bar) for desc, bar in stages.items()}
+    if method in TIME_CAPPED:
+        from dpimages.api import create
+
+        cap_s = 60.0 * create(method, preset).config.max_minutes or math.inf
+        estimates = {desc: min(t, cap_s) if desc.startswith(TIME_CAPPED[method]) else t
+                     for desc, t in estimates.items()}
+        row["capped_at_s"] = cap_s
     total = sum(estimates.values()) + outside
     # a stage seen at step 0 has no rate yet: no estimate (None, not an infinite time)
     row.update(stages_s={desc: round(t, 1) if math.isfinite(t) else None for desc, t in estimates.items()},
