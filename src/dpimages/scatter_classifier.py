@@ -16,9 +16,12 @@ weights.
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,11 +30,13 @@ from torch import nn
 from tqdm import tqdm
 
 from dpimages.data import ImageData, to_unit_range
+from dpimages.errors import InputError
 from dpimages.nets import ScatterCNN
 from dpimages.nets.scattering import Scattering
 from dpimages.privacy import PrivacyLedger
 from dpimages.privacy.dpsgd import DPSGD, PoissonSampler
 from dpimages.privacy.noise import NoiseSource
+from dpimages.runs import check_private_eval_path
 
 MAX_PRECOMPUTED_BYTES = 2 << 30  # coefficients of every image kept in memory up to this size
 
@@ -123,3 +128,17 @@ def train_scatter_classifier(private: ImageData, schedule: ClassifierSchedule, n
     bar.close()
     model.eval()
     return model
+
+
+def write_heldout_accuracy(classifier: ScatterClassifier, test: ImageData, path: Path) -> dict[str, Any]:
+    """The DP classifier's accuracy on held-out real images, written as JSON to `path`, which must lie under
+    ``private-eval/``: an exact statistic of real data without noise (evaluation for the owner, never in a
+    shareable file)."""
+    check_private_eval_path(path, "the classifier's evaluation")
+    if test.labels is None:
+        raise InputError(f"{test.name}: the classifier's evaluation needs labelled held-out images")
+    predicted = classifier.predict(test.images)
+    result = {"what": "accuracy of the run's DP classifier (labeller or DP teacher) on held-out real images",
+              "test": test.name, "n_test": len(test), "accuracy": float((predicted == test.labels).mean())}
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result

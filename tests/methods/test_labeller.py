@@ -76,13 +76,13 @@ def test_labeller_stage_is_planned_with_the_release_and_the_whole_run_meets_the_
     report = (tmp_path / "run" / "report.md").read_text()
     assert "DP labeller (relabel)" in report and "epsilon 0.8 (its share" in report
     # its held-out accuracy goes under private-eval/ only
-    from dpimages.methods.labeller import write_labeller_eval
+    from dpimages.scatter_classifier import write_heldout_accuracy
 
     with pytest.raises(InputError, match="private-eval"):
-        write_labeller_eval(r.synthesizer.labeller, data, tmp_path / "run" / "labeller.json")
+        write_heldout_accuracy(r.synthesizer.labeller, data, tmp_path / "run" / "labeller.json")
     held_out = toy_bars(seed=5)
     path = r.run.private_eval_prefix("labeller").with_suffix(".json")
-    scored = write_labeller_eval(r.synthesizer.labeller, held_out, path)
+    scored = write_heldout_accuracy(r.synthesizer.labeller, held_out, path)
     expected = (r.synthesizer.labeller.predict(held_out.images) == held_out.labels).mean()
     assert scored["accuracy"] == pytest.approx(expected) and scored["n_test"] == len(held_out)
     # relabelled samples carry the labeller's labels; a reloaded run samples the same

@@ -277,9 +277,9 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
     # a DP classifier the run trained (dpdfd's DP teacher, a labeller), if any
     classifier = getattr(synth, "dp_teacher", None) or getattr(synth, "labeller", None)
     if classifier is not None:  # its held-out accuracy: evaluation, owner only
-        from dpimages.methods.labeller import write_labeller_eval
+        from dpimages.scatter_classifier import write_heldout_accuracy
 
-        write_labeller_eval(classifier, real.test, res.run.private_eval_prefix("labeller").with_suffix(".json"))
+        write_heldout_accuracy(classifier, real.test, res.run.private_eval_prefix("labeller").with_suffix(".json"))
     eval_s = time.time() - t
     return _line(suite, method, epsilon, opts, run_dir, ev, epsilon_spent=res.ledger.epsilon(),
                  noise_source=res.ledger.noise_source,

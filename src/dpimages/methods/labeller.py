@@ -27,25 +27,21 @@ label):
 * Relabelling and filtering read only the trained classifier and the
   generator: post-processing of DP releases, no privacy cost. The
   classifier's weights are saved in the checkpoint (``labeller.*``), never
-  its accuracy on private data; `write_labeller_eval` writes its accuracy on
+  its accuracy on private data; `dpimages.scatter_classifier.write_heldout_accuracy` writes its accuracy on
   held-out real images under ``private-eval/`` only (evaluation).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dpimages.data import ImageData
-from dpimages.errors import InputError
 from dpimages.privacy import PrivacyEvent, calibrate_dpsgd
-from dpimages.runs import check_private_eval_path, prefixed, unprefixed
+from dpimages.runs import prefixed, unprefixed
 from dpimages.scatter_classifier import ClassifierSchedule, ScatterClassifier
 
 RELEASE_LABEL = "labeller: DP-SGD steps of a classifier on scattering coefficients"
@@ -128,20 +124,6 @@ def label_samples(classifier: ScatterClassifier, mode: str, labels: np.ndarray,
         images[redo[ok]] = fresh[ok]
         predicted[redo[ok]] = labels[redo[ok]]
     return images, predicted
-
-
-def write_labeller_eval(classifier: ScatterClassifier, test: ImageData, path: Path) -> dict[str, Any]:
-    """The DP classifier's accuracy on held-out real images, written as JSON to `path`, which must lie under
-    ``private-eval/``: an exact statistic of real data without noise (evaluation for the owner, never in a
-    shareable file)."""
-    check_private_eval_path(path, "the labeller's evaluation")
-    if test.labels is None:
-        raise InputError(f"{test.name}: the labeller's evaluation needs labelled held-out images")
-    predicted = classifier.predict(test.images)
-    result = {"what": "accuracy of the run's DP classifier (labeller or DP teacher) on held-out real images",
-              "test": test.name, "n_test": len(test), "accuracy": float((predicted == test.labels).mean())}
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return result
 
 
 def labeller_tensors(classifier: ScatterClassifier) -> dict[str, torch.Tensor]:
