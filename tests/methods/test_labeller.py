@@ -152,9 +152,10 @@ def test_dpdfd_dp_sgd_teacher_is_the_whole_plan_and_the_student_steps_release_no
     assert resumed.ledger.events == r.ledger.events  # the teacher was restored, not trained again
     torch.testing.assert_close(resumed.synthesizer.labeller_tensors(), r.synthesizer.labeller_tensors())
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "DPDFD with a DP teacher" in report and "relabels every sample" in report
+    assert "DPDFD with a DP teacher" in report
+    assert "It also labels the samples, post-processing: each sample is relabelled" in report
     s = resumed.synthesizer.sample(30, seed=2)
-    assert np.array_equal(s.labels, resumed.synthesizer.dp_teacher.predict(s.images))
+    assert np.array_equal(s.labels, resumed.synthesizer.labeller.predict(s.images))
     from dpimages import load as load_run
 
     again = load_run(tmp_path / "run").sample(30, seed=2)

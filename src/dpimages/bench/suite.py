@@ -274,8 +274,7 @@ def _run_generator(suite: Suite, method: str, epsilon: float, opts: BenchOptions
                                        samples.num_classes, per_class=10, scale=1))
     t = time.time()
     ev = evaluate(samples, real, artifacts=res.run.private_eval_prefix(), options=_eval_options(opts))
-    # a DP classifier the run trained (dpdfd's DP teacher, a labeller), if any
-    classifier = getattr(synth, "dp_teacher", None) or getattr(synth, "labeller", None)
+    classifier = getattr(synth, "labeller", None)  # a DP classifier the run trained (labeller, dpdfd's DP teacher)
     if classifier is not None:  # its held-out accuracy: evaluation, owner only
         from dpimages.scatter_classifier import write_heldout_accuracy
 

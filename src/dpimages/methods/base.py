@@ -82,7 +82,8 @@ class MethodSynthesizer(Synthesizer[ConfigT]):
                           generate: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> ImageData:
         """`n` samples (balanced classes when `labels` is None): ``generate(labels, g)`` batch by batch, from one
         generator seeded with `seed` (0 when None); images in [-1, 1] (N, C, H, W) become uint8 (N, H, W, C).
-        With a fitted DP labeller, the images are relabelled or filtered by it (post-processing)."""
+        With a fitted DP labeller and ``labeller`` relabel or filter, the images are relabelled or filtered by it
+        (post-processing)."""
         labels = self.checked_labels(n, labels)
         g = torch.Generator().manual_seed(int(seed or 0))
 
@@ -90,9 +91,9 @@ class MethodSynthesizer(Synthesizer[ConfigT]):
             out = [to_uint8(generate(torch.from_numpy(wanted[i : i + batch]), g)) for i in range(0, len(wanted), batch)]
             return np.concatenate(out) if out else np.zeros((0, *self.image_shape), np.uint8)
 
-        if self.labeller is None:
+        mode = getattr(self.config, "labeller", "none")
+        if self.labeller is None or mode == "none":
             return ImageData(draw(labels), labels, list(self.classes), f"{self.name} samples")
-        mode = self.config.labeller
         images, labels = lab.label_samples(self.labeller, mode, labels, draw)
         return ImageData(images, labels, list(self.classes), f"{self.name} samples ({mode}ed by the DP labeller)")
 

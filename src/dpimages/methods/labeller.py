@@ -67,15 +67,25 @@ class LabellerPlan:
                 "steps": self.steps, "noise_multiplier": self.noise_multiplier, **asdict(self.schedule)}
 
 
+def classifier_text(info: dict[str, Any]) -> str:
+    """The trained classifier and its DP-SGD schedule, from `LabellerPlan.describe` (public facts only)."""
+    head = "a linear layer" if not info.get("channels") else f"a CNN {list(info['channels'])}"
+    return (f"{head} on fixed scattering coefficients, trained with DP-SGD on the private images: {info['steps']} "
+            f"steps, Poisson rate {info['sample_rate']:.4g}, per-example clip {info['clip_norm']:g}, noise "
+            f"multiplier {info['noise_multiplier']:.5g}")
+
+
+def use_text(mode: str) -> str:
+    """How the samples use the classifier under `mode` (relabel or filter)."""
+    return ("each sample is relabelled by it" if mode == "relabel" else
+            "a sample is kept only where it agrees with the class the generator was asked for (redrawn up to "
+            f"{FILTER_ROUNDS} times, then relabelled)")
+
+
 def labeller_text(info: dict[str, Any]) -> str:
     """The report's paragraph on the labeller stage, from `LabellerPlan.describe` (public facts only)."""
-    head = "a linear layer" if not info.get("channels") else f"a CNN {list(info['channels'])}"
-    use = ("each sample is relabelled by it" if info["mode"] == "relabel" else
-           "a sample is kept only where it agrees with the class the generator was asked for (redrawn up to "
-           f"{FILTER_ROUNDS} times, then relabelled)")
-    return (f"DP labeller ({info['mode']}): {head} on fixed scattering coefficients, trained with DP-SGD on the "
-            f"private images: {info['steps']} steps, Poisson rate {info['sample_rate']:.4g}, per-example clip "
-            f"{info['clip_norm']:g}, noise multiplier {info['noise_multiplier']:.5g}, calibrated on its own to "
+    use = use_text(info["mode"])
+    return (f"DP labeller ({info['mode']}): {classifier_text(info)}, calibrated on its own to "
             f"epsilon {info['epsilon_share']:.4g} (its share of the budget); the method's own releases were calibrated "
             f"over the labeller's steps and their events together (one PLD composition), all reserved before any "
             f"private read. {use[0].upper()}{use[1:]}: post-processing.")

@@ -155,7 +155,6 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         super().__init__(config)
         self.generator: ConditionalGenerator | None = None
         self.student: SmallCNN | None = None
-        self.dp_teacher: torch.nn.Module | None = None  # teacher=dp-sgd: the DP-SGD classifier (a DP release)
 
     @classmethod
     def contract_cases(cls, workdir: Path) -> list[dict[str, Any]]:
@@ -239,7 +238,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         if state.get("finished"):
             return
         if dp_teacher:
-            self._train(ctx, [self.dp_teacher], sopt, gopt, g, sigma, ckpt_step, test)
+            self._train(ctx, [self.labeller], sopt, gopt, g, sigma, ckpt_step, test)
             return
         spent = ctx.ledger.steps(like=rel.planned_event(sigma, 1))
         # releases lost in a crash are counted, not redone; a seeded source was re-keyed (fit_run's resume_noise)
@@ -253,16 +252,13 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
 
     def _fit_dp_teacher(self, plan: lab.LabellerPlan, private: ImageData, ctx: FitContext,
                         tensors: dict[str, torch.Tensor]) -> None:
-        """``teacher=dp-sgd``: the DP-SGD classifier (`fit_labeller`: trained, or restored when resumed), frozen;
-        it labels the samples too unless ``labeller=none``."""
+        """``teacher=dp-sgd``: the DP-SGD classifier (`fit_labeller`: trained, or restored when resumed), frozen, in
+        ``self.labeller``; `sample_in_batches` lets it label the samples unless ``labeller=none``."""
         t0 = time.time()
         self.fit_labeller(plan, private, ctx, tensors)
         self.train_info["dp_teacher"] = self.train_info.pop("labeller")
-        self.dp_teacher = self.labeller
-        assert self.dp_teacher is not None
-        self.dp_teacher.requires_grad_(False)
-        if self.config.labeller == "none":
-            self.labeller = None
+        assert self.labeller is not None
+        self.labeller.requires_grad_(False)
         self.train_info["teacher_s"] = float(self.train_info.get("teacher_s", 0.0)) + time.time() - t0
 
     def _train_teachers(self, private: ImageData, ctx: FitContext, spent: int) -> list[torch.nn.Module]:
@@ -343,9 +339,10 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
             with torch.no_grad():
                 x = gen(z, y)
             if dp_teacher:  # distilling a DP classifier: post-processing, no release
-                noisy = rel.distillation_step(student, teachers[0], x, clip_norm=cfg.clip_norm, loss=cfg.loss,
-                                              temperature=cfg.temperature)
-                rel.set_gradients(s_params, noisy)
+                update = rel.distillation_step(student, teachers[0], x, clip_norm=cfg.clip_norm, loss=cfg.loss,
+                                               temperature=cfg.temperature)
+                rel.set_gradients(s_params, update)
+                norms = {"update_norm": round(float(update.norm()), 4)}
             else:
                 update = rel.ensemble_gradient(student, teachers, x, clip_norm=cfg.clip_norm, loss=cfg.loss,
                                                temperature=cfg.temperature, space=cfg.release_space)
@@ -355,6 +352,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
                 # post-processing: the released vector (outputs: through J^T of the public student) as the step
                 rel.set_gradients(s_params, rel.backprop_released(student, x, noisy, cfg.clip_norm) if outputs
                                   else noisy * scale)
+                norms = {"noisy_update_norm": round(float(noisy.norm()), 4)}
             sopt.step()
             sopt.zero_grad(set_to_none=True)
             terms: dict[str, float] = {}
@@ -365,9 +363,7 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
                     loss.backward(inputs=g_params)
                     gopt.step()
                     terms["gen_loss"] = float(loss.detach())
-            norm_key = "update_norm" if dp_teacher else "noisy_update_norm"
-            values: dict[str, Any] = {norm_key: round(float(noisy.norm()), 4),
-                                      **{k: round(v, 5) for k, v in terms.items()}}
+            values: dict[str, Any] = {**norms, **{k: round(v, 5) for k, v in terms.items()}}
             if test is not None and (t == cfg.steps or (run is not None and t % cfg.eval_every == 0)):
                 values["student_test_accuracy"] = round(accuracy(student, test, self.device), 5)
                 self.train_info["student_test_accuracy"] = values["student_test_accuracy"]
@@ -409,13 +405,9 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
         s_tensors, s_groups = optimizer_tensors("sopt", sopt)
         g_tensors, g_groups = optimizer_tensors("gopt", gopt)
         tensors = {**prefixed("student", self.student.state_dict()), **prefixed("gen", self.generator.state_dict()),
-                   **s_tensors, **g_tensors, **self._dp_teacher_tensors()}
+                   **s_tensors, **g_tensors, **self.labeller_tensors()}  # teacher=dp-sgd: the DP teacher
         self.save_checkpoint(ctx, tensors, step=step, finished=finished, sopt=s_groups, gopt=g_groups,
                              train_rng=rng_state(g))
-
-    def _dp_teacher_tensors(self) -> dict[str, torch.Tensor]:
-        """The DP-SGD teacher's weights (``labeller.*``, a DP release), none with the shard teachers."""
-        return {} if self.dp_teacher is None else lab.labeller_tensors(self.dp_teacher)  # type: ignore[arg-type]
 
     def _grid(self, gen: ConditionalGenerator, path: Path) -> None:
         """Per-class sample grid (post-processing; `write_grid`'s fixed seed); the generator's mode is restored."""
@@ -442,11 +434,12 @@ class DPDFD(TrainedSynthesizer[DPDFDConfig]):
                                       lambda y, g: self._generate(gen, y, g))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Generator (``gen.``) and student (``student.``) weights, and the DP labeller's (``labeller.``) if any."""
+        """Generator (``gen.``) and student (``student.``) weights, and the DP labeller's (``labeller.``) when the
+        samples use it."""
         if self.generator is None or self.student is None:
             raise InputError("dpdfd: nothing to save before fit")
         return {**prefixed("gen", self.generator.state_dict()), **prefixed("student", self.student.state_dict()),
-                **self.labeller_tensors()}
+                **(self.labeller_tensors() if self.config.labeller != "none" else {})}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         gen_w, student_w = unprefixed("gen", tensors), unprefixed("student", tensors)

@@ -11,6 +11,7 @@ from typing import Any
 
 from dpimages.methods.dpdfd.config import DPDFDConfig
 from dpimages.methods.dpdfd.student import STUDENT_FILE
+from dpimages.methods.labeller import classifier_text, use_text
 from dpimages.privacy.ledger import NEIGHBOURING_TEXT
 
 
@@ -19,6 +20,8 @@ def report_text(cfg: DPDFDConfig, t: dict[str, Any]) -> str:
     acc = t.get("student_test_accuracy")
     acc_text = (f"**{100 * acc:.2f}%** on `{t.get('student_test_set')}` (public test images)" if acc is not None
                 else f"not measured ({t.get('student_test_set')})")
+    if cfg.teacher == "dp-sgd":
+        return _dp_teacher_text(cfg, t, acc_text)
     if cfg.release_space == "parameters":
         space = f"over all {t['student_parameters']:,} student parameters"
         update = (f"the noisy update times {t.get('update_scale', 1.0):.4g} (C over its expected norm, a public "
@@ -26,8 +29,6 @@ def report_text(cfg: DPDFDConfig, t: dict[str, Any]) -> str:
     else:
         space = f"over the student's logits on the batch ({cfg.batch_size} x classes entries)"
         update = "J^T of the noisy logit gradient through the student on the same batch, scaled to norm C"
-    if cfg.teacher == "dp-sgd":
-        return _dp_teacher_text(cfg, t, acc_text)
     teachers = int(t.get("teachers", cfg.teachers))
     trainings = (f" ({t['teacher_trainings']} times: a resumed run retrains {'them' if teachers > 1 else 'it'})"
                  if t.get("teacher_trainings", 0) > 1 else "")
@@ -95,9 +96,7 @@ def _generator_lines(cfg: DPDFDConfig, t: dict[str, Any]) -> list[str]:
 def _dp_teacher_text(cfg: DPDFDConfig, t: dict[str, Any], acc_text: str) -> str:
     """``teacher=dp-sgd``: the DP teacher is the one release; the student and generator are post-processing."""
     info = t["dp_teacher"]
-    head = "a linear layer" if not info.get("channels") else f"a CNN {list(info['channels'])}"
-    use = {"none": "", "relabel": " It also relabels every sample (post-processing).",
-           "filter": " It also filters the samples to those it assigns the class asked for (post-processing)."}
+    use = "" if cfg.labeller == "none" else f" It also labels the samples, post-processing: {use_text(cfg.labeller)}."
     return "\n".join([
         "DPDFD with a DP teacher (our variant): a classifier trained with DP-SGD is distilled into a student on "
         "generator batches, without further noise, and a label-conditional generator is trained against the "
@@ -105,16 +104,14 @@ def _dp_teacher_text(cfg: DPDFDConfig, t: dict[str, Any], acc_text: str) -> str:
         "",
         "### What was released",
         "",
-        f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released: the teacher, {head} on fixed "
-        f"scattering coefficients trained with DP-SGD on the private images: {info['steps']} steps, Poisson rate "
-        f"{info['sample_rate']:.4g}, per-example clip {info['clip_norm']:g}, noise multiplier "
-        f"{info['noise_multiplier']:.5g}, calibrated to the whole budget (epsilon {info['epsilon_share']:.4g}) and "
-        "reserved before any private read. That is the only private read.",
+        f"Neighbouring relation: {NEIGHBOURING_TEXT} (add/remove). Released: the teacher, {classifier_text(info)}, "
+        f"calibrated to the whole budget (epsilon {info['epsilon_share']:.4g}) and reserved before any private "
+        "read. That is the only private read.",
         "",
         f"The student's {t['steps']} steps use the {cfg.loss} distillation loss between the DP teacher and the "
         f"student on synthetic batches of {cfg.batch_size}, its gradient scaled to norm C = {cfg.clip_norm:g}: "
         "post-processing of the teacher, no noise and no ledger events. The teacher's weights are in the "
-        "checkpoint (a DP release)." + use.get(cfg.labeller, ""),
+        "checkpoint (a DP release)." + use,
         "",
         "### Student (the DP classifier)",
         "",
